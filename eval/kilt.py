@@ -1,0 +1,384 @@
+"""Official KILT evaluation (facebookresearch/KILT), reproduced number for number.
+
+Mirrors kilt/eval_retrieval.py (retrieval: R-precision, precision/recall/success-rate@k over
+evidence sets, answer/entity-in-context@k) and kilt/eval_downstream.py (accuracy, EM, F1,
+ROUGE-L and the KILT-* scores gated on R-precision == 1). Quirks of the official code are kept
+on purpose, because results are only comparable to published KILT numbers if they are; each is
+marked "official:" below. Where the official script would crash (an assert, max() of an empty
+list, a division by zero in `rouge`) this module raises InputError or scores 0 instead.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rouge import Rouge
+
+from rag.errors import InputError
+from rag.io import iter_jsonl
+
+Record = Mapping[str, Any]
+Source = str | Path | Sequence[Record]
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20, 100)
+KILT_RANK_KEYS: tuple[str, ...] = ("wikipedia_id",)  # official: KILT-* gating is always page-level
+_PUNCT = frozenset(string.punctuation)
+
+
+# ---------------------------------------------------------------- loading and alignment
+
+class _Loaded:
+    """Records of one source plus where each came from, so errors can name file and line."""
+
+    def __init__(self, source: Source, what: str) -> None:
+        self.what = what
+        self.path: Path | None = None
+        self.lines: list[int | None] = []
+        if isinstance(source, (str, Path)):
+            self.path = Path(source)
+            self.records: list[Record] = []
+            for lineno, obj in iter_jsonl(self.path):
+                self.records.append(obj)
+                self.lines.append(lineno)
+        else:
+            self.records = list(source)
+            self.lines = [None] * len(self.records)
+        for i, rec in enumerate(self.records):
+            if not isinstance(rec, Mapping):
+                self.error(i, f"expected a JSON object, got {type(rec).__name__}")
+            if "id" not in rec:
+                self.error(i, "missing 'id'", field="id")
+            out = rec.get("output", [])
+            if not isinstance(out, list) or not all(isinstance(o, Mapping) for o in out):
+                self.error(i, "'output' must be a list of objects", field="output")
+
+    def error(self, i: int, message: str, field: str | None = None) -> None:
+        if self.path is None:
+            raise InputError(f"{self.what} record {i}: {message}", field=field)
+        raise InputError(f"{self.what}: {message}", self.path, self.lines[i], field)
+
+
+def _key(rec: Record) -> str:
+    """official: ids are compared as str(id).strip(), so 7 and " 7" match."""
+    return str(rec["id"]).strip()
+
+
+def _align(gold: _Loaded, guess: _Loaded) -> list[Record]:
+    """Guesses in gold order (official validate_input); extra guesses are ignored."""
+    seen: set[str] = set()
+    for i, rec in enumerate(gold.records):
+        if _key(rec) in seen:
+            gold.error(i, f"duplicate id {_key(rec)!r}", field="id")
+        seen.add(_key(rec))
+    by_id: dict[str, Record] = {}
+    for i, rec in enumerate(guess.records):
+        if _key(rec) in by_id:
+            guess.error(i, f"duplicate id {_key(rec)!r}", field="id")
+        by_id[_key(rec)] = rec
+    missing = [_key(rec) for rec in gold.records if _key(rec) not in by_id]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        raise InputError(f"no guess for {len(missing)} gold id(s): {shown}", guess.path)
+    return [by_id[_key(rec)] for rec in gold.records]
+
+
+def _outputs(rec: Record) -> list[Record]:
+    return list(rec.get("output") or [])
+
+
+def _provenance(output: Record) -> list[Record] | None:
+    """None when the output carries no provenance (answer-only outputs)."""
+    prov = output.get("provenance")
+    return None if prov is None else list(prov)
+
+
+def _retrieval_output(guess: Record) -> Record:
+    """The guess output ranked for retrieval.
+
+    official: downstream scoring reads output[0] of a one-output guess; eval_retrieval's
+    filter_answers keeps the one output that has provenance. Both agree on valid input.
+    """
+    outs = _outputs(guess)
+    if len(outs) == 1:
+        return outs[0]
+    with_prov = [o for o in outs if "provenance" in o]
+    if len(with_prov) == 1:
+        return with_prov[0]
+    if not outs:
+        return {}
+    raise InputError(f"guess {_key(guess)!r}: expected exactly one output with provenance, "
+                     f"got {len(with_prov)}", field="output")
+
+
+def _guess_answer(guess: Record) -> str:
+    """Stripped answer string; a missing or None answer counts as empty (scores 0)."""
+    answers = [o for o in _outputs(guess) if o.get("answer") is not None]
+    if len(answers) > 1:
+        raise InputError(f"guess {_key(guess)!r}: expected exactly one answer, got {len(answers)}",
+                         field="output")
+    return str(answers[0]["answer"]).strip() if answers else ""
+
+
+# ---------------------------------------------------------------- text metrics (eval_downstream)
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower, drop punctuation, drop a/an/the, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _gold_answers(gold: Record) -> set[str]:
+    """official get_gold_answers: stripped, non-empty answers of all gold outputs."""
+    return {str(o["answer"]).strip() for o in _outputs(gold)
+            if o.get("answer") and str(o["answer"]).strip()}
+
+
+def _gold_titles(gold: Record) -> set[str]:
+    """official get_gold_titles: stripped, non-empty provenance titles of all gold outputs."""
+    return {str(p["title"]).strip() for o in _outputs(gold) for p in (_provenance(o) or [])
+            if p.get("title") and str(p["title"]).strip()}
+
+
+def _exact_match(prediction: str, truth: str) -> int:
+    return int(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def _f1(prediction: str, truth: str) -> float:
+    """official _f1_score: token F1 after normalisation; 0 when nothing overlaps."""
+    pred, true = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    same = sum((Counter(pred) & Counter(true)).values())
+    if same == 0:
+        return 0
+    precision, recall = same / len(pred), same / len(true)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def _rougel(prediction: str, truth: str) -> float:
+    """official _rougel_score: `rouge` ROUGE-L F, unnormalised text, 0.0 when rouge rejects it.
+
+    official catches only ValueError ("Hypothesis is empty."); ZeroDivisionError (text made of
+    dots and spaces only) would crash it, and is scored 0.0 here.
+    """
+    try:
+        return Rouge().get_scores(prediction, truth, avg=True)["rouge-l"]["f"]
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+
+
+# ---------------------------------------------------------------- ranking (eval_retrieval)
+
+def _ids_per_output(outputs: Iterable[Record], rank_keys: Sequence[str]) -> list[list[str]]:
+    """official _get_ids_list: one deduplicated id list per output.
+
+    An id is the "+"-join of the stripped rank-key values; provenance lacking any rank key is
+    skipped; outputs without provenance give an empty list.
+    """
+    lists = []
+    for output in outputs:
+        ids = ["+".join(str(p[k]).strip() for k in rank_keys)
+               for p in (_provenance(output) or []) if all(k in p for k in rank_keys)]
+        lists.append(list(dict.fromkeys(ids)))
+    return lists
+
+
+def _rprecision(guess_ids: list[str], gold: Record, rank_keys: Sequence[str]) -> float:
+    """official rprecision/_computeRprec: max over gold outputs of hits in guess_ids[:R] / R."""
+    scores = []
+    for gold_ids in _ids_per_output(_outputs(gold), rank_keys):
+        r = len(gold_ids)
+        scores.append(sum(g in gold_ids for g in guess_ids[:r]) / r if r > 0 else 0)
+    return max(scores, default=0.0)
+
+
+def _rank(guess_ids: list[str], gold: Record, rank_keys: Sequence[str]) -> tuple[list[Any], int]:
+    """official get_rank: each distinct gold evidence set is one point in the ranking.
+
+    A set's point sits at the position of its last retrieved page and is True only once all
+    its pages are retrieved; other pages are False. official quirks kept: gold provenance
+    missing a rank key joins the keys it has; an empty provenance list is an evidence set that
+    can never be hit; a page in several sets adds one point per set. No guessed ids: no sets.
+    """
+    if not guess_ids:
+        return [], 0
+    evidence_sets: list[set[str]] = []
+    for output in _outputs(gold):
+        prov = _provenance(output)
+        if prov is None:
+            continue
+        e_set = {"+".join(str(p[k]).strip() for k in rank_keys if k in p) for p in prov}
+        if e_set not in evidence_sets:
+            evidence_sets.append(e_set)
+    n_sets = len(evidence_sets)
+    rank: list[Any] = []
+    for gid in guess_ids:
+        found = False
+        for idx, e_set in enumerate(evidence_sets):
+            if gid in e_set:
+                found = True
+                marker = f"evidence_set:{idx}"  # a string: 0/1 would compare equal to False/True
+                if marker in rank:
+                    rank.remove(marker)
+                e_set.remove(gid)
+                rank.append(True if not e_set else marker)
+        if not found:
+            rank.append(False)
+    return rank, n_sets
+
+
+def _context_flags(output: Record, answers: set[str], titles: set[str]) -> list[tuple[bool, bool, bool]]:
+    """Per guessed provenance (raw order, duplicates kept): answer / title / both in its text.
+
+    official _answer_in_context_at_k & co.: only the provenance `text` is read, normalised
+    like answers; items without text (or with text None) never match.
+    """
+    norm_answers = [normalize_answer(a) for a in answers]
+    norm_titles = [normalize_answer(t) for t in titles]
+    flags = []
+    for p in _provenance(output) or []:
+        if p.get("text") is None:
+            flags.append((False, False, False))
+            continue
+        text = normalize_answer(str(p["text"]))
+        has_answer = any(a in text for a in norm_answers)
+        has_title = any(t in text for t in norm_titles)
+        flags.append((has_answer, has_title, has_answer and has_title))
+    return flags
+
+
+def _retrieval_scores(guess: Record, gold: Record, ks: Sequence[int],
+                      rank_keys: Sequence[str]) -> dict[str, float]:
+    """official get_ranking_metrics for one example."""
+    output = _retrieval_output(guess)
+    guess_ids = _ids_per_output([output], rank_keys)[0]
+    titles = _gold_titles(gold)
+    scores: dict[str, float] = {
+        "Rprec": _rprecision(guess_ids, gold, rank_keys),
+        "entity_in_input": int(any(normalize_answer(t) in normalize_answer(str(gold.get("input") or ""))
+                                   for t in titles)),
+    }
+    rank, n_sets = _rank(guess_ids, gold, rank_keys)
+    flags = _context_flags(output, _gold_answers(gold), titles)
+    for k in ks:
+        top, hits = rank[:k], rank[:k].count(True)
+        scores[f"precision@{k}"] = hits / k if n_sets else 0
+        scores[f"answer_in_context@{k}"] = int(any(f[0] for f in flags[:k]))
+        scores[f"answer_and_ent_in_context@{k}"] = int(any(f[2] for f in flags[:k]))
+        scores[f"entity_in_context@{k}"] = int(any(f[1] for f in flags[:k]))
+        if k > 1:  # official: no recall@1 / success_rate@1
+            scores[f"recall@{k}"] = hits / n_sets if n_sets else 0
+            scores[f"success_rate@{k}"] = int(True in top) if n_sets else 0
+    return scores
+
+
+# ---------------------------------------------------------------- public API
+
+def _norm_ks(ks: Iterable[int]) -> list[int]:
+    out = sorted({int(k) for k in ks})
+    if not out or out[0] < 1:
+        raise InputError(f"ks must be positive integers, got {list(ks)!r}")
+    return out
+
+
+def _norm_rank_keys(rank_keys: str | Sequence[str]) -> tuple[str, ...]:
+    """A sequence, or a comma-separated string as the official --rank_keys flag takes."""
+    keys = tuple(k.strip() for k in (rank_keys.split(",") if isinstance(rank_keys, str) else rank_keys))
+    if not keys or not all(keys):
+        raise InputError(f"rank_keys must name at least one provenance field, got {rank_keys!r}")
+    return keys
+
+
+def evaluate_kilt(guesses: Source, gold: Source, ks: Iterable[int] = DEFAULT_KS,
+                  rank_keys: str | Sequence[str] = ("wikipedia_id",),
+                  kilt_rank_keys: str | Sequence[str] = KILT_RANK_KEYS) -> dict[str, Any]:
+    """Score KILT guesses against gold; each is a JSONL path or a list of records.
+
+    Returns {"n", "retrieval", ["downstream", "kilt"]}: retrieval as official compute() with
+    `ks` and `rank_keys`; downstream and KILT-* (official _calculate_metrics) only when some
+    guess carries an answer. Every metric is averaged over all gold examples.
+    `kilt_rank_keys` is the R-precision gate for KILT-* (official: wikipedia_id, whatever
+    `rank_keys` is).
+    """
+    ks_list, keys = _norm_ks(ks), _norm_rank_keys(rank_keys)
+    gate_keys = _norm_rank_keys(kilt_rank_keys)
+    gold_src, guess_src = _Loaded(gold, "gold"), _Loaded(guesses, "guesses")
+    gold_recs = gold_src.records
+    guess_recs = _align(gold_src, guess_src)
+    n = len(gold_recs)
+
+    retrieval: dict[str, float] = {"Rprec": 0.0, "entity_in_input": 0.0}
+    for k in ks_list:  # official key order
+        for name in ("precision", "answer_in_context", "answer_and_ent_in_context", "entity_in_context"):
+            retrieval[f"{name}@{k}"] = 0.0
+        if k > 1:
+            retrieval[f"recall@{k}"] = 0.0
+            retrieval[f"success_rate@{k}"] = 0.0
+    for guess, gold_rec in zip(guess_recs, gold_recs):
+        for name, value in _retrieval_scores(guess, gold_rec, ks_list, keys).items():
+            retrieval[name] += value
+    result: dict[str, Any] = {"n": n, "retrieval": _mean(retrieval, n)}
+
+    if any(o.get("answer") is not None for g in guess_recs for o in _outputs(g)):
+        down = {"accuracy": 0.0, "em": 0.0, "f1": 0.0, "rougel": 0.0}
+        kilt = {"KILT-accuracy": 0.0, "KILT-em": 0.0, "KILT-f1": 0.0, "KILT-rougel": 0.0}
+        for guess, gold_rec in zip(guess_recs, gold_recs):
+            local = _downstream_scores(guess, gold_rec)
+            if local is None:
+                continue
+            for name, value in local.items():
+                down[name] += value
+            guess_ids = _ids_per_output([_retrieval_output(guess)], gate_keys)[0]
+            if _rprecision(guess_ids, gold_rec, gate_keys) == 1:
+                for name, value in local.items():
+                    kilt[f"KILT-{name}"] += value
+        result["downstream"] = _mean(down, n)
+        result["kilt"] = _mean(kilt, n)
+    return result
+
+
+def _downstream_scores(guess: Record, gold: Record) -> dict[str, float] | None:
+    """official _calculate_metrics for one example; None for an empty answer (scores 0).
+
+    Accuracy is a strict match of the stripped strings; EM, F1 and ROUGE-L take the max over
+    the gold answers. A gold example with no answers scores 0 (official: crashes).
+    """
+    answer = _guess_answer(guess)
+    if not answer:
+        return None
+    truths = _gold_answers(gold)
+    if not truths:
+        return {"accuracy": 0, "em": 0, "f1": 0, "rougel": 0}
+    return {
+        "accuracy": int(answer in truths),
+        "em": max(_exact_match(answer, t) for t in truths),
+        "f1": max(_f1(answer, t) for t in truths),
+        "rougel": max(_rougel(answer, t) for t in truths),
+    }
+
+
+def _mean(sums: dict[str, float], n: int) -> dict[str, float]:
+    return {name: (value / n if n else 0.0) for name, value in sums.items()}
+
+
+def evaluate_kilt_files(guess_path: str | Path, gold_path: str | Path, **kw: Any) -> dict[str, Any]:
+    """Same as evaluate_kilt, named for callers that always pass files."""
+    return evaluate_kilt(guess_path, gold_path, **kw)
+
+
+def format_kilt_table(result: Mapping[str, Any]) -> str:
+    """Plain-text two-column table (metric, value to 4 decimals), one section per group."""
+    rows: list[tuple[str, str]] = []
+    if "n" in result:
+        rows.append(("n", str(result["n"])))
+    for section in ("retrieval", "downstream", "kilt"):
+        for name, value in (result.get(section) or {}).items():
+            rows.append((f"{section}/{name}", f"{value:.4f}"))
+    width = max([len("metric")] + [len(name) for name, _ in rows])
+    vwidth = max([len("value")] + [len(v) for _, v in rows])
+    lines = [f"{'metric':<{width}}  {'value':>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
+    lines += [f"{name:<{width}}  {value:>{vwidth}}" for name, value in rows]
+    return "\n".join(lines)

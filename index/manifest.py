@@ -1,0 +1,55 @@
+"""Manifests: every index and model folder says what built it, and loading checks it."""
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rag.errors import ManifestMismatch, RagError
+from rag.io import read_json, write_json
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_TRACKED = ("rag-toolkit", "torch", "transformers", "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12",
+            "bm25s", "numpy", "peft", "ray", "pyserini")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_manifest(folder: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
+    manifest = {"kind": kind, "format_version": FORMAT_VERSION, **fields,
+                "versions": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """Read a folder's manifest; a folder without one is not a finished artefact."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise RagError(f"{folder} has no {MANIFEST}: not a finished index (an interrupted build?)")
+    manifest = read_json(path)
+    if kind is not None and manifest.get("kind") != kind:
+        raise ManifestMismatch(f"{folder} holds a {manifest.get('kind')!r} index, not {kind!r}")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ManifestMismatch(f"{folder} was written by a newer toolkit (format {manifest['format_version']})")
+    return manifest
+
+
+def check_expected(folder: str | Path, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise ManifestMismatch listing every key whose value differs from what the caller expects."""
+    diffs = [f"{key}: index has {manifest.get(key)!r}, asked for {value!r}"
+             for key, value in expected.items() if value is not None and manifest.get(key) != value]
+    if diffs:
+        raise ManifestMismatch(f"{folder} does not match: " + "; ".join(diffs))

@@ -1,0 +1,150 @@
+"""BM25 over passages: bm25s (default, pure Python) or Pyserini/Lucene (extra `pyserini`).
+
+Both backends read the same passage table and share the Anserini defaults k1=0.9, b=0.4, so their
+rankings can be compared directly.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from index.manifest import read_manifest, write_manifest
+from index.passages import PassageStore, write_passage_store
+from rag.corpus import Passage, file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
+from rag.errors import RagError
+from rag.io import atomic_dir
+from retrievers.base import Hit, aggregate_passages, register_index_kind
+
+
+@dataclass
+class BM25Config:
+    backend: str = "bm25s"          # bm25s | pyserini
+    k1: float = 0.9
+    b: float = 0.4
+    stemmer: str = "english"
+    stopwords: str = "en"
+    words_per_passage: int = 100
+    stride: int = 80
+
+
+class BM25Backend(Protocol):
+    def build(self, texts: Sequence[str], folder: Path, config: BM25Config) -> None: ...
+    def open(self, folder: Path, config: BM25Config) -> "BM25Searcher": ...
+
+
+class BM25Searcher(Protocol):
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Bm25sBackend:
+    """bm25s with a PyStemmer stemmer and English stop words; vocabulary saved as JSON."""
+
+    def _tokenizer(self, config: BM25Config):
+        import Stemmer
+        from bm25s.tokenization import Tokenizer
+        stemmer = Stemmer.Stemmer(config.stemmer) if config.stemmer else None
+        return Tokenizer(stemmer=stemmer, stopwords=config.stopwords or [])
+
+    def build(self, texts: Sequence[str], folder: Path, config: BM25Config) -> None:
+        import bm25s
+        tokenizer = self._tokenizer(config)
+        ids = tokenizer.tokenize(list(texts), return_as="ids", show_progress=True)
+        model = bm25s.BM25(k1=config.k1, b=config.b, method="lucene")
+        model.index(ids, show_progress=True)
+        out = folder / "bm25s"
+        model.save(out, show_progress=False)
+        tokenizer.save_vocab(out)
+        tokenizer.save_stopwords(out)
+
+    def open(self, folder: Path, config: BM25Config) -> "BM25Searcher":
+        return _Bm25sSearcher(folder / "bm25s", self._tokenizer(config))
+
+
+class _Bm25sSearcher:
+    def __init__(self, folder: Path, tokenizer) -> None:
+        import bm25s
+        self.model = bm25s.BM25.load(folder, mmap=False)
+        tokenizer.load_vocab(folder)
+        tokenizer.load_stopwords(folder)
+        self.tokenizer = tokenizer
+        self.n = int(self.model.scores["num_docs"])
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.n)
+        ids = self.tokenizer.tokenize(list(queries), update_vocab=False, return_as="ids", show_progress=False)
+        # bm25s maps unknown words to the empty-string id; drop them so they score nothing.
+        unk = self.tokenizer.word_to_id.get("")
+        ids = [[t for t in q if t != unk] for q in ids]
+        pids = np.full((len(ids), k), -1, dtype=np.int64)
+        scores = np.zeros((len(ids), k), dtype=np.float32)
+        todo = [i for i, q in enumerate(ids) if q]
+        if todo:
+            res = self.model.retrieve([ids[i] for i in todo], k=k, show_progress=False, n_threads=1)
+            pids[todo], scores[todo] = res.documents, res.scores
+            pids[scores <= 0] = -1  # documents sharing no term with the query are not hits
+        return pids, scores
+
+
+BM25_BACKENDS: dict[str, BM25Backend] = {"bm25s": Bm25sBackend()}
+
+
+def _register_optional_backends() -> None:
+    from retrievers import pyserini_backend
+    BM25_BACKENDS.setdefault("pyserini", pyserini_backend.PyseriniBackend())
+
+
+def _backend(name: str) -> BM25Backend:
+    _register_optional_backends()
+    if name not in BM25_BACKENDS:
+        raise RagError(f"unknown BM25 backend {name!r}; choose one of {sorted(BM25_BACKENDS)}")
+    return BM25_BACKENDS[name]
+
+
+def _passages(corpus: str | Path, config: BM25Config) -> Iterable[Passage]:
+    return split_passages((doc for _, doc in iter_documents(corpus)), config.words_per_passage, config.stride)
+
+
+def build_bm25_index(corpus: str | Path, out: str | Path, config: BM25Config | None = None,
+                     overwrite: bool = False) -> dict[str, Any]:
+    """Build a BM25 index folder; nothing appears at `out` unless the build completes."""
+    config = config or BM25Config()
+    corpus_path = resolve_corpus_path(corpus)
+    backend = _backend(config.backend)
+    n_docs = validate_corpus(corpus_path)
+    start = time.perf_counter()
+    with atomic_dir(out, overwrite) as staging:
+        counts = write_passage_store(staging, _passages(corpus_path, config))
+        store = PassageStore(staging)
+        texts = [f"{p['title']} {p['text']}" for p in store]
+        store.close()
+        backend.build(texts, staging, config)
+        seconds = time.perf_counter() - start
+        manifest = write_manifest(staging, "bm25", backend=config.backend, config=asdict(config),
+                                  corpus_path=str(corpus_path), corpus_checksum=file_checksum(corpus_path),
+                                  counts={**counts, "documents": n_docs}, build_seconds=round(seconds, 3))
+    return manifest
+
+
+class BM25Retriever:
+    """Ranks documents by their best BM25 passage."""
+
+    def __init__(self, index_dir: str | Path) -> None:
+        self.index_dir = Path(index_dir)
+        self.manifest = read_manifest(index_dir, "bm25")
+        self.config = BM25Config(**self.manifest["config"])
+        self.store = PassageStore(index_dir)
+        self.searcher = _backend(self.config.backend).open(self.index_dir, self.config)
+
+    def retrieve(self, queries: Sequence[str], k: int = 100, passage_factor: int = 3, **_: Any) -> list[list[Hit]]:
+        pids, scores = self.searcher.search(queries, k * passage_factor)
+        return [aggregate_passages(p, s, self.store, k) for p, s in zip(pids, scores)]
+
+
+@register_index_kind("bm25")
+def _open_bm25(index_dir: str | Path, **_: Any) -> BM25Retriever:
+    return BM25Retriever(index_dir)

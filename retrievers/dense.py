@@ -1,0 +1,62 @@
+"""Dense retrieval: a bi-encoder over a Faiss index, documents ranked by their best passage."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.dense_build import DenseBuildConfig, build_dense_index
+from index.faiss_index import FaissIndex
+from index.manifest import check_expected, read_manifest
+from index.passages import PassageStore
+from rag.errors import ManifestMismatch
+from retrievers.base import Hit, aggregate_passages, register_index_kind
+from retrievers.encoders import DenseEncoder, encoder_id, load_encoder
+
+__all__ = ["DenseRetriever", "DenseEncoder", "build_dense_index", "DenseBuildConfig"]
+
+
+class DenseRetriever:
+    """Loads the index folder, checks the manifest against the encoder, and searches."""
+
+    def __init__(self, index_dir: str | Path, encoder: str | DenseEncoder | None = None, device: str | None = None,
+                 gpu: bool = False, nprobe: int | None = None, ef_search: int | None = None,
+                 batch_size: int = 64) -> None:
+        self.index_dir = Path(index_dir)
+        self.manifest = read_manifest(index_dir, "dense")
+        if isinstance(encoder, DenseEncoder):
+            self.encoder = encoder
+            asked = encoder.name
+        else:
+            asked = encoder or self.manifest["encoder"]
+            if encoder is not None:
+                check_expected(index_dir, self.manifest, {"encoder": encoder_id(encoder)})
+            self.encoder = load_encoder(asked, device=device, batch_size=batch_size)
+        check_expected(index_dir, self.manifest, {"dim": self.encoder.dim})
+        fingerprint = self.encoder.fingerprint()
+        if not np.allclose(fingerprint, self.manifest["encoder_fingerprint"], atol=2e-3):
+            raise ManifestMismatch(
+                f"{index_dir}: encoder {asked!r} embeds differently from the one that built the index "
+                f"({self.manifest['encoder']!r}): fingerprint {fingerprint[:3]} vs {self.manifest['encoder_fingerprint'][:3]}")
+        self.index = FaissIndex.load(index_dir, self.manifest["faiss"])
+        if gpu:
+            self.index = self.index.to_gpu()
+        self.store = PassageStore(index_dir)
+        self.nprobe, self.ef_search = nprobe, ef_search
+
+    def search_passages(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = self.encoder.encode_query(list(queries))
+        scores, pids = self.index.search(q, min(k, len(self.index)), nprobe=self.nprobe, ef_search=self.ef_search)
+        return pids, scores
+
+    def retrieve(self, queries: Sequence[str], k: int = 100, passage_factor: int = 3, **_: Any) -> list[list[Hit]]:
+        pids, scores = self.search_passages(queries, k * passage_factor)
+        return [aggregate_passages(p, s, self.store, k) for p, s in zip(pids, scores)]
+
+
+@register_index_kind("dense")
+def _open_dense(index_dir: str | Path, encoder: str | None = None, **options: Any) -> DenseRetriever:
+    known = {k: v for k, v in options.items() if k in ("device", "gpu", "nprobe", "ef_search", "batch_size")}
+    return DenseRetriever(index_dir, encoder=encoder, **known)
