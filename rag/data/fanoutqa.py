@@ -150,7 +150,8 @@ def prepare_fanoutqa(out_dir: Path, corpus_dir: str | Path | None = None, dev_fr
     group_of = _groups(questions)
     is_dev = {qid: split_bucket(key, seed) < dev_fraction for qid, key in group_of.items()}
 
-    counts = {"single_hop_with_evidence": 0, "duplicate_subquestions": 0, "empty_answer": 0,
+    counts = {"single_hop_with_evidence": 0, "duplicate_subquestions": 0, "duplicate_matched": 0,
+              "empty_answer": 0,
               "matched_exact": 0, "matched_normalized": 0, "unmatched": 0, "unmatched_ambiguous": 0}
     examples: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
@@ -161,6 +162,7 @@ def prepare_fanoutqa(out_dir: Path, corpus_dir: str | Path | None = None, dev_fr
             if sub["id"] in seen:
                 counts["duplicate_subquestions"] += 1
                 if sub["id"] in examples:
+                    counts["duplicate_matched"] += 1
                     examples[sub["id"]]["meta"]["also_top_level_ids"].append(q["id"])
                 continue
             seen.add(sub["id"])
@@ -201,6 +203,8 @@ def prepare_fanoutqa(out_dir: Path, corpus_dir: str | Path | None = None, dev_fr
         "split_groups": len(set(group_of.values())),
         **counts,
         "matched": counts["matched_exact"] + counts["matched_normalized"],
+        "matched_with_duplicates": counts["matched_exact"] + counts["matched_normalized"]
+        + counts["duplicate_matched"],
         "train": len(splits["train"]),
         "dev": len(splits["dev"]),
         "train_top_level_with_examples": len(top["train"]),

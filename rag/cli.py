@@ -1,0 +1,44 @@
+"""The one `rag` command. Each verb lives in rag/commands/<verb>.py and registers itself in COMMANDS."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from rag.errors import RagError
+
+COMMANDS = ["rag.commands.data", "rag.commands.index", "rag.commands.retrieve", "rag.commands.eval",
+            "rag.commands.demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="rag", description="Retrieval and RAG adaptation toolkit.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except RagError as exc:
+        if args.verbose:
+            raise
+        print(f"rag: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

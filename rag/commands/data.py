@@ -1,0 +1,36 @@
+"""`rag data prepare NAME --out DIR`: turn the embedded data sets into corpora and KILT task files."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rag.errors import RagError
+from rag.io import prepare_output_dir
+from rag.runinfo import RunRecord
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare corpora and task data").add_subparsers(dest="data_cmd", required=True)
+    prep = data.add_parser("prepare", help="vital10k | fanoutqa | foldoc | enwiki-mini")
+    prep.add_argument("name")
+    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument("--corpus", type=Path, help="corpus folder (fanoutqa: keep questions whose page is in it)")
+    prep.add_argument("--overwrite", action="store_true")
+    prep.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from rag.data.preparers import PREPARERS
+
+    if args.name not in PREPARERS:
+        raise RagError(f"unknown data set {args.name!r}; choose one of {', '.join(sorted(PREPARERS))}")
+    prepare_output_dir(args.out, args.overwrite)
+    options = {"corpus_dir": args.corpus} if args.corpus is not None else {}
+    record = RunRecord(f"data prepare {args.name}", {"name": args.name, "out": str(args.out), **options})
+    with record.timed("prepare_s"):
+        stats = PREPARERS[args.name](Path(args.out), **options)
+    record.extra["stats"] = stats
+    record.write(Path(args.out) / "run.json")
+    print(json.dumps(stats, indent=2, default=str))
+    return 0

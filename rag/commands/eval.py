@@ -1,0 +1,26 @@
+"""`rag eval kilt GUESS GOLD`: the official KILT metrics."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate").add_subparsers(dest="eval_cmd", required=True)
+    kilt = ev.add_parser("kilt", help="KILT retrieval, downstream and KILT-* scores")
+    kilt.add_argument("guess", type=Path)
+    kilt.add_argument("gold", type=Path)
+    kilt.add_argument("--ks", default="1,5,10,20,100", help="comma-separated cut-offs")
+    kilt.add_argument("--rank-keys", default="wikipedia_id", choices=["wikipedia_id", "title"])
+    kilt.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    kilt.set_defaults(func=run_kilt)
+
+
+def run_kilt(args: argparse.Namespace) -> int:
+    from eval.kilt import evaluate_kilt, format_kilt_table
+
+    ks = tuple(int(k) for k in args.ks.split(",") if k.strip())
+    result = evaluate_kilt(args.guess, args.gold, ks=ks, rank_keys=(args.rank_keys,))
+    print(json.dumps(result, indent=2) if args.json else format_kilt_table(result))
+    return 0

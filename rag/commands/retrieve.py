@@ -1,0 +1,56 @@
+"""`rag retrieve`: KILT guesses (and optionally a TREC run) from any index folder."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rag.runinfo import RunRecord, record_path_for
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrieve", help="retrieve documents for KILT queries")
+    p.add_argument("--index", required=True, type=Path)
+    p.add_argument("--queries", required=True, type=Path, help="KILT JSONL (id, input)")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL")
+    p.add_argument("--trec", type=Path, help="also write a TREC run file")
+    p.add_argument("--encoder", help="dense: override the encoder (checked against the manifest)")
+    p.add_argument("--batch-size", type=int, default=64, help="queries per search batch")
+    p.add_argument("--nprobe", type=int, help="IVF indexes: lists to visit")
+    p.add_argument("--ef-search", type=int, help="HNSW indexes: search breadth")
+    p.add_argument("--gpu", action="store_true", help="search on a GPU when faiss-gpu is installed")
+    p.set_defaults(func=run_retrieve)
+
+
+def retrieve_queries(retriever: Any, texts: list[str], k: int, batch_size: int = 64) -> list[list[Any]]:
+    rankings: list[list[Any]] = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="retrieving", unit="batch", dynamic_ncols=True):
+        rankings.extend(retriever.retrieve(texts[start:start + batch_size], k=k))
+    return rankings
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    from eval.trec import write_trec
+    from rag.tasks import load_queries, write_guesses
+    from retrievers import open_retriever
+
+    record = RunRecord("retrieve", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                    if k != "func"})
+    queries = load_queries(args.queries)
+    with record.timed("load_s"):
+        retriever = open_retriever(args.index, encoder=args.encoder, nprobe=args.nprobe, ef_search=args.ef_search,
+                                   gpu=args.gpu)
+    start = time.perf_counter()
+    with record.timed("retrieve_s"):
+        rankings = retrieve_queries(retriever, [q.text for q in queries], args.k, args.batch_size)
+    record.extra["queries_per_second"] = round(len(queries) / max(time.perf_counter() - start, 1e-9), 2)
+    write_guesses(args.out, queries, rankings)
+    if args.trec:
+        write_trec(args.trec, [q.id for q in queries], rankings, tag=Path(args.index).name)
+    record.write(record_path_for(args.out))
+    print(f"wrote {len(queries)} guesses to {args.out} ({record.extra['queries_per_second']} queries/s)")
+    return 0
