@@ -481,6 +481,10 @@ class TitleTrie:
         n = sum(int(a.nbytes) for a in (self._tok, self._ptr, self._term_node, self._term_title))
         return n + (self._titles.nbytes() if self._titles is not None else 0)
 
+    @property
+    def has_titles(self) -> bool:
+        return self._titles is not None
+
     def title(self, title_id: int) -> str:
         if self._titles is None:
             raise RagError("this trie has no title table (built from sequences only)")

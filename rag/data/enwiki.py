@@ -83,6 +83,7 @@ _WS_AFTER_OPEN = re.compile(f"({_A_OPEN}\\d+{_A_MID})(\\s+)")
 _WS_BEFORE_CLOSE = re.compile(f"(\\s+)({_A_CLOSE})")
 _EMPTY_MARK = re.compile(f"{_A_OPEN}\\d+{_A_MID}{_A_CLOSE}")
 _TRAILING_LETTERS = re.compile(r"[a-z]+")
+_BRACKETS = re.compile(r"\[\[|\]\]")
 
 
 def _remove_nested(text: str, open_tok: str, close_tok: str) -> str:
@@ -215,7 +216,7 @@ class _Linker:
 
     def rewrite(self, text: str, keep_anchors: bool = True) -> str:
         out: list[str] = []
-        pos, i = 0, 0
+        pos = 0
         while True:
             i = text.find("[[", pos)
             if i < 0:
@@ -253,7 +254,7 @@ class _Linker:
     def _close(text: str, i: int) -> int:
         depth, k = 0, i
         while True:
-            m = re.compile(r"\[\[|\]\]").search(text, k)
+            m = _BRACKETS.search(text, k)
             if m is None:
                 return -1
             depth += 1 if m.group() == "[[" else -1

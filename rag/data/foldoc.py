@@ -250,11 +250,12 @@ def build_documents(index_rows: list[tuple[str, int, int]], data: bytes,
             if alias != title and alias not in doc["aliases"]:
                 doc["aliases"].append(alias)
         for paragraph in entry.paragraphs:
-            text, anchors = link_paragraph(paragraph, len(doc["paragraphs"]), resolver, Counter())
+            local: Counter = Counter()
+            text, anchors = link_paragraph(paragraph, len(doc["paragraphs"]), resolver, local)
             if text in doc["seen"]:  # merged entries often repeat each other
                 continue
             doc["seen"].add(text)
-            text, anchors = link_paragraph(paragraph, len(doc["paragraphs"]), resolver, counts)
+            counts.update(local)
             tag = _TAG.match(text)
             if tag:
                 for t in tag.group(1).split(","):

@@ -107,12 +107,20 @@ class BottleneckAdapter(nn.Module):
         return with_hidden(output, hidden + self.up(z))
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag (the old name still works but warns).
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), flag):
+            return bool(getattr(model, flag))
+    return False
+
+
 def attach_bottlenecks(model: nn.Module, config: BottleneckConfig, connected: bool) -> nn.Module:
     """Freeze ``model`` and hook a bottleneck adapter after every block of every layer stack."""
     stacks = find_layer_stacks(model)
     if not stacks:
         raise PeftError(f"no transformer layer stack (ModuleList of blocks) found in {type(model).__name__}")
-    if connected and getattr(model, "is_gradient_checkpointing", False):
+    if connected and _checkpointing(model):
         raise PeftError("iaa does not support gradient checkpointing (recomputed layers would lose the chain)")
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,7 +1,6 @@
 """Tiny randomly initialised models (built from configs, no downloads) shared by the PEFT tests."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import pytest
@@ -12,7 +11,6 @@ from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, 
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
-warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 VOCAB = 100
 WIDTH = 32
