@@ -79,6 +79,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def encode_titles(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens."""
+    if not texts:
+        return []
     out = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
                     return_token_type_ids=False)["input_ids"]
     return [list(x) for x in out]

@@ -49,3 +49,40 @@ def resolve_model(name_or_path: str | os.PathLike | None, default: str = DEFAULT
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+SEQ2SEQ_DEFAULT = "minilm-bert2bert"
+
+
+def warm_start_bert2bert(path: str):
+    """An encoder-decoder warm-started from one BERT checkpoint (no pretrained T5/BART is on PyPI).
+
+    The decoder starts from [CLS] and stops at [SEP]; labels hold the target tokens and [SEP].
+    """
+    from transformers import AutoTokenizer, EncoderDecoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id = tokenizer.cls_token_id
+        cfg.eos_token_id = tokenizer.sep_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    return model, tokenizer
+
+
+def load_seq2seq(name_or_path: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) for a seq2seq model: the warm-started MiniLM by default, or any HF seq2seq."""
+    name = name_or_path or SEQ2SEQ_DEFAULT
+    if name == SEQ2SEQ_DEFAULT:
+        return warm_start_bert2bert(_minilm_path())
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, EncoderDecoderModel
+
+    path = resolve_model(name)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type == "encoder-decoder":
+        model = EncoderDecoderModel.from_pretrained(path)
+    else:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer

@@ -18,6 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--corpus", type=Path, help="corpus folder (fanoutqa: keep questions whose page is in it)")
     prep.add_argument("--overwrite", action="store_true")
     prep.set_defaults(func=run_prepare)
+    from rag.commands.plugins import DATA_VERBS
+    for verb, module in DATA_VERBS.items():
+        p = data.add_parser(verb, help=f"see `rag data {verb} --help`", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_plugin_runner(verb, module))
+
+
+def _plugin_runner(verb: str, module: str):
+    def run(args: argparse.Namespace) -> int:
+        from rag.commands.plugins import dispatch
+        return dispatch(f"rag data {verb}", module, f"rag data {verb}", args.rest)
+    return run
 
 
 def run_prepare(args: argparse.Namespace) -> int:

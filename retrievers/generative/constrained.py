@@ -63,6 +63,8 @@ class TrieConstraint:
         if eos is None:
             raise InputError("eos_token_id is needed (the trie has none)")
         self.eos_token_id = int(eos)
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad_token_id
         self.multi_title = bool(multi_title)
         self.max_titles = max_titles

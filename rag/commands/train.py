@@ -1,0 +1,26 @@
+"""`rag train retriever --kind dense|generative ...` and `rag train reader --kind fid|causal ...`."""
+from __future__ import annotations
+
+import argparse
+
+from rag.commands.plugins import TRAINERS, dispatch
+from rag.errors import RagError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train retrievers and readers").add_subparsers(dest="train_what", required=True)
+    for what, kinds in (("retriever", "dense | generative"), ("reader", "fid | causal")):
+        p = train.add_parser(what, help=f"--kind {kinds}; `rag train {what} --kind K --help` lists its flags",
+                             add_help=False)
+        p.add_argument("--kind", required=True)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=run, train_what=what)
+
+
+def run(args: argparse.Namespace) -> int:
+    key = f"{args.train_what}:{args.kind}"
+    if key not in TRAINERS:
+        kinds = sorted(k.split(":")[1] for k in TRAINERS if k.startswith(args.train_what + ":"))
+        raise RagError(f"unknown {args.train_what} kind {args.kind!r}; choose one of {', '.join(kinds)}")
+    return dispatch(f"rag train {args.train_what} --kind {args.kind}", TRAINERS[key],
+                    f"training a {args.kind} {args.train_what}", args.rest, {"kind": args.kind})

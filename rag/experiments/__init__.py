@@ -1,0 +1,1 @@
+"""Studies behind `rag experiment NAME`: each writes a table (markdown + JSON) and plots."""
