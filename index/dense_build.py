@@ -29,6 +29,7 @@ from retrievers.encoders import DenseEncoder, encoder_id, load_encoder
 SHARDS = "embeddings"
 BUILD_KEY = "build_key.json"
 PASSAGES_DONE = "passages.done"
+PROGRESS_CHUNK = 1024  # passages per encode call within a shard (progress granularity)
 
 
 @dataclass
@@ -103,8 +104,11 @@ def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int,
         for shard in todo:
             start, end = ranges[shard]
             texts = [_encode_text(store.get(pid)) for pid in range(start, end)]
-            save_shard(staging, shard, encoder.encode_passage(texts, batch_size=batch_size))
-            bar.update(end - start)
+            parts = []
+            for lo in range(0, len(texts), PROGRESS_CHUNK):  # chunks only to move the progress bar
+                parts.append(encoder.encode_passage(texts[lo:lo + PROGRESS_CHUNK], batch_size=batch_size))
+                bar.update(len(parts[-1]))
+            save_shard(staging, shard, np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32))
             if on_shard is not None:
                 on_shard(shard)
     finally:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 # retrievers first: importing index.dense_build first hits the retrievers <-> dense_build import cycle
 # (retrievers/__init__ -> retrievers.dense -> index.dense_build), e.g. in a fresh Ray worker.
 import retrievers  # noqa: F401,I001
+from index import dense_build
 from index.dense_build import DenseBuildConfig, _encode_text, save_shard, shard_path, shard_ranges
 from index.passages import PassageStore
 from rag.errors import RagError
@@ -57,9 +60,6 @@ class EncoderActor:
 
     def __init__(self, staging: str, encoder: str | None, device: str | None, batch_size: int, threads: int,
                  encoder_factory: Callable[[], Any] | None = None) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
         self.staging = Path(staging)
         self.batch_size = batch_size
         if encoder_factory is not None:
@@ -67,6 +67,9 @@ class EncoderActor:
         else:
             from retrievers.encoders import load_encoder
             self.encoder = load_encoder(encoder, device=device, batch_size=batch_size)
+        torch = sys.modules.get("torch")  # a torch-free encoder (tests) need not pay for importing it
+        if torch is not None:
+            torch.set_num_threads(max(1, threads))
         self.store = PassageStore(self.staging)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,13 +79,30 @@ class EncoderActor:
             # A retry after the actor died just past the rename finds the shard done: skip it.
             if not _shard_complete(self.staging, shard, end - start):
                 texts = [_encode_text(self.store.get(pid)) for pid in range(start, end)]
-                emb = self.encoder.encode_passage(texts, batch_size=self.batch_size)
+                # Same encode calls as the local loop (chunks of PROGRESS_CHUNK), so batches, and with
+                # them the floating-point results, match the single-process build.
+                chunk = getattr(dense_build, "PROGRESS_CHUNK", None) or max(1, len(texts))
+                parts = [self.encoder.encode_passage(texts[lo:lo + chunk], batch_size=self.batch_size)
+                         for lo in range(0, len(texts), chunk)]
+                emb = np.concatenate(parts)
                 if len(emb) != end - start:
                     raise RagError(f"encoder returned {len(emb)} rows for shard {shard}, expected {end - start}")
                 save_shard(self.staging, shard, emb)
             shards.append(shard)
             counts.append(end - start)
         return {"shard": np.asarray(shards, dtype=np.int64), "count": np.asarray(counts, dtype=np.int64)}
+
+
+@contextmanager
+def _quiet_ray_data(level: int = logging.ERROR) -> Iterator[None]:
+    """Ray Data logs per-run chatter (execution start/finish, 'progress bars disabled') on the driver."""
+    data_logger = logging.getLogger("ray.data")
+    before = data_logger.level
+    data_logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        data_logger.setLevel(before)
 
 
 def _accepts_remote_args() -> bool:
@@ -132,7 +152,9 @@ def ray_encode_shards(workers: int = 2, gpus_per_worker: float = 0, address: str
         with ray_session(address=address, num_cpus=local_cpus, temp_dir=temp_dir) as ray:
             import ray.data
 
-            ctx = ray.data.DataContext.get_current()
+            with warnings.catch_warnings():  # creating the context touches Ray's own deprecated fields
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ctx = ray.data.DataContext.get_current()
             saved = {k: getattr(ctx, k) for k in ("enable_progress_bars", "print_on_execution_start",
                                                   "enable_auto_log_stats") if hasattr(ctx, k)}
             for k in saved:
@@ -162,9 +184,10 @@ def ray_encode_shards(workers: int = 2, gpus_per_worker: float = 0, address: str
             bar = tqdm(total=len(ranges), initial=len(ranges) - len(todo), unit="shard",
                        desc=f"encoding ({workers} Ray workers)", dynamic_ncols=True, disable=not show_progress)
             try:
-                for row in out.iter_rows():
-                    done.add(int(row["shard"]))
-                    bar.update(1)
+                with _quiet_ray_data():
+                    for row in out.iter_rows():  # streams the small {shard, count} rows only
+                        done.add(int(row["shard"]))
+                        bar.update(1)
             finally:
                 bar.close()
                 for k, v in saved.items():

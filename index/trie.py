@@ -742,6 +742,7 @@ class TitleTrie:
             tid = self._titles.append(title)
             self._ov_terms[v - self._n].append(tid)
             self._added_seqs_all[tid] = tuple(seq)
+            self.max_depth = max(self.max_depth or 0, len(seq))
             self._added_node[tid] = v
             rep.added.append(tid)
             if same:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from rag.errors import RagError
 
 COMMANDS = ["rag.commands.data", "rag.commands.index", "rag.commands.retrieve", "rag.commands.answer",
-            "rag.commands.eval", "rag.commands.train", "rag.commands.experiment", "rag.commands.demo"]
+            "rag.commands.eval", "rag.commands.train", "rag.commands.experiment", "rag.commands.demo", "rag.repro"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,27 @@
-"""Retrievers: BM25 (bm25s, pyserini), dense (sentence-transformers + Faiss), generative, hybrid."""
-from retrievers.base import Hit, Retriever, aggregate_passages, open_retriever, register_index_kind
-from retrievers import bm25 as _bm25  # noqa: F401  (registers "bm25")
-from retrievers import dense as _dense  # noqa: F401  (registers "dense")
-from retrievers.bm25 import BM25Retriever, build_bm25_index
-from retrievers.dense import DenseEncoder, DenseRetriever, build_dense_index
+"""Retrievers: BM25 (bm25s, pyserini), dense (sentence-transformers + Faiss), generative, hybrid.
 
-__all__ = ["Hit", "Retriever", "aggregate_passages", "open_retriever", "register_index_kind", "BM25Retriever",
-           "build_bm25_index", "DenseEncoder", "DenseRetriever", "build_dense_index"]
+Attributes load lazily so that `index/` modules can import `retrievers.encoders` without pulling
+in every retriever (and so the CLI starts fast).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Hit": "retrievers.base", "Retriever": "retrievers.base", "aggregate_passages": "retrievers.base",
+    "open_retriever": "retrievers.base", "register_index_kind": "retrievers.base",
+    "BM25Retriever": "retrievers.bm25", "build_bm25_index": "retrievers.bm25",
+    "DenseEncoder": "retrievers.encoders", "load_encoder": "retrievers.encoders",
+    "DenseRetriever": "retrievers.dense", "build_dense_index": "retrievers.dense",
+}
+# Modules that register an index kind with `register_index_kind` when imported.
+INDEX_KIND_MODULES = ["retrievers.bm25", "retrievers.dense"]
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'retrievers' has no attribute {name!r}")

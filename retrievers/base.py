@@ -63,8 +63,11 @@ def register_index_kind(kind: str) -> Callable[[Opener], Opener]:
 
 def open_retriever(index_dir: str | Path, **options: Any) -> Retriever:
     """Open any index folder the toolkit built, dispatching on its manifest's `kind`."""
-    import retrievers  # noqa: F401  (registers the built-in kinds)
+    import importlib
 
+    from retrievers import INDEX_KIND_MODULES
+    for module in INDEX_KIND_MODULES:
+        importlib.import_module(module)
     manifest = read_manifest(index_dir)
     opener = INDEX_KINDS.get(manifest["kind"])
     if opener is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,15 @@ from rag.config import build_config, load_config_file
 from rag.errors import RagError
 from rag.runinfo import RunRecord
 
+logger = logging.getLogger(__name__)
+
 
 def _build_bm25(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from retrievers.bm25 import BM25Config, build_bm25_index
     config = build_config(BM25Config, file_cfg, {"backend": args.backend, "words_per_passage": args.words_per_passage,
                                                  "stride": args.stride})
+    if getattr(args, "ray", False):
+        logger.info("BM25 indexing is single-process: --ray and its worker flags are ignored, building locally")
     return config, build_bm25_index(args.corpus, args.out, config, overwrite=args.overwrite)
 
 
@@ -25,7 +30,16 @@ def _build_dense(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[An
         "encoder": args.encoder, "faiss": args.faiss, "batch_size": args.batch_size, "shard_size": args.shard_size,
         "words_per_passage": args.words_per_passage, "stride": args.stride, "device": args.device,
         "keep_embeddings": args.keep_embeddings or None})
-    return config, build_dense_index(args.corpus, args.out, config, overwrite=args.overwrite)
+    encode_shards = None
+    address, workers, gpus = (getattr(args, k, None) for k in ("address", "workers", "gpus_per_worker"))
+    if getattr(args, "ray", False):
+        from index.ray_build import ray_encode_shards
+        encode_shards = ray_encode_shards(workers=2 if workers is None else workers, gpus_per_worker=gpus or 0,
+                                          address=address, batch_size=config.batch_size)
+    elif address or workers is not None or gpus:
+        raise RagError("--address, --workers and --gpus-per-worker need --ray")
+    return config, build_dense_index(args.corpus, args.out, config, overwrite=args.overwrite,
+                                     encode_shards=encode_shards)
 
 
 INDEX_BUILDERS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], tuple[Any, dict[str, Any]]]] = {
@@ -51,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--keep-embeddings", action="store_true")
     build.add_argument("--config", type=Path, help="JSON/YAML config; flags override it")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    build.add_argument("--ray", action="store_true",
+                       help="dense: encode shards on a Ray actor pool (local Ray unless --address); bm25: ignored")
+    build.add_argument("--address", help="with --ray: join this Ray cluster (e.g. ray://host:10001 or auto)")
+    build.add_argument("--workers", type=int, help="with --ray: encoder actors (default 2)")
+    build.add_argument("--gpus-per-worker", type=float, default=0.0,
+                       help="with --ray: GPUs per actor (fractions share a GPU; > 0 encodes on cuda)")
     build.set_defaults(func=run_build)
 
 

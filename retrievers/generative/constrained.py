@@ -56,16 +56,13 @@ class TrieConstraint:
 
     def __init__(self, trie: TitleTrie, *, eos_token_id: int | None = None, multi_title: bool = False,
                  sep_token_ids: Sequence[int] | None = None, tokenizer: Any = None,
-                 pad_token_id: int | None = None, max_titles: int | None = None,
+                 max_titles: int | None = None,
                  cache_size: int = 500_000) -> None:
         self.trie = trie
         eos = trie.eos_token_id if eos_token_id is None else eos_token_id
         if eos is None:
             raise InputError("eos_token_id is needed (the trie has none)")
         self.eos_token_id = int(eos)
-        if pad_token_id is None and tokenizer is not None:
-            pad_token_id = getattr(tokenizer, "pad_token_id", None)
-        self.pad_token_id = pad_token_id
         self.multi_title = bool(multi_title)
         self.max_titles = max_titles
         if self.multi_title:
@@ -186,17 +183,16 @@ class TrieConstraint:
     # --------------------------------------------------------------- reading outputs
     def parse(self, ids: Sequence[int]) -> list[int] | None:
         """Title ids of a generated sequence (in output order), or None when it is not a complete,
-        valid output. Tokens after the final EOS must be padding/EOS."""
-        ids = [int(i) for i in ids]
-        filler = {self.eos_token_id} | ({int(self.pad_token_id)} if self.pad_token_id is not None else set())
+        valid output. Generation ends at the first EOS after the decoder start token; whatever
+        follows (padding) is ignored."""
         st = self._init
         for i, t in enumerate(ids):
-            nxt = self.transition(st, t)
-            if not nxt:
-                if any(x not in filler for x in ids[i:]):
-                    return None
+            t = int(t)
+            st = self.transition(st, t)
+            if not st:
+                return None
+            if i > 0 and t == self.eos_token_id:
                 break
-            st = nxt
         for r in st:
             s, em = r if self.multi_title else (r, ())
             if s >= 0:
@@ -280,7 +276,7 @@ def decode_titles(model: Any, tokenizer: Any, trie: TitleTrie, input_texts: Sequ
     if pad is None:
         pad = trie.eos_token_id
     constraint = TrieConstraint(trie, multi_title=multi_title, sep_token_ids=sep_token_ids, tokenizer=tokenizer,
-                                pad_token_id=pad, max_titles=max_titles if multi_title else None)
+                                max_titles=max_titles if multi_title else None)
     if max_length is None:
         depth = int(trie.max_depth or 1)
         max_length = depth if not multi_title else max_titles * depth + (max_titles - 1) * len(constraint.sep)

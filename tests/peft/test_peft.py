@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from rag.peft import (PEFT_METHODS, PeftError, apply_peft, count_parameters, find_layer_stacks, load_peft,
+from rag.peft import (PEFT_METHODS, apply_peft, count_parameters, find_layer_stacks, load_peft,
                       peft_config, save_peft, trainable_state_dict)
 from rag.peft.iaa import ADAPTER_ATTR
 from tests.peft.conftest import BUILDERS, WIDTH, build_bert, build_bert2bert

@@ -1,0 +1,141 @@
+"""A decoder-only reader: the passages go into the prompt, the loss is on the answer tokens only.
+
+Prompt:
+    Passage 1: TITLE: TEXT
+    ...
+    Question: QUESTION
+    Answer: ANSWER<eos>
+
+Denoising objective for CIT (`passage_nll`): plain next-token NLL over the passage tokens
+(`TITLE: TEXT`, after the BOS token where the tokenizer has one).
+
+Passages are cut so the prompt fits the model's positions (each cut is counted). A model without a
+pad token pads with its EOS token (warned); generation pads on the left.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from readers.base import BaseReader, ReaderConfig, ReaderPassage, model_max_positions
+from readers.fid import token_nll
+
+log = logging.getLogger(__name__)
+
+
+def load_causal(name: str | None = None, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer): Gemma-3-270M by default (alias "gemma-3-270m"), or any HF causal LM id/path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from readers.gemma import GEMMA_ALIAS, gemma_path
+    from rag.models import resolve_model
+
+    name = name or GEMMA_ALIAS
+    path = gemma_path() if name == GEMMA_ALIAS else resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return model, tokenizer
+
+
+class CausalReader(BaseReader):
+    kind = "causal"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: ReaderConfig | None = None) -> None:
+        super().__init__(model, tokenizer, config)
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        self.eos_id = int(eos) if eos is not None else None
+        if tokenizer.pad_token_id is None:
+            pad = self.eos_id if self.eos_id is not None else 0
+            log.warning("the causal model has no pad token; padding with id %d (its EOS token)", pad)
+            self.pad_id = int(pad)
+        else:
+            self.pad_id = int(tokenizer.pad_token_id)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.pad_id
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and gen.pad_token_id is None:
+            gen.pad_token_id = self.pad_id
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and self.prefix else []
+        self.max_positions = model_max_positions(model.config)
+
+    def denoising_objective(self) -> str:
+        return "next-token"
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt(self, question: str, passages: Sequence[ReaderPassage]) -> list[int]:
+        cfg = self.config
+        q = self.tokens(f"Question: {question}\nAnswer:", cfg.max_question_tokens, "truncated_questions")
+        per_passage = cfg.max_passage_tokens
+        if self.max_positions and passages:
+            room = self.max_positions - len(self.bos) - len(q) - cfg.max_answer_tokens - 8 * len(passages)
+            per_passage = max(1, min(per_passage, room // len(passages)))
+        if not passages:
+            self.stats["no_passages"] += 1
+        ids = list(self.bos)
+        for i, p in enumerate(passages, 1):
+            ids += self.tokens(f"Passage {i}: ", None) + self.tokens(f"{p.title}: {p.text}", per_passage)
+            ids += self.tokens("\n", None)
+        return ids + q
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        ids = self.tokens(f" {answer}", self.config.max_answer_tokens - 1, count_as=None)
+        return ids + ([self.eos_id] if self.eos_id is not None else [])
+
+    # ------------------------------------------------------------------ reader API
+    def _batch(self, rows: list[list[int]], labels: list[list[int]] | None, left: bool) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+            if labels is not None:
+                lab[i, sl] = torch.tensor(labels[i], dtype=torch.long)
+        out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if labels is not None:
+            out["labels"] = lab.to(self.device)
+        return out
+
+    def _lm_nll(self, rows: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
+        batch = self._batch(rows, labels, left=False)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_nll(logits[:, :-1], batch["labels"][:, 1:])
+
+    def qa_loss(self, questions, passages_per_question, answers) -> torch.Tensor:
+        rows, labels = [], []
+        for q, ps, a in zip(questions, passages_per_question, answers):
+            prompt, target = self._prompt(q, ps), self._answer_ids(a)
+            rows.append(prompt + target)
+            labels.append([-100] * len(prompt) + target)
+        batch = self._batch(rows, labels, left=False)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lab = batch["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 lab.reshape(-1), ignore_index=-100)
+
+    def _generate(self, questions, passages) -> list[str]:
+        batch = self._batch([self._prompt(q, ps) for q, ps in zip(questions, passages)], None, left=True)
+        out = self.model.generate(**batch, max_new_tokens=self.config.max_answer_tokens, do_sample=False,
+                                  num_beams=self.config.num_beams, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_id)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [t.strip().split("\n")[0].strip() for t in texts]
+
+    def passage_nll(self, passages: Sequence[ReaderPassage]) -> torch.Tensor:
+        room = (self.max_positions or 10**9) - len(self.bos)
+        rows, labels = [], []
+        for p in passages:
+            ids = self.tokens(f"{p.title}: {p.text}" if p.title else p.text, min(self.config.max_passage_tokens, room),
+                              count_as=None)
+            row = self.bos + ids
+            rows.append(row)
+            labels.append([-100] + ids if self.bos else [-100] + ids[1:])  # the first token has no context
+        return self._lm_nll(rows, labels)

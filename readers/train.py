@@ -1,0 +1,209 @@
+"""Train a reader (`rag train reader --kind fid|causal`) on KILT questions with retrieved passages, with CIT.
+
+The passages come from any index folder the toolkit builds (`retrievers.open_retriever`); retrieval is
+done once per question file and cached in the run folder (`retrieval/NAME.jsonl`, checked against the
+index, k and the file's checksum). The loss is the QA loss plus λ times the CIT hinge (readers/cit.py);
+ℓθ, ℓ0, their ratio, L_QA and L_CIT are logged every step (curves.csv, curves-train.png). The dev set
+is answered every `--eval-every` steps (EM/F1/KILT-EM/KILT-F1). The run folder ends with `reader/`
+(reader.json + weights: the whole model, or with PEFT only the trained parts and the base model's name),
+which `rag answer --model RUN_DIR` loads.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rag.training.config import TrainConfig, add_train_flags, train_overrides
+
+log = logging.getLogger(__name__)
+
+RETRIEVAL_DIR = "retrieval"
+
+
+@dataclass
+class ReaderTrainConfig(TrainConfig):
+    max_steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-4
+    eval_every: int = 100
+    log_every: int = 1
+    kind: str = field(default="fid", metadata={"help": "fid | causal"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: the kind's default)"})
+    index: str = field(default="", metadata={"help": "index folder to retrieve passages from"})
+    train: str = field(default="", metadata={"help": "KILT training questions"})
+    dev: str | None = field(default=None, metadata={"help": "KILT dev questions (EM/F1 during training)"})
+    k: int = field(default=5, metadata={"help": "passages per question"})
+    peft: str = field(default="full", metadata={"help": "full | iaa | lora | ... (rag.peft methods)"})
+    cit_weight: float = field(default=0.0, metadata={"help": "λ of the CIT term (0 = plain training)"})
+    cit_margin: float = field(default=0.0, metadata={"help": "m: ℓθ may fall to ℓ0 - m without penalty"})
+    max_passage_tokens: int = field(default=128, metadata={"help": "tokens per passage"})
+    max_answer_tokens: int = field(default=24, metadata={"help": "answer tokens"})
+    dev_limit: int = field(default=0, metadata={"help": "answer only the first N dev questions (0 = all)"})
+    eval_batch_size: int = field(default=16, metadata={"help": "questions per answering batch"})
+
+
+@dataclass
+class Example:
+    id: str
+    question: str
+    answers: list[str]
+    passages: list[Any]
+    gold: dict[str, Any]
+
+
+def _answers(row: dict[str, Any]) -> list[str]:
+    return [str(o["answer"]).strip() for o in row.get("output") or [] if isinstance(o, dict)
+            and o.get("answer") is not None and str(o["answer"]).strip()]
+
+
+def retrieve_cached(folder: Path, name: str, queries_path: str | Path, index: str | Path, k: int,
+                    retriever: Any = None) -> tuple[list[Example], Any]:
+    """Examples with their top-k passages; retrieval runs once and is cached as JSONL in `folder`."""
+    from rag.corpus import file_checksum
+    from rag.io import read_json, read_jsonl, write_json, write_jsonl
+    from rag.tasks import load_queries
+    from readers.base import ReaderPassage
+
+    rows = read_jsonl(queries_path)
+    load_queries(queries_path)  # validates ids and inputs with precise errors
+    key = {"index": str(Path(index).resolve()), "k": k, "queries": file_checksum(queries_path)}
+    cache, manifest = folder / f"{name}.jsonl", folder / f"{name}.manifest.json"
+    if cache.exists() and manifest.exists() and read_json(manifest) == key:
+        cached = {r["id"]: [ReaderPassage.from_json(p) for p in r["passages"]] for r in read_jsonl(cache)}
+    else:
+        if retriever is None:
+            from retrievers import open_retriever
+            retriever = open_retriever(index)
+        from rag.commands.retrieve import retrieve_queries
+        hits = retrieve_queries(retriever, [r["input"] for r in rows], k)
+        cached = {str(r["id"]).strip(): [ReaderPassage.from_hit(h) for h in hs] for r, hs in zip(rows, hits)}
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(cache, ({"id": str(r["id"]).strip(), "input": r["input"],
+                             "passages": [p.to_json() for p in cached[str(r["id"]).strip()]]} for r in rows))
+        write_json(manifest, key)
+    examples = [Example(str(r["id"]).strip(), r["input"], _answers(r), cached[str(r["id"]).strip()], r) for r in rows]
+    return examples, retriever
+
+
+def answer_examples(reader: Any, examples: list[Example], batch_size: int = 16) -> list[tuple[str, dict[str, Any]]]:
+    return reader.answer_with_meta([e.question for e in examples], [e.passages for e in examples], batch_size)
+
+
+def guess_rows(examples: list[Example], answers: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [{"id": e.id, "input": e.question, "output": [{"answer": a, "provenance": [p.provenance() for p in e.passages]}],
+             **({"meta": meta} if meta.get("no_passages") else {})} for e, (a, meta) in zip(examples, answers)]
+
+
+def score_answers(examples: list[Example], answers: list[tuple[str, dict[str, Any]]], k: int) -> dict[str, float]:
+    """EM, F1, KILT-EM, KILT-F1 (the official definitions, eval/kilt.py)."""
+    from eval.kilt import evaluate_kilt
+
+    result = evaluate_kilt(guess_rows(examples, answers), [e.gold for e in examples], ks=(max(k, 1),))
+    down, kilt = result.get("downstream", {}), result.get("kilt", {})
+    return {"em": down.get("em", 0.0), "f1": down.get("f1", 0.0),
+            "KILT-em": kilt.get("KILT-em", 0.0), "KILT-f1": kilt.get("KILT-f1", 0.0)}
+
+
+def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+                 retriever: Any = None) -> dict[str, Any]:
+    """Train one reader into `out`; returns the metrics written to metrics.json."""
+    import torch
+
+    from rag.errors import RagError
+    from rag.training import RunFolder, TrainLoop
+    from rag.training.loop import EpochSampler, pick_device
+    from readers.base import ReaderConfig, load_reader, save_reader
+    from readers.cit import REFERENCE_FILE, CITConfig, CITObjective, ReferenceNLL
+
+    if not cfg.index or not cfg.train:
+        raise RagError("rag train reader needs --index and --train")
+    if cfg.cit_weight < 0:
+        raise RagError("--cit-weight must be >= 0")
+    run = RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite)
+    cache_dir = run.path / RETRIEVAL_DIR
+    train_set, retriever = retrieve_cached(cache_dir, "train", cfg.train, cfg.index, cfg.k, retriever)
+    train_set = [e for e in train_set if e.answers]
+    if not train_set:
+        raise RagError(f"{cfg.train}: no question has an answer to train on")
+    dev_set: list[Example] = []
+    if cfg.dev:
+        dev_set, retriever = retrieve_cached(cache_dir, "dev", cfg.dev, cfg.index, cfg.k, retriever)
+        if cfg.dev_limit:
+            dev_set = dev_set[:cfg.dev_limit]
+    reader_cfg = ReaderConfig(max_passage_tokens=cfg.max_passage_tokens, max_answer_tokens=cfg.max_answer_tokens)
+    reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=cfg.device)
+    reference = ReferenceNLL(reader, run.path / REFERENCE_FILE)  # frozen copy of the initial reader
+    if cfg.peft != "full":
+        from rag.peft import apply_peft
+        reader.model = apply_peft(reader.model, cfg.peft)
+    reader.to(pick_device(cfg.device))
+    objective = CITObjective(reader, reference, CITConfig(cfg.cit_weight, cfg.cit_margin))
+    sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed)
+
+    def batch_for_step(step: int) -> list[Example]:
+        return [train_set[i] for i in sampler.indices(step)]
+
+    def loss_fn(batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        return objective([e.question for e in batch], [e.passages for e in batch], [e.answers[0] for e in batch])
+
+    def evaluate() -> dict[str, float]:
+        reference.save()
+        return score_answers(dev_set, answer_examples(reader, dev_set, cfg.eval_batch_size), cfg.k)
+
+    def save_final(path: Path) -> None:
+        reference.save()
+        save_reader(reader, path / "reader", cfg.model, cfg.peft)
+        loop.extra_metrics.update({
+            "reader_stats": dict(reader.stats), "train_examples": len(train_set), "dev_examples": len(dev_set),
+            "cit_reference_passages": len(reference.values), "cit_frozen_reader_passages": reference.frozen_calls})
+
+    loop = TrainLoop(run, reader.model, cfg, batch_for_step, loss_fn, evaluate if dev_set else None,
+                     save_final=save_final, resume=resume)
+    metrics = loop.fit()
+    if dev_set:  # predictions of the final reader, for inspection
+        from rag.io import write_jsonl
+        preds = answer_examples(reader, dev_set, cfg.eval_batch_size)
+        write_jsonl(run.path / "dev_predictions.jsonl", guess_rows(dev_set, preds))
+    log.info("reader %s: %s", cfg.kind, json.dumps(metrics.get("dev", {})))
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ReaderTrainConfig()
+    add_train_flags(parser, defaults)
+    parser.add_argument("--out", required=True, type=Path, help="run folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    parser.add_argument("--config", type=Path, help="JSON/YAML with ReaderTrainConfig fields (flags win)")
+    own = [f for f in dataclasses.fields(ReaderTrainConfig) if f.name not in
+           {g.name for g in dataclasses.fields(TrainConfig)} and f.name != "kind"]
+    for f in own:
+        kind: Any = {int: int, float: float}.get(type(f.default), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                            help=f"{f.metadata.get('help', '')} (default {f.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> ReaderTrainConfig:
+    from rag.config import build_config, load_config_file
+
+    file_cfg = load_config_file(args.config) if getattr(args, "config", None) else {}
+    own = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ReaderTrainConfig)
+           if f.name not in {g.name for g in dataclasses.fields(TrainConfig)}}
+    cfg = build_config(ReaderTrainConfig, file_cfg, own, train_overrides(args), {"kind": args.kind})
+    lr_given = args.lr is not None or "lr" in file_cfg
+    if not lr_given and cfg.peft != "full":
+        cfg.lr = 1e-3  # adapters and low-rank updates want a larger step than full tuning
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    metrics = train_reader(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({k: metrics.get(k) for k in ("dev", "seconds_per_step", "peak_rss_mb", "trainable_params",
+                                                   "total_params", "trainable_fraction", "reader_stats")},
+                     indent=2, default=str))
+    return 0
