@@ -50,7 +50,37 @@ CLS, SEP = 101, 102
 
 
 def rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM: per address space, so unlike ru_maxrss it does not
+    inherit the parent's peak across fork+exec)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return rss_mb()
+
+
+def reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0), so the next peak is the step's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def dir_mb(path: Path) -> float:
@@ -191,11 +221,13 @@ def load_prefixes(workdir: Path) -> list[list[int]]:
 def time_lookups(allowed, prefixes) -> dict:
     for p in prefixes[:1000]:  # warm-up
         allowed(p)
-    t0 = time.perf_counter()
-    total = 0
-    for p in prefixes:
-        total += len(allowed(p))
-    dt = time.perf_counter() - t0
+    dt = float("inf")
+    for _ in range(3):  # best of 3: the machine is shared
+        t0 = time.perf_counter()
+        total = 0
+        for p in prefixes:
+            total += len(allowed(p))
+        dt = min(dt, time.perf_counter() - t0)
     return {"lookups": len(prefixes), "lookup_us": round(dt / len(prefixes) * 1e6, 2),
             "mean_prefix_len": round(sum(map(len, prefixes)) / len(prefixes), 2), "checksum": total}
 
@@ -211,7 +243,9 @@ def worker_compact(workdir: Path, n_sub: int | None, save: bool) -> dict:
         off = off[: n_sub + 1]
         flat = flat[: off[-1]]
     gc.collect()
-    base = rss_mb()
+    load_peak = rss_mb()
+    reset_peak()
+    base = current_rss_mb()
     t0 = time.perf_counter()
     table = TitleTable.from_list(titles)
     del titles
@@ -219,9 +253,10 @@ def worker_compact(workdir: Path, n_sub: int | None, save: bool) -> dict:
     trie = TitleTrie.build((flat, off), table, start_token_id=CLS, eos_token_id=SEP)
     build_s = time.perf_counter() - t0
     peak = rss_mb()
-    res = {"n_titles": int(len(off) - 1), "build_s": round(build_s, 2), "rss_before_mb": round(base, 1),
-           "peak_rss_mb": round(peak, 1), "peak_delta_mb": round(peak - base, 1),
+    res = {"n_titles": int(len(off) - 1), "build_s": round(build_s, 2), "inputs_loaded_peak_mb": round(load_peak, 1),
+           "rss_before_mb": round(base, 1), "peak_rss_mb": round(peak, 1), "peak_delta_mb": round(peak - base, 1),
            "nodes": trie.num_nodes, "max_depth": trie.max_depth, "in_memory_mb": round(trie.nbytes() / 2**20, 1),
+           "in_memory_arrays_mb": round(sum(a.nbytes for a in (trie._tok, trie._ptr, trie._term_node, trie._term_title)) / 2**20, 1),
            "duplicates": trie.report.num_duplicates, "collision_groups": len(trie.report.collisions)}
     del flat, off
     gc.collect()
@@ -244,24 +279,30 @@ def worker_compact(workdir: Path, n_sub: int | None, save: bool) -> dict:
     prefixes = load_prefixes(workdir)
     res.update(time_lookups(trie.allowed, prefixes))
     # node-level fast path: step along the prefix, children as a NumPy view
-    t0 = time.perf_counter()
-    for p in prefixes:
-        v = trie.root
-        for t in p:
-            v = trie.step(v, t)
-        trie.children(v)
-    res["step_children_us"] = round((time.perf_counter() - t0) / len(prefixes) * 1e6, 2)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for p in prefixes:
+            v = trie.root
+            for t in p:
+                v = trie.step(v, t)
+            trie.children(v)
+        best = min(best, time.perf_counter() - t0)
+    res["step_children_us"] = round(best / len(prefixes) * 1e6, 2)
     res["final_peak_rss_mb"] = round(rss_mb(), 1)
     return res
 
 
-def worker_from_titles(workdir: Path) -> dict:
+def worker_from_titles(workdir: Path, n_titles: int | None) -> dict:
     from index.trie import TitleTrie
     with open(workdir / "titles.json", encoding="utf-8") as fh:
         titles = json.load(fh)
+    if n_titles is not None:
+        titles = titles[:n_titles]
     tok = minilm_tokenizer()
     gc.collect()
-    base = rss_mb()
+    reset_peak()
+    base = current_rss_mb()
     import warnings
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -271,7 +312,7 @@ def worker_from_titles(workdir: Path) -> dict:
     peak = rss_mb()
     # sanity: same structure as the array build
     ref_nodes = None
-    if (workdir / "trie_compact" / "manifest.json").exists():
+    if n_titles is None and (workdir / "trie_compact" / "manifest.json").exists():
         ref_nodes = json.loads((workdir / "trie_compact" / "manifest.json").read_text())["counts"]["nodes"]
     return {"n_titles": len(titles), "from_titles_s": round(dt, 2), "rss_before_mb": round(base, 1),
             "peak_rss_mb": round(peak, 1), "peak_delta_mb": round(peak - base, 1), "nodes": trie.num_nodes,
@@ -283,7 +324,8 @@ def worker_dict(workdir: Path, n_sub: int) -> dict:
     off = np.load(workdir / "offsets.npy")[: n_sub + 1]
     seqs = [flat[off[i]:off[i + 1]].tolist() for i in range(n_sub)]  # inputs as lists, as GENRE gets them
     gc.collect()
-    base = rss_mb()
+    reset_peak()
+    base = current_rss_mb()
     t0 = time.perf_counter()
     root: dict = {}
     nodes = 1
@@ -347,62 +389,110 @@ def worker_generate(workdir: Path, n_queries: int, num_beams: int) -> dict:
     base_kwargs = dict(num_beams=num_beams, num_return_sequences=num_beams, max_length=trie.max_depth,
                        decoder_start_token_id=CLS, eos_token_id=SEP, pad_token_id=0, do_sample=False)
 
-    class Timed(TrieLogitsProcessor):
-        spent = 0.0
+    from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+    spent = [0.0]
+
+    class TimedProcessor(TrieLogitsProcessor):
+        def __call__(self, input_ids, scores):
+            t0 = time.perf_counter()
+            out = super().__call__(input_ids, scores)
+            spent[0] += time.perf_counter() - t0
+            return out
+
+    class TimedPrefixFn(PrefixConstrainedLogitsProcessor):
+        """Exactly what generate(prefix_allowed_tokens_fn=fn) builds, with a timer around it."""
 
         def __call__(self, input_ids, scores):
             t0 = time.perf_counter()
             out = super().__call__(input_ids, scores)
-            Timed.spent += time.perf_counter() - t0
+            spent[0] += time.perf_counter() - t0
             return out
-
-    def run(kind):
-        steps, t_total, hook_s = 0, 0.0, 0.0
-        valid = total = 0
-        for i in range(len(queries)):
-            kw = dict(base_kwargs)
-            constraint = TrieConstraint(trie)
-            if kind == "processor":
-                Timed.spent = 0.0
-                kw["logits_processor"] = LogitsProcessorList([Timed(constraint)])
-            elif kind == "fn":
-                spent = [0.0]
-
-                def fn(b, ids, c=constraint, spent=spent):
-                    t0 = time.perf_counter()
-                    r = c(b, ids)
-                    spent[0] += time.perf_counter() - t0
-                    return r
-                kw["prefix_allowed_tokens_fn"] = fn
-            args = {"input_ids": enc["input_ids"][i:i + 1], "attention_mask": enc["attention_mask"][i:i + 1]}
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(**args, **kw)
-            t_total += time.perf_counter() - t0
-            steps += out.shape[1] - 1
-            if kind == "processor":
-                hook_s += Timed.spent
-            elif kind == "fn":
-                hook_s += spent[0]
-            for row in out.tolist():
-                total += 1
-                valid += bool(constraint.parse(row))
-        return {"per_query_ms": round(t_total / len(queries) * 1e3, 1), "decoder_steps_mean": round(steps / len(queries), 2),
-                "per_step_ms": round(t_total / steps * 1e3, 2), "hook_share": round(hook_s / t_total, 3),
-                "beams_that_are_titles": f"{valid}/{total}"}
 
     # warm-up
     with torch.no_grad():
         model.generate(input_ids=enc["input_ids"][:1], attention_mask=enc["attention_mask"][:1], **base_kwargs)
+    kinds = ("processor", "fn", "unconstrained", "unconstrained_same_len")
+    acc = {k: {"t": 0.0, "steps": 0, "hook": 0.0, "valid": 0, "total": 0} for k in kinds}
+    # interleave the variants query by query, so machine-load drift hits all three alike
+    for i in range(len(queries)):
+        args = {"input_ids": enc["input_ids"][i:i + 1], "attention_mask": enc["attention_mask"][i:i + 1]}
+        length = None
+        for kind in kinds:
+            kw = dict(base_kwargs)
+            constraint = TrieConstraint(trie)
+            if kind == "unconstrained_same_len":  # as many decoder steps as the constrained run took
+                kw["max_length"] = kw["min_length"] = length
+            if kind == "processor":
+                kw["logits_processor"] = LogitsProcessorList([TimedProcessor(constraint)])
+            elif kind == "fn":
+                kw["logits_processor"] = LogitsProcessorList([TimedPrefixFn(constraint, num_beams)])
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(**args, **kw)
+            a = acc[kind]
+            a["t"] += time.perf_counter() - t0
+            a["hook"] += spent[0]
+            a["steps"] += out.shape[1] - 1
+            if kind == "processor":
+                length = out.shape[1]
+            for row in out.tolist():
+                a["total"] += 1
+                a["valid"] += bool(constraint.parse(row))
+
+    def summary(a):
+        return {"per_query_ms": round(a["t"] / len(queries) * 1e3, 1),
+                "decoder_steps_mean": round(a["steps"] / len(queries), 2),
+                "per_step_ms": round(a["t"] / a["steps"] * 1e3, 2),
+                "hook_ms_per_step": round(a["hook"] / a["steps"] * 1e3, 3),
+                "hook_share": round(a["hook"] / a["t"], 4),
+                "beams_that_are_titles": f"{a['valid']}/{a['total']}"}
+
     res = {"queries": len(queries), "num_beams": num_beams, "trie_titles": len(titles), "trie_nodes": trie.num_nodes,
-           "max_length": trie.max_depth, "torch_threads": torch.get_num_threads()}
-    for kind in ("unconstrained", "processor", "fn"):
-        res[kind] = run(kind)
+           "max_length": trie.max_depth, "torch_threads": torch.get_num_threads(),
+           "note": "fn = HF PrefixConstrainedLogitsProcessor around TrieConstraint, i.e. what "
+                   "generate(prefix_allowed_tokens_fn=...) runs; variants interleaved per query"}
+    for kind in kinds:
+        res[kind] = summary(acc[kind])
+    res["hooks_in_isolation"] = hook_microbench(trie, titles, tok, num_beams)
     u = res["unconstrained"]
+    same = res["unconstrained_same_len"]
     for kind in ("processor", "fn"):
         res[f"{kind}_vs_unconstrained_per_query"] = round(res[kind]["per_query_ms"] / u["per_query_ms"], 3)
-        res[f"{kind}_vs_unconstrained_per_step"] = round(res[kind]["per_step_ms"] / u["per_step_ms"], 3)
+        res[f"{kind}_vs_unconstrained_same_len"] = round(res[kind]["per_query_ms"] / same["per_query_ms"], 3)
     return res
+
+
+def hook_microbench(trie, titles, tok, num_beams: int, per_depth: int = 40) -> dict:
+    """Cost of one masking step for `num_beams` rows, no model: our processor vs HF's fn wrapper."""
+    import torch
+    from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+    from retrievers.generative.constrained import TrieConstraint, TrieLogitsProcessor
+    rng = random.Random(1)
+    batches = []
+    for d in range(1, 7):
+        for _ in range(per_depth):
+            rows = []
+            for _ in range(num_beams):
+                s = trie.encode(rng.choice(titles))
+                rows.append(s[:d] if len(s) >= d else s + [0] * (d - len(s)))
+            batches.append(torch.tensor(rows))
+    scores = torch.randn(num_beams, len(tok))
+    out = {}
+    for name, make in (("processor", lambda: TrieLogitsProcessor(TrieConstraint(trie))),
+                       ("fn", lambda: PrefixConstrainedLogitsProcessor(TrieConstraint(trie), num_beams))):
+        best = float("inf")
+        for _ in range(3):
+            proc = make()
+            t0 = time.perf_counter()
+            for ids in batches:
+                proc(ids, scores)
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_ms_per_step"] = round(best / len(batches) * 1e3, 3)
+    out["fn_over_processor"] = round(out["fn_ms_per_step"] / out["processor_ms_per_step"], 2)
+    return out
 
 
 def run_worker(mode: str, workdir: Path, extra: list[str], timeout: int) -> dict:
@@ -433,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--beams", type=int, default=10)
     ap.add_argument("--skip-from-titles", action="store_true", help="skip the end-to-end from_titles run")
+    ap.add_argument("--from-titles-n", type=int, default=1_000_000,
+                    help="titles for the end-to-end from_titles run (tokenisation dominates; 0 = all)")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -452,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.worker == "dict":
             res = worker_dict(wd, args.sub)
         elif args.worker == "from_titles":
-            res = worker_from_titles(wd)
+            res = worker_from_titles(wd, args.sub)
         elif args.worker == "generate":
             res = worker_generate(wd, args.queries, args.beams)
         else:
@@ -476,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "beams": args.beams, "quick": args.quick, "seed": args.seed,
                                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                             "numpy": np.__version__,
-                                            "omp_threads": os.environ.get("OMP_NUM_THREADS", "1")}}}
+                                            "omp_threads": os.environ.get("OMP_NUM_THREADS", "1"),
+                                            "loadavg_start": os.getloadavg()}}}
     try:
         results["data"] = make_data(args.n, workdir, args.seed)
         gc.collect()
@@ -489,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         results["dict_sub"] = run_worker("dict", workdir, sub, args.timeout)
         print(f"[bench_trie] dict on subset: {results['dict_sub']}", flush=True)
         if not args.skip_from_titles:
-            results["from_titles"] = run_worker("from_titles", workdir, [], args.timeout)
+            ft_n = min(args.from_titles_n or args.n, args.n)
+            results["from_titles"] = run_worker("from_titles", workdir, [] if ft_n == args.n else ["--sub", str(ft_n)],
+                                                args.timeout)
             print(f"[bench_trie] from_titles: {results['from_titles']}", flush=True)
         if not args.skip_generate:
             results["generate"] = run_worker("generate", workdir, ["--queries", str(args.queries), "--beams",
@@ -498,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    results["config"]["machine"]["loadavg_end"] = os.getloadavg()
     results["ratios"] = ratios(results)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -518,6 +614,7 @@ def ratios(r: dict) -> dict:
         "peak_memory_delta": round(d["peak_delta_mb"] / max(cs["peak_delta_mb"], 1e-9), 2),
         "disk": round(d["disk_mb"] / cs["disk_arrays_mb"], 2) if cs.get("disk_arrays_mb") else None,
         "lookup_time": round(d["lookup_us"] / cs["lookup_us"], 2),
+        "resident_size_vs_arrays": round(d["peak_delta_mb"] / max(cs["in_memory_arrays_mb"], 1e-9), 2),
     }
     if c and "error" not in c:
         per_node_mb = d["peak_delta_mb"] / d["nodes"]
@@ -556,18 +653,23 @@ def print_table(r: dict) -> None:
         print("  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
     ft = r.get("from_titles")
     if ft and "error" not in ft:
-        print(f"\nfrom_titles end to end (tokenise + build): {ft['from_titles_s']} s, peak {ft['peak_rss_mb']} MB "
+        print(f"\nfrom_titles end to end (tokenise + build), {ft['n_titles']:,} titles: {ft['from_titles_s']} s, peak {ft['peak_rss_mb']} MB "
               f"(+{ft['peak_delta_mb']} MB over titles + tokenizer)")
     g = r.get("generate")
     if g and "error" not in g:
         print(f"\ngenerate, {g['queries']} queries x {g['num_beams']} beams, vital10k trie ({g['trie_titles']:,} titles):")
-        for k in ("unconstrained", "processor", "fn"):
+        for k in ("unconstrained", "unconstrained_same_len", "processor", "fn"):
             x = g[k]
-            print(f"  {k:14s} {x['per_query_ms']:8.1f} ms/query  {x['decoder_steps_mean']:5.1f} steps  "
-                  f"{x['per_step_ms']:6.2f} ms/step  hook share {x['hook_share']:.3f}  titles {x['beams_that_are_titles']}")
-        print(f"  constrained/unconstrained per query: processor {g['processor_vs_unconstrained_per_query']}, "
-              f"fn {g['fn_vs_unconstrained_per_query']}; per step: processor {g['processor_vs_unconstrained_per_step']}, "
-              f"fn {g['fn_vs_unconstrained_per_step']}")
+            print(f"  {k:22s} {x['per_query_ms']:8.1f} ms/query  {x['decoder_steps_mean']:5.1f} steps  "
+                  f"{x['per_step_ms']:6.2f} ms/step  hook {x['hook_ms_per_step']:.3f} ms/step "
+                  f"({100 * x['hook_share']:.2f}%)  beams that are titles {x['beams_that_are_titles']}")
+        h = g.get("hooks_in_isolation", {})
+        if h:
+            print(f"  masking alone ({g['num_beams']} rows/step, no model): processor {h['processor_ms_per_step']} ms, "
+                  f"fn {h['fn_ms_per_step']} ms (fn/processor {h['fn_over_processor']}x)")
+        print(f"  constrained/unconstrained wall time per query: processor {g['processor_vs_unconstrained_per_query']}, "
+              f"fn {g['fn_vs_unconstrained_per_query']} (constrained beams stop early); at the same number of "
+              f"decoder steps: processor {g['processor_vs_unconstrained_same_len']}, fn {g['fn_vs_unconstrained_same_len']}")
     print(json.dumps(r.get("ratios", {}), indent=2))
 
 

@@ -292,6 +292,7 @@ def topic_holdout(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = N
 # --------------------------------------------------------------------------- new-domain (pseudo-queries)
 
 _LEADING_TAGS = re.compile(r"^\s*(?:\d+\.\s*)?(?:<[^<>]*>\s*)+")
+_PRONUNCIATION = re.compile(r"^\s*/[^/\s][^/]{0,60}/\s*")   # FOLDOC/Jargon: /dog'wosh/
 _MASK_TOKEN = "[TERM]"
 
 
@@ -300,7 +301,7 @@ def _definition_sentence(text: str) -> str:
     paragraphs = split_paragraphs(text)
     if not paragraphs:
         return ""
-    sentences = split_sentences(_LEADING_TAGS.sub("", paragraphs[0]))
+    sentences = split_sentences(_PRONUNCIATION.sub("", _LEADING_TAGS.sub("", paragraphs[0])))
     return sentences[0] if sentences else ""
 
 

@@ -117,6 +117,14 @@ def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int,
     return len(ranges) - done_before
 
 
+def encode_rows(encoder: DenseEncoder, rows: list[dict], batch_size: int) -> np.ndarray:
+    """Encode passage rows; a domain-routed encoder (MoE heads) also gets each row's `domain`."""
+    texts = [_encode_text(row) for row in rows]
+    if getattr(encoder, "wants_domains", False):
+        return encoder.encode_passage(texts, batch_size=batch_size, domains=[row.get("domain") for row in rows])
+    return encoder.encode_passage(texts, batch_size=batch_size)
+
+
 def _encode_text(row: dict) -> str:
     return f"{row['title']}: {row['text']}" if row.get("title") else row["text"]
 

@@ -135,7 +135,7 @@ def ray_encode_shards(workers: int = 2, gpus_per_worker: float = 0, address: str
         raise RagError("--gpus-per-worker must be >= 0 and cpus per worker > 0")
 
     def encode_shards(staging: Path, config: DenseBuildConfig) -> int:
-        staging = Path(staging)
+        staging = Path(staging).resolve()  # workers need not share the driver's working directory
         store = PassageStore(staging)
         n = len(store)
         store.close()
@@ -188,6 +188,10 @@ def ray_encode_shards(workers: int = 2, gpus_per_worker: float = 0, address: str
                     for row in out.iter_rows():  # streams the small {shard, count} rows only
                         done.add(int(row["shard"]))
                         bar.update(1)
+            except Exception as exc:
+                raise RagError(f"Ray encoding failed after {len(done)} of {len(todo)} shards ({type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); finished shards "
+                               f"are kept in {staging}: rerun the same build to resume") from exc
             finally:
                 bar.close()
                 for k, v in saved.items():

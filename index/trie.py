@@ -4,7 +4,8 @@ Layout (all flat NumPy arrays, no per-node Python objects):
 
 * nodes are numbered breadth-first, children of a node sorted by token, so the children of node
   ``v`` are the contiguous node ids ``ptr[v] .. ptr[v+1]-1``;
-* ``tok[c]`` is the token on the edge into node ``c`` (``tok[0] = -1`` for the root);
+* ``tok[c]`` is the token on the edge into node ``c`` (uint16 when the vocabulary has < 64k ids, else
+  int32; ``tok[0]``, the root's, is unused);
 * terminals: ``term_node`` (sorted) and ``term_title`` (the title id ending there, ascending within a
   node). A node may end several titles: duplicates (same string) and tokenizer collisions (different
   strings with the same token ids, e.g. ``Zürich`` / ``Zurich`` under an uncased tokenizer).
@@ -30,6 +31,7 @@ import logging
 import platform
 import sys
 import warnings
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ _FINGERPRINT_SAMPLES = (
 )
 _ARRAYS = ("tok", "ptr", "term_node", "term_title")
 _CHUNK = 65536
+_WIDE = 512  # allowed() keeps the Python list of nodes with at least this many children
 
 
 # ----------------------------------------------------------------------------- tokenizer helpers
@@ -90,6 +93,13 @@ def _fast_encoder(tokenizer: Any, probe: Sequence[str]):
     """The Rust backend's batch encoder when it gives the same ids as the Python wrapper, else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
+        return None
+    try:  # a private copy without the padding/truncation the wrapper may have left configured
+        from tokenizers import Tokenizer
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
+    except Exception:  # noqa: BLE001
         return None
     fn = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
     if fn is None:
@@ -228,7 +238,7 @@ def _build_arrays(flat: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray
     n = len(offsets) - 1
     lengths = np.diff(offsets)
     if n == 0:
-        return {"tok": np.array([-1], np.int32), "ptr": np.array([1, 1], np.int32),
+        return {"tok": np.zeros(1, np.uint16), "ptr": np.array([1, 1], np.int32),
                 "term_node": np.zeros(0, np.int32), "term_title": np.zeros(0, np.int32), "max_depth": 0}
     if lengths.min() <= 0:
         bad = int(np.flatnonzero(lengths <= 0)[0])
@@ -246,7 +256,8 @@ def _build_arrays(flat: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray
     n_running = n - np.cumsum(counts)  # index d -> rows with length > d
     cur = np.zeros(n, dtype=np.int64)  # node id of each row's prefix (in `order`)
     term_node_ord = np.empty(n, dtype=np.int64)
-    toks: list[np.ndarray] = [np.array([-1], np.int32)]
+    tok_dtype = np.uint16 if vocab <= 65535 else np.int32  # edge tokens: 2 bytes for vocabularies < 64k
+    toks: list[np.ndarray] = [np.zeros(1, tok_dtype)]  # the root has no incoming edge (value unused)
     parents: list[np.ndarray] = [np.array([-1], np.int64)]
     next_id = 1
     for d in range(max_depth):
@@ -258,7 +269,7 @@ def _build_arrays(flat: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray
         del key
         cur[:a] = next_id + inv.reshape(-1)
         del inv
-        toks.append((uniq % vocab).astype(np.int32))
+        toks.append((uniq % vocab).astype(tok_dtype))
         parents.append(uniq // vocab)
         next_id += len(uniq)
         del uniq
@@ -307,8 +318,7 @@ class TitleTrie:
         self._ptr = ptr
         self._term_node = term_node
         self._term_title = term_title
-        self._n = int(len(tok))
-        self._num_base_titles = int(len(term_title))
+        self._bind()
         self._titles = titles
         self.max_depth = int(max_depth) if max_depth is not None else None
         self.start_token_id = start_token_id
@@ -496,25 +506,35 @@ class TitleTrie:
         return 0 <= title_id < self.num_titles and title_id not in self._removed
 
     # ------------------------------------------------------------------ base (CSR) primitives
+    def _bind(self) -> None:
+        """Memoryviews over the arrays: bisect on them returns Python ints without NumPy call overhead."""
+        self._n = int(len(self._tok))
+        self._tok_mv = memoryview(np.ascontiguousarray(self._tok))
+        self._ptr_mv = memoryview(np.ascontiguousarray(self._ptr))
+        self._term_node_mv = memoryview(np.ascontiguousarray(self._term_node))
+        self._num_base_titles = int(len(self._term_title))
+
     def _base_step(self, v: int, t: int) -> int:
-        lo = int(self._ptr[v])
-        hi = int(self._ptr[v + 1])
+        pm = self._ptr_mv
+        lo = pm[v]
+        hi = pm[v + 1]
         if lo == hi:
             return -1
-        toks = self._tok[lo:hi]
-        i = int(toks.searchsorted(t))
-        if i < hi - lo and int(toks[i]) == t:
-            return lo + i
+        tm = self._tok_mv
+        i = bisect_left(tm, t, lo, hi)
+        if i < hi and tm[i] == t:
+            return i  # children are numbered like their edges
         return -1
 
     def _base_terms(self, v: int) -> np.ndarray:
-        tn = self._term_node
-        i = int(tn.searchsorted(v, "left"))
-        j = int(tn.searchsorted(v, "right"))
-        return self._term_title[i:j]
+        tm = self._term_node_mv
+        i = bisect_left(tm, v)
+        if i == len(tm) or tm[i] != v:
+            return _EMPTY
+        return self._term_title[i:bisect_right(tm, v, i)]
 
     def _base_parent(self, v: int) -> int:
-        return int(self._ptr.searchsorted(v, "right")) - 1
+        return bisect_right(self._ptr_mv, v) - 1
 
     # ------------------------------------------------------------------ queries
     def step(self, node: int, token: int) -> int:
@@ -547,8 +567,8 @@ class TitleTrie:
             if not extra:
                 return base
             return np.union1d(base, np.fromiter(extra.keys(), np.int64, len(extra))).astype(np.int32)
-        lo = int(self._ptr[node])
-        hi = int(self._ptr[node + 1])
+        lo = self._ptr_mv[node]
+        hi = self._ptr_mv[node + 1]
         toks = self._tok[lo:hi]
         if self._hidden and lo < hi:
             h = self._hidden_array()
@@ -571,7 +591,17 @@ class TitleTrie:
     def allowed(self, prefix: Sequence[int]) -> list[int]:
         """Tokens allowed after ``prefix`` (empty list when the prefix is not in the trie)."""
         v = self.walk(prefix)
-        return self.children(v).tolist() if v >= 0 else []
+        if v < 0:
+            return []
+        ch = self.children(v)
+        if len(ch) < _WIDE:
+            return ch.tolist()
+        hit = self._wide_cache.get(v)  # wide nodes (the first title token...): keep the Python ints
+        if hit is None:
+            hit = tuple(ch.tolist())
+            if len(self._wide_cache) < 4096:
+                self._wide_cache[v] = hit
+        return list(hit)
 
     next_tokens = allowed
 
@@ -657,6 +687,7 @@ class TitleTrie:
 
     # ------------------------------------------------------------------ updates
     def _reset_updates(self) -> None:
+        self._wide_cache: dict[int, tuple[int, ...]] = {}
         self._removed: set[int] = set()
         self._hidden: set[int] = set()
         self._hidden_arr: np.ndarray | None = None
@@ -725,6 +756,7 @@ class TitleTrie:
         titles = list(titles)
         seqs = self._sequences_for(titles, sequences)
         rep = UpdateReport()
+        self._wide_cache.clear()
         if self._ov_root < 0:
             self._ov_root = self._new_ov_node(0, -1, -1)
         for title, seq in zip(titles, seqs):
@@ -781,6 +813,7 @@ class TitleTrie:
     def remove_ids(self, title_ids: Iterable[int]) -> list[int]:
         """Mark title ids dead and hide the branches that no longer end a live title."""
         done = []
+        self._wide_cache.clear()
         for tid in dict.fromkeys(int(i) for i in title_ids):
             if not self.is_live(tid):
                 continue
@@ -839,8 +872,7 @@ class TitleTrie:
         self.max_depth = arrays.pop("max_depth")
         self._tok, self._ptr = arrays["tok"], arrays["ptr"]
         self._term_node, self._term_title = arrays["term_node"], arrays["term_title"]
-        self._n = int(len(self._tok))
-        self._num_base_titles = int(len(self._term_title))
+        self._bind()
         self._titles = titles
         self._reset_updates()
         self.report = self._find_duplicates()

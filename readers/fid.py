@@ -13,6 +13,7 @@ the input and `[unused i]` before span i in the target.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from readers.base import BaseReader, ReaderConfig, ReaderPassage, model_max_positions, random_spans_mask, stable_seed
 
 log = logging.getLogger(__name__)
+# EncoderDecoderModel warns on every call with labels that the loss moved into the wrapper (since 4.12).
+warnings.filterwarnings("ignore", message="Version v4.12.0 introduces", category=FutureWarning)
 
 
 def pick_sentinels(tokenizer: Any, n: int = 100) -> tuple[str, list[int], list[int]]:

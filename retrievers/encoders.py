@@ -35,11 +35,22 @@ class DenseEncoder:
                                 normalize_embeddings=True, show_progress_bar=show_progress, **kwargs)
         return np.asarray(emb, dtype=np.float32)
 
-    def encode_query(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray:
-        return self.encode(texts, **kwargs)
+    @property
+    def wants_domains(self) -> bool:
+        """True for models that route by domain (MoE heads): pass `domains=` to encode_query/encode_passage."""
+        return bool(getattr(self.model, "wants_domains", False))
 
-    def encode_passage(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray:
-        return self.encode(texts, **kwargs)
+    def _domains(self, domains: Sequence[str | None] | None) -> dict[str, Any]:
+        return {"domains": list(domains)} if domains is not None and self.wants_domains else {}
+
+    def encode_query(self, texts: Sequence[str], domains: Sequence[str | None] | None = None,
+                     **kwargs: Any) -> np.ndarray:
+        """`domains` (one per text, None = unknown) is used by domain-routed models and ignored by others."""
+        return self.encode(texts, **self._domains(domains), **kwargs)
+
+    def encode_passage(self, texts: Sequence[str], domains: Sequence[str | None] | None = None,
+                       **kwargs: Any) -> np.ndarray:
+        return self.encode(texts, **self._domains(domains), **kwargs)
 
     def fingerprint(self) -> list[float]:
         """A few embedding values of a fixed probe: tells two encoders apart even under one name."""
@@ -60,6 +71,8 @@ ENCODER_LOADERS: list[tuple[Callable[[str], bool], Callable[..., Any]]] = [
 def load_encoder(name_or_path: str | None = None, device: str | None = None, batch_size: int = 64,
                  **options: Any) -> DenseEncoder:
     path = resolve_model(name_or_path)
+    if (Path(path) / "dense_run.json").is_file():
+        import retrievers.dense_train  # noqa: F401  (registers the run-folder loader in ENCODER_LOADERS)
     for accepts, loader in ENCODER_LOADERS:
         if accepts(path):
             model = loader(path, device, **options)

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.set_defaults(func=run_prepare)
     from rag.commands.plugins import DATA_VERBS
     for verb, module in DATA_VERBS.items():
-        p = data.add_parser(verb, help=f"see `rag data {verb} --help`", add_help=False)
+        p = data.add_parser(verb, help=f"see `rag data {verb} --help`", add_help=False, prefix_chars="+")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_plugin_runner(verb, module))
 

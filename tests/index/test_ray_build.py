@@ -180,6 +180,31 @@ def test_interrupted_build_resumes_from_finished_shards(corpus, tmp_path, ray_tm
     assert np.abs(_embeddings(out) - _embeddings(ref)).max() <= 1e-5
 
 
+class FailingFactory:
+    """An encoder that raises (a bug, not a crash) on one shard: the build must stop, not loop."""
+
+    def __call__(self) -> DenseEncoder:
+        enc = stable_encoder()
+        plain = enc.encode_passage
+
+        def encode_passage(texts, **kwargs):
+            if any("w20" in t.split() for t in texts):
+                raise ValueError("bad passage")
+            return plain(texts, **kwargs)
+        enc.encode_passage = encode_passage
+        return enc
+
+
+def test_failing_shard_stops_the_build_and_keeps_finished_shards(corpus, tmp_path, ray_tmp):
+    out = tmp_path / "ray"
+    with pytest.raises(RagError, match="ValueError.*rerun the same build to resume"):
+        build_dense_index(corpus, out, DenseBuildConfig(shard_size=SHARD), encoder=stable_encoder(),
+                          encode_shards=ray_encode_shards(workers=2, encoder_factory=FailingFactory(),
+                                                          temp_dir=ray_tmp, show_progress=False))
+    assert not out.exists() and staging_dir(out).exists()
+    assert not shard_path(staging_dir(out), 20 // SHARD).exists()
+
+
 def test_nothing_missing_starts_no_ray(corpus, tmp_path):
     import ray
 

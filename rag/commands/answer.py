@@ -1,0 +1,58 @@
+"""`rag answer`: retrieve with any index, read with a reader (fid | causal), write KILT guesses with answers."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rag.runinfo import RunRecord, record_path_for
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("answer", help="answer KILT queries: retrieve, then read")
+    p.add_argument("--index", required=True, type=Path, help="any index folder (bm25, dense, ...)")
+    p.add_argument("--queries", required=True, type=Path, help="KILT JSONL (id, input)")
+    p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL (answer + provenance used)")
+    p.add_argument("--kind", choices=["fid", "causal"], help="reader kind (default: from --model's run folder, else fid)")
+    p.add_argument("--model", help="a trained reader (run folder of `rag train reader`) or a base model "
+                                   "(default: minilm-bert2bert for fid, gemma-3-270m for causal)")
+    p.add_argument("--k", type=int, default=5, help="passages per question")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per reading batch")
+    p.add_argument("--max-passage-tokens", type=int, help="tokens per passage (default: the reader's)")
+    p.add_argument("--max-answer-tokens", type=int, help="longest answer generated")
+    p.add_argument("--num-beams", type=int, help="beam size (default 1: greedy)")
+    p.add_argument("--device", help="torch device")
+    p.set_defaults(func=run_answer)
+
+
+def run_answer(args: argparse.Namespace) -> int:
+    from rag.commands.retrieve import retrieve_queries
+    from rag.io import write_jsonl
+    from rag.tasks import guess_rows, load_queries
+    from readers.base import ReaderPassage, load_reader
+    from retrievers import open_retriever
+
+    record = RunRecord("answer", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                  if k != "func"})
+    queries = load_queries(args.queries)
+    with record.timed("load_s"):
+        retriever = open_retriever(args.index)
+        reader = load_reader(args.kind, args.model, device=args.device, config_overrides={
+            "max_passage_tokens": args.max_passage_tokens, "max_answer_tokens": args.max_answer_tokens,
+            "num_beams": args.num_beams})
+    with record.timed("retrieve_s"):
+        rankings = retrieve_queries(retriever, [q.text for q in queries], args.k)
+    passages = [[ReaderPassage.from_hit(h) for h in hits] for hits in rankings]
+    with record.timed("read_s"):
+        answers = reader.answer_with_meta([q.text for q in queries], passages, args.batch_size)
+    rows = guess_rows(queries, rankings, [a for a, _ in answers])
+    for row, (_, meta) in zip(rows, answers):
+        if meta.get("no_passages"):
+            row["meta"] = {"no_passages": True}
+    write_jsonl(args.out, rows)
+    no_passages = sum(1 for _, m in answers if m.get("no_passages"))
+    record.extra.update({"reader": reader.kind, "truncated_passages": reader.stats.get("truncated_passages", 0),
+                         "no_passages": no_passages, "questions": len(queries)})
+    record.write(record_path_for(args.out))
+    print(f"wrote {len(queries)} answers to {args.out} ({reader.kind} reader; "
+          f"{record.extra['truncated_passages']} passages truncated, {no_passages} questions without passages)")
+    return 0

@@ -1,0 +1,106 @@
+"""Cloze questions from corpus sentences (`rag data cloze --corpus CORPUS --out QA.jsonl`).
+
+From each document's sentences one span is masked: a 4-digit year, a number, or a capitalised
+multi-word name that does not start the sentence and is not the document's title. The question is
+`TITLE: sentence with ____`, the answer the span, the provenance the document (KILT format; meta
+holds the span type, the sentence and the document's domain). Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+BLANK = "____"
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+YEAR_SPAN = re.compile(r"(?<![\w,.])(1[0-9]{3}|20[0-9]{2})(?![\w,]|\.\d)")
+NUMBER_SPAN = re.compile(r"(?<![\w,.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?![\w,]|\.\d)")
+_CAP = r"[A-Z][\w'\-]*[a-zA-Z]"
+NAME_SPAN = re.compile(rf"(?<![\w])({_CAP}(?:\s+(?:(?:of|the|de|von|van|and|da|di|la|le|du)\s+)?{_CAP})+)(?![\w])")
+MIN_WORDS = 6
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
+
+
+def candidate_spans(sentence: str, title: str = "") -> list[tuple[int, int, str, str]]:
+    """(start, end, span, type) candidates; names not at the sentence start and not the title."""
+    found: list[tuple[int, int, str, str]] = []
+    for m in YEAR_SPAN.finditer(sentence):
+        found.append((m.start(1), m.end(1), m.group(1), "year"))
+    for m in NUMBER_SPAN.finditer(sentence):
+        if not YEAR_SPAN.fullmatch(m.group(1)) and not any(s <= m.start(1) < e for s, e, _, _ in found):
+            found.append((m.start(1), m.end(1), m.group(1), "number"))
+    for m in NAME_SPAN.finditer(sentence):
+        if m.start(1) == 0 or m.group(1).casefold() == title.casefold():
+            continue
+        found.append((m.start(1), m.end(1), m.group(1), "name"))
+    return sorted(found)
+
+
+def cloze_questions(documents: Iterable[dict[str, Any]], seed: int = 0, per_doc: int = 1,
+                    max_questions: int = 0, types: tuple[str, ...] = ("year", "number", "name"),
+                    domains: set[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """KILT rows and stats. `per_doc` sentences per document at most (each gets one blank)."""
+    rows: list[dict[str, Any]] = []
+    stats: Counter[str] = Counter()
+    for doc in documents:
+        doc_id, title, text = str(doc.get("id", doc.get("_id"))), str(doc.get("title", "")), str(doc.get("text", ""))
+        domain = doc.get("domain")
+        stats["documents"] += 1
+        if domains is not None and domain not in domains:
+            stats["other_domain"] += 1
+            continue
+        rng = random.Random(f"{seed}:{doc_id}")
+        options = []
+        for si, sent in enumerate(sentences(text)):
+            if len(sent.split()) < MIN_WORDS:
+                continue
+            spans = [c for c in candidate_spans(sent, title) if c[3] in types]
+            if spans:
+                options.append((si, sent, spans))
+        if not options:
+            stats["no_candidate"] += 1
+            continue
+        for si, sent, spans in rng.sample(options, min(per_doc, len(options))):
+            start, end, span, kind = rng.choice(spans)
+            masked = sent[:start] + BLANK + sent[end:]
+            rows.append({"id": f"cloze-{doc_id}-{si}", "input": f"{title}: {masked}",
+                         "output": [{"answer": span, "provenance": [{"wikipedia_id": doc_id, "title": title}]}],
+                         "meta": {"source": "cloze", "type": kind, "sentence": sent, "domain": domain}})
+            stats[f"type_{kind}"] += 1
+        if max_questions and len(rows) >= max_questions:
+            rows = rows[:max_questions]
+            break
+    stats["questions"] = len(rows)
+    return rows, dict(stats)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", required=True, type=Path, help="corpus folder or JSONL")
+    parser.add_argument("--out", required=True, type=Path, help="KILT JSONL to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-doc", type=int, default=1, help="questions per document at most")
+    parser.add_argument("--max-questions", type=int, default=0, help="stop after N questions (0 = all)")
+    parser.add_argument("--types", default="year,number,name", help="span types to mask")
+    parser.add_argument("--domains", help="comma-separated: keep documents of these domains only (topic splits)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rag.corpus import resolve_corpus_path
+    from rag.io import iter_jsonl, write_json, write_jsonl
+
+    domains = {d.strip() for d in args.domains.split(",")} if args.domains else None
+    docs = (row for _, row in iter_jsonl(resolve_corpus_path(args.corpus)))
+    rows, stats = cloze_questions(docs, args.seed, args.per_doc, args.max_questions,
+                                  tuple(t.strip() for t in args.types.split(",") if t.strip()), domains)
+    write_jsonl(args.out, rows)
+    write_json(Path(str(args.out) + ".stats.json"), stats)
+    print(json.dumps(stats, indent=2))
+    return 0

@@ -1,0 +1,473 @@
+"""Tune the dense bi-encoder: multiple-negatives ranking loss, PEFT methods, optional MoE heads.
+
+`rag train retriever --kind dense --corpus C --train TRAIN.jsonl [--dev DEV.jsonl] --peft METHOD --out RUN`
+
+* Examples: questions of a KILT file (question -> gold page) plus, with ``--pseudo-queries N``, N
+  sentences of corpus documents (sentence -> rest of its document); see retrievers/training_pairs.py.
+* Loss: sentence-transformers' ``MultipleNegativesRankingLoss`` over (query, positive, BM25 hard
+  negative): in-batch negatives plus one hard negative per example. Examples that would make another
+  example's gold page an in-batch negative are dropped from that batch (duplicate gold pages).
+* PEFT through rag.peft (iaa, adapter, lora, prefix, bitfit, full); with ``--moe-experts N`` expert
+  heads per domain (retrievers/moe.py) and domain-homogeneous batches.
+* The loop, checkpoints, resume, curves and metrics are rag.training's.
+
+The run folder holds config.json, ``dense_run.json`` (base model reference, method, max sequence
+length, MoE config), ``peft/`` (rag.peft's config + safetensors of the trained parameters),
+``moe.safetensors`` (heads, router), metrics.json, curves.csv and PNG curves. Any encoder argument
+(`rag index build --encoder RUN`, `rag retrieve --encoder RUN`) accepts the folder: base + trained parts.
+
+Dev evaluation during training searches the dev questions against a pool of documents: every dev
+gold page plus ``--eval-docs`` documents sampled once (seeded, independent of the training seed);
+``--eval-docs 0`` uses the whole corpus. KILT R-precision and recall@5/20 (official definitions).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rag.errors import RagError
+from rag.training.config import TrainConfig, add_train_flags, train_overrides
+
+logger = logging.getLogger(__name__)
+
+RUN_META = "dense_run.json"
+PEFT_DIR = "peft"
+MOE_WEIGHTS = "moe.safetensors"
+FORMAT_VERSION = 1
+# Peak learning rates when --lr is not given: whole-model tuning wants a small one, added modules a larger one.
+METHOD_LR: dict[str, float] = {"full": 2e-5, "bitfit": 5e-4, "lora": 5e-4, "prefix": 5e-3, "adapter": 1e-3,
+                               "iaa": 1e-3}
+EVAL_KS = (5, 20)
+
+
+@dataclass
+class DenseTrainConfig(TrainConfig):
+    corpus: str = ""
+    train: str = ""
+    dev: str | None = None
+    encoder: str = "minilm"
+    peft: str = "iaa"
+    rank: int | None = None
+    pseudo_queries: int = 0
+    hard_negatives: str = "bm25"          # bm25 | none
+    bm25_index: str | None = None         # an existing BM25 index folder of the corpus (else built and cached)
+    negative_depth: int = 20
+    max_seq_length: int = 128
+    words_per_passage: int = 100
+    scale: float = 20.0                   # MultipleNegativesRankingLoss scale (1 / temperature)
+    moe_experts: int = 0                  # 0 = no MoE; N = one head per domain (N = number of domains); 1 = shared head
+    domain_field: str = "domain"
+    moe_hidden: int = 64
+    moe_ffn: bool = False
+    router_weight: float = 1.0
+    eval_docs: int = 1500
+    eval_seed: int = 0
+    eval_batch_size: int = 64
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def load_base(encoder: str, device: str | None, max_seq_length: int | None):
+    from sentence_transformers import SentenceTransformer
+
+    from rag.models import resolve_model
+
+    st = SentenceTransformer(resolve_model(encoder), device=device or "cpu", trust_remote_code=False)
+    if max_seq_length:
+        st.max_seq_length = max_seq_length
+    return st
+
+
+def corpus_domains(corpus, domain_field: str) -> list[str]:
+    from retrievers.training_pairs import doc_domain
+    return sorted({d for d in (doc_domain(doc, domain_field) for doc in corpus.documents) if d is not None})
+
+
+def moe_config_for(config: DenseTrainConfig, domains: list[str]):
+    from retrievers.moe import MoEConfig
+
+    if config.moe_experts <= 0:
+        return None
+    if not domains:
+        raise RagError(f"--moe-experts: the corpus has no '{config.domain_field}' field to route by")
+    if config.moe_experts not in (1, len(domains)):
+        raise RagError(f"--moe-experts {config.moe_experts}: the corpus has {len(domains)} domains in field "
+                       f"'{config.domain_field}' ({', '.join(domains)}); use {len(domains)} (one expert per domain) "
+                       f"or 1 (a single shared head)")
+    return MoEConfig(domains=domains, hidden=config.moe_hidden, shared_head=config.moe_experts == 1,
+                     expert_ffn=config.moe_ffn)
+
+
+def load_dense_run(path: str | Path, device: str | None = None, **_: Any):
+    """Base model + trained parts of a run folder: a SentenceTransformer, or a MoEEncoder."""
+    from safetensors.torch import load_file
+
+    from rag.io import read_json
+    from rag.peft import load_peft
+    from retrievers.moe import MoEConfig, MoEEncoder
+
+    path = Path(path)
+    meta = read_json(path / RUN_META)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise RagError(f"{path / RUN_META}: unsupported format_version {meta.get('format_version')!r}")
+    if not (path / PEFT_DIR).exists():
+        raise RagError(f"{path}: the run has no trained weights yet ({PEFT_DIR}/ is missing); did training finish?")
+    st = load_base(meta["base_model"], device, meta.get("max_seq_length"))
+    st = load_peft(st, path / PEFT_DIR)
+    model = st
+    if meta.get("moe"):
+        model = MoEEncoder(st, MoEConfig(**meta["moe"])).to(device or "cpu")
+        model.load_moe_state_dict(load_file(str(path / MOE_WEIGHTS)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def is_dense_run(path: str) -> bool:
+    return (Path(path) / RUN_META).is_file()
+
+
+def register_encoder_loader() -> None:
+    """Make every encoder argument accept a dense run folder (idempotent)."""
+    from retrievers.encoders import ENCODER_LOADERS
+    if not any(loader is load_dense_run for _, loader in ENCODER_LOADERS):
+        ENCODER_LOADERS.insert(0, (is_dense_run, load_dense_run))
+
+
+register_encoder_loader()
+
+
+# ---------------------------------------------------------------------------------------------- dev eval
+
+class DevEvaluator:
+    """KILT Rprec / recall@k of dev questions against a fixed pool of documents (see the module doc)."""
+
+    def __init__(self, corpus, dev_path: str | Path, eval_docs: int = 1500, seed: int = 0,
+                 words_per_passage: int = 100, domain_field: str = "domain", batch_size: int = 64,
+                 ks: Sequence[int] = EVAL_KS) -> None:
+        from rag.corpus import split_passages
+        from rag.io import read_jsonl
+        from retrievers.training_pairs import _gold_ids, doc_domain
+
+        self.corpus, self.ks, self.batch_size = corpus, tuple(ks), batch_size
+        rows = read_jsonl(dev_path)
+        self.gold_rows = [r for r in rows if any(g in corpus for g in _gold_ids(r))]
+        self.skipped = len(rows) - len(self.gold_rows)
+        if not self.gold_rows:
+            raise RagError(f"{dev_path}: none of the {len(rows)} dev examples has a gold page in the corpus")
+        gold = {g for r in self.gold_rows for g in _gold_ids(r) if g in corpus}
+        others = [d.id for d in corpus.documents if d.id not in gold]
+        if 0 < eval_docs < len(others):
+            pick = np.random.default_rng(seed).choice(len(others), size=eval_docs, replace=False)
+            pool = gold | {others[i] for i in pick.tolist()}
+        else:
+            pool = gold | set(others)
+        docs = [d for d in corpus.documents if d.id in pool]  # corpus order: deterministic
+        self.passages = list(split_passages(docs, words_per_passage, max(1, int(words_per_passage * 0.8))))
+        self.n_docs = len(docs)
+        self.queries = [r["input"] for r in self.gold_rows]
+        self.query_domains = [doc_domain(corpus.get(next(g for g in _gold_ids(r) if g in corpus)), domain_field)
+                              for r in self.gold_rows]
+        self.last_by_domain: dict[str, dict[str, float]] = {}
+        self.last_by_domain_oracle: dict[str, dict[str, float]] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"dev_questions": len(self.gold_rows), "dev_skipped_no_gold_in_corpus": self.skipped,
+                "eval_pool_docs": self.n_docs, "eval_pool_passages": len(self.passages)}
+
+    def rankings(self, encoder, oracle_also: bool = False) -> list[list[list[Any]]]:
+        """Rankings of the dev questions: without query domains (router), and with the gold domain if asked."""
+        from index.faiss_index import FaissIndex
+
+        texts = [p.encode_text for p in self.passages]
+        emb = encoder.encode_passage(texts, domains=[p.domain for p in self.passages], batch_size=self.batch_size)
+        index = FaissIndex.create(emb.shape[1], "Flat")
+        index.add(emb)
+        query_sets = [encoder.encode_query(self.queries, batch_size=self.batch_size)]
+        if oracle_also:
+            query_sets.append(encoder.encode_query(self.queries, domains=self.query_domains,
+                                                   batch_size=self.batch_size))
+        return [self._search(index, q) for q in query_sets]
+
+    def _search(self, index, q: np.ndarray) -> list[list[Any]]:
+        from retrievers.base import Hit
+
+        k = max(self.ks)
+        scores, pids = index.search(q, min(len(self.passages), k * 3))
+        out = []
+        for row_p, row_s in zip(pids.tolist(), scores.tolist()):
+            seen: dict[str, Hit] = {}
+            for pid, score in zip(row_p, row_s):
+                if pid < 0:
+                    continue
+                p = self.passages[pid]
+                if p.doc_id not in seen:
+                    seen[p.doc_id] = Hit(p.doc_id, p.title, float(score), p.text, pid, p.domain)
+                if len(seen) == k:
+                    break
+            out.append(list(seen.values()))
+        return out
+
+    def score(self, rankings: list[list[Any]], subset: Sequence[int] | None = None) -> dict[str, float]:
+        from eval.kilt import evaluate_kilt
+
+        idx = list(range(len(self.gold_rows))) if subset is None else list(subset)
+        guesses = [{"id": self.gold_rows[i]["id"], "output": [{"provenance": [h.provenance() for h in rankings[i]]}]}
+                   for i in idx]
+        result = evaluate_kilt(guesses, [self.gold_rows[i] for i in idx], ks=self.ks)["retrieval"]
+        return {"Rprec": result["Rprec"], **{f"recall@{k}": result[f"recall@{k}"] for k in self.ks}}
+
+    def _by_domain(self, rankings: list[list[Any]]) -> dict[str, dict[str, float]]:
+        by: dict[str, list[int]] = {}
+        for i, d in enumerate(self.query_domains):
+            by.setdefault(d or "", []).append(i)
+        return {d: {**self.score(rankings, idx), "n": len(idx)} for d, idx in sorted(by.items())}
+
+    def evaluate(self, encoder, oracle_also: bool = False) -> dict[str, float]:
+        """Metrics without query domains; with ``oracle_also`` also ``oracle_*`` (queries routed by gold domain)."""
+        rankings = self.rankings(encoder, oracle_also)
+        metrics = self.score(rankings[0])
+        self.last_by_domain = self._by_domain(rankings[0])
+        if oracle_also:
+            metrics.update({f"oracle_{k}": v for k, v in self.score(rankings[1]).items()})
+            self.last_by_domain_oracle = self._by_domain(rankings[1])
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _bm25_index_for(config: DenseTrainConfig, corpus) -> Path:
+    if config.bm25_index:
+        path = Path(config.bm25_index)
+        if not (path / "manifest.json").exists():
+            raise RagError(f"--bm25-index {path}: not an index folder (no manifest.json)")
+        return path
+    from rag.models import rag_home
+    from retrievers.bm25 import build_bm25_index
+
+    path = rag_home() / "cache" / f"bm25-{corpus.checksum.split(':')[-1][:16]}"
+    if not (path / "manifest.json").exists():
+        logger.info("building a BM25 index for hard negatives in %s", path)
+        build_bm25_index(corpus.path, path, overwrite=True)
+    return path
+
+
+@dataclass
+class TrainingData:
+    pairs: list
+    queries: list[str]
+    positives: list[str]
+    negatives: list[str] | None
+    domains: list[list[str | None]]  # per column: query, positive[, negative]
+    report: dict[str, Any]
+
+
+def build_training_data(config: DenseTrainConfig, corpus) -> TrainingData:
+    from retrievers.training_pairs import (doc_domain, document_text, mine_bm25_negatives, positive_of,
+                                           pseudo_query_pairs, question_pairs)
+
+    pairs, report = question_pairs(config.train, corpus, config.domain_field)
+    logger.info(report.summary())
+    pseudo = pseudo_query_pairs(corpus, config.pseudo_queries, config.seed, config.domain_field,
+                                words_per_passage=config.words_per_passage)
+    pairs = pairs + pseudo
+    info: dict[str, Any] = {"train_file": report.to_json(), "pseudo_queries": len(pseudo), "train_pairs": len(pairs)}
+    if config.hard_negatives == "bm25":
+        pairs, stats = mine_bm25_negatives(pairs, _bm25_index_for(config, corpus), corpus, config.negative_depth,
+                                           config.seed)
+        info["hard_negatives"] = stats
+    elif config.hard_negatives != "none":
+        raise RagError(f"--hard-negatives {config.hard_negatives!r}: choose bm25 or none")
+    wpp = config.words_per_passage
+    queries = [p.query for p in pairs]
+    positives = [positive_of(p, corpus, wpp) for p in pairs]
+    negatives = [document_text(p.negative_id, corpus, wpp) for p in pairs] if config.hard_negatives == "bm25" else None
+    domains = [[p.domain for p in pairs], [doc_domain(corpus.get(p.positive_id), config.domain_field) for p in pairs]]
+    if negatives is not None:
+        domains.append([doc_domain(corpus.get(p.negative_id), config.domain_field) for p in pairs])
+    return TrainingData(pairs, queries, positives, negatives, domains, info)
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_run_weights(model, st, config: DenseTrainConfig, out: Path, base_fingerprint: list[float]) -> None:
+    from safetensors.torch import save_file
+
+    from rag.io import write_json
+    from rag.peft import peft_config, save_peft
+    from retrievers.moe import MoEEncoder
+
+    overrides = {} if config.rank is None else {"rank": config.rank}
+    save_peft(st, out / PEFT_DIR, config.peft, peft_config(config.peft, **overrides))
+    moe = None
+    if isinstance(model, MoEEncoder):
+        save_file(model.moe_state_dict(), str(out / MOE_WEIGHTS))
+        moe = model.config.to_dict()
+    write_json(out / RUN_META, {"format_version": FORMAT_VERSION, "base_model": config.encoder,
+                                "peft": config.peft, "max_seq_length": config.max_seq_length,
+                                "moe": moe, "base_fingerprint": base_fingerprint})
+
+
+def train_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+                corpus=None) -> dict[str, Any]:
+    """Train and write the run folder; returns metrics.json's content."""
+    return fit_dense(config, out, resume, overwrite, corpus)[0]
+
+
+def build_model(config: DenseTrainConfig, domains: list[str], device: str):
+    """(model to train, its SentenceTransformer, base parameter count, base fingerprint), seeded by config.seed."""
+    from rag.peft import apply_peft, peft_config
+    from rag.training.loop import seed_everything
+    from retrievers.encoders import DenseEncoder
+    from retrievers.moe import MoEEncoder
+
+    overrides = {} if config.rank is None else {"rank": config.rank}
+    moe_cfg = moe_config_for(config, domains)
+    seed_everything(config.seed)  # PEFT/MoE initialisation is part of "same seed, same result"
+    st = load_base(config.encoder, device, config.max_seq_length)
+    base_params = sum(p.numel() for p in st.parameters())
+    base_fingerprint = DenseEncoder(st, config.encoder).fingerprint()
+    st = apply_peft(st, config.peft, peft_config(config.peft, **overrides))
+    model = MoEEncoder(st, moe_cfg).to(device) if moe_cfg is not None else st
+    return model, st, base_params, base_fingerprint
+
+
+def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+              corpus=None) -> tuple[dict[str, Any], Any]:
+    """train_dense, also returning the trained model (tests compare it with the reloaded run folder)."""
+    import torch
+    from sentence_transformers.base.losses.merged_forward import embed_columns
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from rag.corpus import Corpus
+    from rag.peft import peft_config
+    from rag.training import RunFolder, TrainLoop
+    from rag.training.loop import EpochSampler, pick_device
+    from retrievers.encoders import DenseEncoder
+    from retrievers.moe import EXPERT_IDS, router_loss
+    from retrievers.training_pairs import DomainBatchSampler, dedupe_batch
+
+    if not config.corpus or not config.train:
+        raise RagError("--corpus and --train are required")
+    overrides = {} if config.rank is None else {"rank": config.rank}
+    peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before any work
+    corpus = corpus or Corpus.load(config.corpus)
+    moe_cfg = moe_config_for(config, corpus_domains(corpus, config.domain_field))
+    data = build_training_data(config, corpus)
+    evaluator = (DevEvaluator(corpus, config.dev, config.eval_docs, config.eval_seed, config.words_per_passage,
+                              config.domain_field, config.eval_batch_size) if config.dev else None)
+
+    device = str(pick_device(config.device))
+    model, st, base_params, base_fingerprint = build_model(config, corpus_domains(corpus, config.domain_field), device)
+    run = RunFolder(out, config, "retriever:dense", resume=resume, overwrite=overwrite)
+    mnrl = MultipleNegativesRankingLoss(model, scale=config.scale)
+
+    if moe_cfg is not None:
+        sampler = DomainBatchSampler(data.domains[0], config.batch_size, config.seed)
+    else:
+        sampler = EpochSampler(len(data.pairs), config.batch_size, config.seed)
+    columns = [data.queries, data.positives] + ([data.negatives] if data.negatives is not None else [])
+
+    def batch_for_step(step: int):
+        idx = dedupe_batch(data.pairs, sampler.indices(step))
+        feats = []
+        for col, texts in enumerate(columns):
+            f = st.preprocess([texts[i] for i in idx])
+            f = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in f.items()}
+            if moe_cfg is not None:
+                f[EXPERT_IDS] = model.domain_ids([data.domains[col][i] for i in idx]).to(device)
+            feats.append(f)
+        return feats
+
+    def loss_fn(feats):
+        if moe_cfg is None:
+            loss = mnrl(feats, None)
+            return loss, {"mnrl": float(loss.detach()), "batch": float(len(feats[0]["input_ids"]))}
+        q = model(feats[0])
+        docs = embed_columns(model, feats[1:], separate_first=False)
+        rank_loss = mnrl.compute_loss_from_embeddings([q["sentence_embedding"], *docs], None)
+        r_loss, r_acc = router_loss(q["router_logits"], feats[0][EXPERT_IDS])
+        loss = rank_loss + config.router_weight * r_loss
+        return loss, {"mnrl": float(rank_loss.detach()), "router_ce": float(r_loss.detach()), "router_acc": r_acc,
+                      "batch": float(len(feats[0]["input_ids"]))}
+
+    dev_encoder = DenseEncoder(model, "training", config.eval_batch_size)
+
+    def evaluate() -> dict[str, float]:
+        return evaluator.evaluate(dev_encoder, oracle_also=moe_cfg is not None)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = {"encoder_params": base_params, "trainable_pct_of_encoder": 100.0 * trainable / base_params,
+             "peft": config.peft, "lr": config.lr, **data.report,
+             **(evaluator.describe() if evaluator else {}),
+             "moe": moe_cfg.to_dict() if moe_cfg is not None else None}
+    loop = TrainLoop(run, model, config, batch_for_step, loss_fn, evaluate if evaluator else None,
+                     save_final=lambda path: save_run_weights(model, st, config, path, base_fingerprint),
+                     trainable_state=lambda: _trainable_state(model), resume=resume, extra_metrics=extra)
+    t0 = time.perf_counter()
+    metrics = loop.fit()
+    metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
+    if evaluator is not None:
+        metrics["dev_by_domain"] = evaluator.last_by_domain
+        if moe_cfg is not None:
+            metrics["dev_by_domain_oracle"] = evaluator.last_by_domain_oracle
+    run.write_metrics(metrics)
+    model.eval()
+    return metrics, model
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", required=True, help="corpus JSONL or a folder holding corpus.jsonl")
+    parser.add_argument("--train", required=True, help="KILT JSONL of training questions (gold pages in the corpus)")
+    parser.add_argument("--dev", help="KILT JSONL evaluated every --eval-every steps (Rprec, recall@5/20)")
+    parser.add_argument("--encoder", default="minilm", help="base sentence-transformers model (alias or folder)")
+    parser.add_argument("--peft", default="iaa", help="iaa | adapter | lora | prefix | bitfit | full")
+    parser.add_argument("--rank", type=int, help="bottleneck / LoRA rank, or prefix length (method default if unset)")
+    parser.add_argument("--pseudo-queries", type=int, default=0,
+                        help="add N (sentence -> its document) pairs built from the corpus")
+    parser.add_argument("--hard-negatives", default="bm25", choices=["bm25", "none"])
+    parser.add_argument("--bm25-index", help="existing BM25 index of the corpus (default: built once and cached)")
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--moe-experts", type=int, default=0,
+                        help="expert heads: the number of domains (one per domain), or 1 (one shared head)")
+    parser.add_argument("--domain-field", default="domain", help="corpus field naming a document's domain")
+    parser.add_argument("--moe-hidden", type=int, default=64, help="hidden width of each expert head")
+    parser.add_argument("--moe-ffn", action="store_true", help="also give each expert a copy of a middle-layer FFN")
+    parser.add_argument("--eval-docs", type=int, default=1500,
+                        help="dev pool: the dev gold pages plus this many sampled documents (0 = whole corpus)")
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    add_train_flags(parser, DenseTrainConfig(lr=METHOD_LR["iaa"]))
+    parser._option_string_actions["--lr"].help = (
+        "peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()) + ")")
+
+
+def config_from_args(args: argparse.Namespace) -> DenseTrainConfig:
+    fields = {f.name for f in dataclasses.fields(DenseTrainConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    overrides = train_overrides(args)
+    overrides.setdefault("lr", METHOD_LR.get(values.get("peft", "iaa"), 1e-3))
+    return DenseTrainConfig(**values, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    metrics = train_dense(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    summary = {k: metrics.get(k) for k in ("trainable_params", "total_params", "trainable_fraction",
+                                           "seconds_per_step", "peak_rss_mb", "dev")}
+    summary["final_loss"] = metrics.get("final_train", {}).get("loss")
+    print(json.dumps({"out": str(args.out), **summary}, indent=2))
+    return 0
