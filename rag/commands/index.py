@@ -42,9 +42,15 @@ def _build_dense(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[An
                                      encode_shards=encode_shards)
 
 
+def _build_trie(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    from retrievers.generative.index import build_trie_from_cli  # the generative retriever owns its index
+    return build_trie_from_cli(args, file_cfg)
+
+
 INDEX_BUILDERS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], tuple[Any, dict[str, Any]]]] = {
     "bm25": _build_bm25,
     "dense": _build_dense,
+    "trie": _build_trie,
 }
 
 
@@ -55,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, type=Path)
     build.add_argument("--kind", required=True, help=f"one of: {', '.join(INDEX_BUILDERS)}")
     build.add_argument("--backend", help="BM25 backend: bm25s (default) | pyserini")
+    build.add_argument("--model", help="trie: the seq2seq model or generative run folder whose tokenizer it uses")
     build.add_argument("--encoder", help="dense encoder: alias, folder, hub id or run folder (default: minilm)")
     build.add_argument("--faiss", help="Faiss index-factory string (default Flat; e.g. HNSW32, IVF1024,PQ48)")
     build.add_argument("--batch-size", type=int)

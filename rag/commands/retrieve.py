@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, help="IVF indexes: lists to visit")
     p.add_argument("--ef-search", type=int, help="HNSW indexes: search breadth")
     p.add_argument("--gpu", action="store_true", help="search on a GPU when faiss-gpu is installed")
+    p.add_argument("--model", help="generative: the seq2seq model or run folder that generates titles")
+    p.add_argument("--beams", type=int, default=10, help="generative: beams (every beam is a ranked candidate)")
     p.set_defaults(func=run_retrieve)
 
 
@@ -43,7 +45,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
     queries = load_queries(args.queries)
     with record.timed("load_s"):
         retriever = open_retriever(args.index, encoder=args.encoder, nprobe=args.nprobe, ef_search=args.ef_search,
-                                   gpu=args.gpu)
+                                   gpu=args.gpu, model=args.model, beams=args.beams)
     start = time.perf_counter()
     with record.timed("retrieve_s"):
         rankings = retrieve_queries(retriever, [q.text for q in queries], args.k, args.batch_size)
