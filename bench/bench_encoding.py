@@ -11,16 +11,22 @@ encoding, Faiss, manifest).
 
 Part B (variants): plain fp32 ST against variants that may be faster. Throughput and quality come
 from the same encodings: a reduced corpus = every vital10k document that is gold for a FanOutQA
-dev question + a fixed random sample of `--sample-docs` other vital10k documents (seed 0). Its
-passages (100 words, stride 80, the build's defaults) are shuffled and cut into chunks of
-`--chunk` passages; for each chunk every variant encodes it, in an order rotated per chunk, so
-all variants see the same load. Throughput ratio = plain time / variant time summed over the chunks
-both ran (the median per-chunk ratio is reported too). Quality = KILT R-precision of the FanOutQA
-dev questions (queries encoded by the same variant) with an exact inner-product index over the
-reduced corpus, documents ranked by their best passage (as the toolkit's DenseRetriever does); also
-the mean/min cosine of each passage embedding to plain's and the top-10 passage overlap with plain.
-Variants whose computation equals another's (threads, batch size, no sorting) are timed on the first
-`--exact-passages` passages only and inherit that variant's quality (the cosine check is reported).
+dev question + a fixed random sample of `--sample-docs` other vital10k documents (seed 0). Each
+variant puts the reduced corpus's passages (100 words, stride 80, the build's defaults) in its own
+global batching order - for most, sentence-transformers' order inside one encode call (character
+length, longest first), which is what the toolkit gets when it encodes a whole shard in one call -
+and cuts it into chunks of `--chunk` passages; chunk c of every variant is encoded in turn, in an
+order rotated per chunk, so all variants see the same machine load. Throughput ratio = plain time
+/ variant time summed over the chunks both ran (the median per-chunk ratio is reported too).
+Quality = KILT R-precision of the FanOutQA dev questions (queries encoded by the same variant)
+with an exact inner-product index over the reduced corpus, documents ranked by their best passage
+(as the toolkit's DenseRetriever does); also the mean/min cosine of each passage embedding to
+plain's and the top-10 passage overlap with plain. Variants whose computation equals another's
+(threads, batching order) are timed on `--exact-passages` passages only (evenly spaced chunks) and
+inherit that variant's quality (the embedding difference is reported).
+
+ONNX Runtime variants run only when the `onnx` package is importable (the export needs it); they
+are reported as skipped otherwise.
 
 Usage: python bench/bench_encoding.py [--quick] [--part a|b|all]
 Writes bench/results/encoding.json (encoding_quick.json with --quick).
@@ -177,8 +183,25 @@ class Variant:
     threads: int | None = None
     quality_of: str | None = None         # same computation as this variant: timed on a subset only
     skipped: str | None = None
+    order: Callable[[list[str]], np.ndarray] | None = None  # global batching order; None = ST's (chars, longest first)
+    what_order: str = "ST"
+    setup_s: float = 0.0                   # one-off cost counted in its time (e.g. tokenising to sort)
     times: dict[int, float] = field(default_factory=dict)   # chunk -> seconds
     emb: dict[int, np.ndarray] = field(default_factory=dict)
+    idx: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def st_order(texts: list[str]) -> np.ndarray:
+    """sentence-transformers' own order inside one encode call: character length, longest first."""
+    return np.argsort([-len(t) for t in texts], kind="stable")
+
+
+def per_batch(model, batch_size: int) -> Callable[[list[str]], np.ndarray]:
+    """One encode call per batch, so the batches are exactly the caller's (ST cannot regroup them)."""
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.concatenate([np.asarray(model.encode(texts[s:s + batch_size], batch_size=batch_size), dtype=np.float32)
+                               for s in range(0, len(texts), batch_size)])
+    return encode
 
 
 def _st_encoder(model, batch_size: int) -> Callable[[list[str]], np.ndarray]:
@@ -267,9 +290,12 @@ def build_variants(model, batch_size: int, names: list[str], workdir: Path) -> l
     plain = Variant("plain", f"SentenceTransformer.encode fp32, {DEFAULT_THREADS} threads, batch {batch_size}",
                     _st_encoder(model, batch_size))
 
-    def nosort(texts: list[str]) -> np.ndarray:  # one encode call per batch: ST's sort cannot reorder across batches
-        return np.concatenate([model.encode(texts[s:s + batch_size], batch_size=batch_size)
-                               for s in range(0, len(texts), batch_size)]).astype(np.float32)
+    def random_order(texts: list[str]) -> np.ndarray:
+        return np.random.default_rng(1).permutation(len(texts))
+
+    def token_order(texts: list[str]) -> np.ndarray:
+        lens = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]]
+        return np.argsort([-n for n in lens], kind="stable")
 
     def lazy(fn):
         holder: dict[str, Any] = {}
@@ -281,14 +307,23 @@ def build_variants(model, batch_size: int, names: list[str], workdir: Path) -> l
     int8pc = lazy(lambda: _quantized(model, per_channel=True))
     factories: dict[str, Callable[[], Variant]] = {
         "plain": lambda: plain,
-        "nosort": lambda: Variant("nosort", "plain, but no length sorting across batches (one encode call per batch)",
-                                  nosort, quality_of="plain"),
+        "nosort": lambda: Variant("nosort", "plain, batches in corpus order (no length sorting)",
+                                  per_batch(model, batch_size), quality_of="plain", order=random_order,
+                                  what_order="random"),
+        "toksort": lambda: Variant("toksort", "plain, batches sorted by token count (tokenising counted)",
+                                   per_batch(model, batch_size), quality_of="plain", order=token_order,
+                                   what_order="tokens"),
         "threads1": lambda: Variant("threads1", "plain with torch.set_num_threads(1)", plain.encode, threads=1,
                                     quality_of="plain"),
         "bs16": lambda: Variant("bs16", "plain with batch size 16", _st_encoder(model, 16), quality_of="plain"),
         "bs256": lambda: Variant("bs256", "plain with batch size 256", _st_encoder(model, 256), quality_of="plain"),
         "msl128": lambda: Variant("msl128", "max_seq_length 128 (default 256)", _st_encoder(msl(), batch_size)),
         "bf16": lambda: Variant("bf16", "model.to(torch.bfloat16)", _st_encoder(bf16(), batch_size)),
+        "bf16_toksort": lambda: Variant("bf16_toksort", "bf16 + batches sorted by token count",
+                                        per_batch(bf16(), batch_size), order=token_order, what_order="tokens"),
+        "bf16_toksort_t1": lambda: Variant("bf16_toksort_t1", "bf16_toksort with torch.set_num_threads(1)",
+                                           per_batch(bf16(), batch_size), order=token_order, what_order="tokens",
+                                           threads=1, quality_of="bf16_toksort"),
         "int8": lambda: Variant("int8", "torch quantize_dynamic qint8 on Linear, per-tensor weights",
                                 _st_encoder(int8(), batch_size)),
         "int8pc": lambda: Variant("int8pc", "torch quantize_dynamic qint8 on Linear, per-channel weights",
@@ -371,41 +406,58 @@ def part_b(enc, args) -> dict[str, Any]:
     doc_index = {d.id: i for i, d in enumerate(docs)}
     doc_rows = np.array([doc_index[p.doc_id] for p in passages])
     texts = [p.encode_text for p in passages]
-    order = np.random.default_rng(args.seed).permutation(len(texts))
-    chunks = [order[s:s + args.chunk] for s in range(0, len(order), args.chunk)]
-    n_exact_chunks = max(1, -(-args.exact_passages // args.chunk))
+    n_chunks = -(-len(texts) // args.chunk)
+    n_exact = min(n_chunks, max(1, -(-args.exact_passages // args.chunk)))
+    exact_chunks = set(np.unique(np.linspace(0, n_chunks - 1, n_exact).round().astype(int)).tolist())
     stats = token_stats(model, [p.encode_text for p in split_passages(Corpus.load(C.vital10k()).documents)],
                         args.batch_size)
     workdir = Path(tempfile.mkdtemp(prefix="bench-enc-b-"))
     variants = build_variants(model, args.batch_size, args.variants, workdir)
-    active = [v for v in variants if v.skipped is None]
     q_texts = [q["input"] for q in questions]
+    for v in variants:  # warm-up: builds lazily created models, first-call kernels; a failure skips the variant
+        if v.skipped:
+            continue
+        try:
+            set_threads(v.threads)
+            v.encode(texts[:8])
+        except Exception as exc:
+            v.skipped = f"skipped: failed on warm-up: {type(exc).__name__}: {str(exc)[:300]}"
+    active = [v for v in variants if v.skipped is None]
+    # Each variant's global batching order over the whole reduced corpus (what one big encode call of a
+    # shard does); its chunk c is the c-th slice of that order, so chunked timing batches the same way.
+    for v in active:
+        t0 = time.perf_counter()
+        order = (v.order or st_order)(texts)
+        v.setup_s = time.perf_counter() - t0 if v.order is not None else 0.0
+        for c in range(n_chunks):
+            v.idx[c] = np.asarray(order[c * args.chunk:(c + 1) * args.chunk])
     print(f"  [B] reduced corpus: {len(docs)} docs ({n_gold} gold + {len(docs) - n_gold} sampled), "
-          f"{len(passages)} passages in {len(chunks)} chunks; variants: {[v.name for v in active]}", flush=True)
-    for v in active:  # warm-up: build lazily created models, first-call kernels
-        set_threads(v.threads)
-        v.encode([texts[i] for i in chunks[0][:8]])
+          f"{len(passages)} passages in {n_chunks} chunks; variants: {[v.name for v in active]}", flush=True)
     t_start = time.perf_counter()
-    for c, idx in enumerate(chunks):
-        chunk_texts = [texts[i] for i in idx]
-        runners = [v for v in active if v.quality_of is None or c < n_exact_chunks]
+    for c in range(n_chunks):
+        runners = [v for v in active if v.quality_of is None or c in exact_chunks]
         shift = c % len(runners)
         for v in runners[shift:] + runners[:shift]:
+            chunk_texts = [texts[i] for i in v.idx[c]]
             set_threads(v.threads)
             t0 = time.perf_counter()
             e = v.encode(chunk_texts)
             v.times[c] = time.perf_counter() - t0
             v.emb[c] = e
         set_threads(None)
-        done = sum(len(chunks[i]) for i in range(c + 1))
-        print(f"  [B] chunk {c + 1}/{len(chunks)} ({done} passages, {time.perf_counter() - t_start:.0f}s): " +
-              ", ".join(f"{v.name} {len(idx) / v.times[c]:.1f}/s" for v in runners if c in v.times), flush=True)
+        print(f"  [B] chunk {c + 1}/{n_chunks} ({time.perf_counter() - t_start:.0f}s): " +
+              ", ".join(f"{v.name} {len(v.idx[c]) / v.times[c]:.1f}/s" for v in runners), flush=True)
     set_threads(None)
     plain = variants[0]
     full = {v.name: v for v in active if v.quality_of is None}
-    plain_emb = np.zeros((len(texts), 384), dtype=np.float32)
-    for c, idx in enumerate(chunks):
-        plain_emb[idx] = plain.emb[c]
+
+    def assembled(v: Variant) -> np.ndarray:
+        out = np.full((len(texts), 384), np.nan, dtype=np.float32)
+        for c in v.times:
+            out[v.idx[c]] = v.emb[c]
+        return out
+
+    plain_emb = assembled(plain)
     results: dict[str, dict[str, Any]] = {}
     plain_top10 = None
     for v in sorted(variants, key=lambda v: v.quality_of is not None):  # references before their copies
@@ -415,16 +467,18 @@ def part_b(enc, args) -> dict[str, Any]:
             results[v.name] = row
             continue
         cs = sorted(v.times)
-        n = sum(len(chunks[c]) for c in cs)
-        t_v, t_p = sum(v.times[c] for c in cs), sum(plain.times[c] for c in cs)
-        row.update(passages_timed=n, pps=n / t_v, plain_pps_same_chunks=n / t_p, speedup=t_p / t_v,
+        n = sum(len(v.idx[c]) for c in cs)
+        # one-off set-up (e.g. tokenising to sort) is charged in proportion to the share of chunks timed
+        t_v = sum(v.times[c] for c in cs) + v.setup_s * len(cs) / n_chunks
+        t_p = sum(plain.times[c] for c in cs)
+        row.update(batching_order=v.what_order, passages_timed=n, pps=n / t_v, plain_pps_same_chunks=n / t_p,
+                   speedup=t_p / t_v, setup_s=v.setup_s,
                    speedup_median_chunk=C.median([plain.times[c] / v.times[c] for c in cs]))
-        cos = np.concatenate([(v.emb[c] * plain.emb[c]).sum(1) for c in cs])
+        emb = assembled(v)
+        shared = ~np.isnan(emb[:, 0]) & ~np.isnan(plain_emb[:, 0])
+        cos = (emb[shared] * plain_emb[shared]).sum(1)
         row.update(cos_to_plain_mean=float(cos.mean()), cos_to_plain_min=float(cos.min()))
         if v.quality_of is None:
-            emb = np.zeros_like(plain_emb)
-            for c, idx in enumerate(chunks):
-                emb[idx] = v.emb[c]
             set_threads(v.threads)
             q_emb = v.encode(q_texts)
             set_threads(None)
@@ -439,7 +493,9 @@ def part_b(enc, args) -> dict[str, Any]:
             ref_full = full.get(v.quality_of)
             if ref is not None and ref_full is not None:
                 # same computation as `quality_of`: check it on the shared chunks, then inherit its quality
-                diff = max(float(np.abs(v.emb[c] - ref_full.emb[c]).max()) for c in cs)
+                ref_emb = assembled(ref_full)
+                both = ~np.isnan(emb[:, 0]) & ~np.isnan(ref_emb[:, 0])
+                diff = float(np.abs(emb[both] - ref_emb[both]).max())
                 row["max_abs_diff_vs_" + v.quality_of] = diff
                 row["quality_inherited_from"] = v.quality_of
                 for k in ("Rprec", "recall@5", "recall@10", "recall@100", "top10_overlap_with_plain"):
@@ -454,7 +510,8 @@ def part_b(enc, args) -> dict[str, Any]:
     return {
         "reduced_corpus": {"docs": len(docs), "gold_docs": n_gold, "sampled_docs": len(docs) - n_gold,
                            "passages": len(passages), "questions": len(questions), "chunk": args.chunk,
-                           "chunks": len(chunks), "exact_variant_passages": sum(len(chunks[c]) for c in range(min(n_exact_chunks, len(chunks))))},
+                           "chunks": n_chunks, "exact_variant_chunks": sorted(exact_chunks),
+                           "exact_variant_passages": sum(len(plain.idx[c]) for c in exact_chunks)},
         "token_stats_vital10k": stats,
         "batch_size": args.batch_size,
         "variants": list(results.values()),
@@ -482,14 +539,14 @@ def tables(res: dict[str, Any]) -> list[str]:
         rows = []
         for v in b["variants"]:
             if v.get("skipped"):
-                rows.append([v["variant"], v["what"], "-", "-", "-", "-", "-", "-", "-", v["skipped"]])
+                rows.append([v["variant"], v["what"], "-", "-", "-", "-", "-", "-", "-", "-", v["skipped"]])
                 continue
             note = f"quality = {v['quality_inherited_from']}'s" if v.get("quality_inherited_from") else ""
-            rows.append([v["variant"], v["what"], v["passages_timed"], v["pps"], v["speedup"],
+            rows.append([v["variant"], v["what"], v["batching_order"], v["passages_timed"], v["pps"], v["speedup"],
                          v["speedup_median_chunk"], v.get("Rprec"), v.get("Rprec_delta"), v["cos_to_plain_mean"],
                          ("goal met" if v.get("meets_goal_2x_rprec_0.01") else "") + (" " if note else "") + note])
         out.append("### Encoding variants: throughput vs plain fp32 and FanOutQA dev R-precision (reduced corpus)\n\n" +
-                   C.md_table(["variant", "what", "passages timed", "passages/s", "speedup vs plain", "median chunk speedup",
+                   C.md_table(["variant", "what", "batch order", "passages timed", "passages/s", "speedup vs plain", "median chunk speedup",
                                "dev Rprec", "Rprec - plain", "cos to plain", "note"], rows) +
                    f"\n\nReduced corpus: {rc['docs']:,} vital10k docs ({rc['gold_docs']} dev gold + {rc['sampled_docs']:,} "
                    f"random, seed 0) = {rc['passages']:,} passages, {rc['questions']} dev questions; chunks of {rc['chunk']} "
@@ -514,7 +571,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128, help="part B passages per interleaving chunk")
     ap.add_argument("--exact-passages", type=int, default=None,
                     help="part B passages for same-computation variants (768, quick 128)")
-    ap.add_argument("--variants", default="plain,nosort,threads1,bs16,msl128,bf16,int8,int8pc,int8pc_t1,onnx,onnx_int8")
+    ap.add_argument("--variants", default="plain,nosort,toksort,threads1,msl128,bf16,bf16_toksort,bf16_toksort_t1,"
+                                          "int8,int8pc,int8pc_t1,onnx,onnx_int8",
+                    help="comma list; also available: bs16, bs256, bf16_t1")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)

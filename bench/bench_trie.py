@@ -192,6 +192,7 @@ def make_data(n: int, workdir: Path, seed: int) -> dict:
         "tokenisation_check_equal": int(same),
         "data_gen_s": round(time.perf_counter() - t0, 1),
     }
+    (workdir / "data_info.json").write_text(json.dumps(info, indent=2))
     return info
 
 
@@ -246,14 +247,16 @@ def worker_compact(workdir: Path, n_sub: int | None, save: bool) -> dict:
     load_peak = rss_mb()
     reset_peak()
     base = current_rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     table = TitleTable.from_list(titles)
     del titles
     gc.collect()
     trie = TitleTrie.build((flat, off), table, start_token_id=CLS, eos_token_id=SEP)
     build_s = time.perf_counter() - t0
+    build_cpu_s = time.process_time() - c0
     peak = rss_mb()
-    res = {"n_titles": int(len(off) - 1), "build_s": round(build_s, 2), "inputs_loaded_peak_mb": round(load_peak, 1),
+    res = {"n_titles": int(len(off) - 1), "build_s": round(build_s, 2), "build_cpu_s": round(build_cpu_s, 2),
+           "inputs_loaded_peak_mb": round(load_peak, 1),
            "rss_before_mb": round(base, 1), "peak_rss_mb": round(peak, 1), "peak_delta_mb": round(peak - base, 1),
            "nodes": trie.num_nodes, "max_depth": trie.max_depth, "in_memory_mb": round(trie.nbytes() / 2**20, 1),
            "in_memory_arrays_mb": round(sum(a.nbytes for a in (trie._tok, trie._ptr, trie._term_node, trie._term_title)) / 2**20, 1),
@@ -304,17 +307,19 @@ def worker_from_titles(workdir: Path, n_titles: int | None) -> dict:
     reset_peak()
     base = current_rss_mb()
     import warnings
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trie = TitleTrie.from_titles(titles, tok, CLS, SEP)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     peak = rss_mb()
     # sanity: same structure as the array build
     ref_nodes = None
     if n_titles is None and (workdir / "trie_compact" / "manifest.json").exists():
         ref_nodes = json.loads((workdir / "trie_compact" / "manifest.json").read_text())["counts"]["nodes"]
-    return {"n_titles": len(titles), "from_titles_s": round(dt, 2), "rss_before_mb": round(base, 1),
+    return {"n_titles": len(titles), "from_titles_s": round(dt, 2), "from_titles_cpu_s": round(cpu, 2),
+            "rss_before_mb": round(base, 1),
             "peak_rss_mb": round(peak, 1), "peak_delta_mb": round(peak - base, 1), "nodes": trie.num_nodes,
             "nodes_match_array_build": None if ref_nodes is None else ref_nodes == trie.num_nodes}
 
@@ -326,7 +331,7 @@ def worker_dict(workdir: Path, n_sub: int) -> dict:
     gc.collect()
     reset_peak()
     base = current_rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     root: dict = {}
     nodes = 1
     for s in seqs:  # GENRE's Trie: nested dicts {token: {token: ...}}
@@ -338,8 +343,9 @@ def worker_dict(workdir: Path, n_sub: int) -> dict:
                 nodes += 1
             node = nxt
     build_s = time.perf_counter() - t0
+    build_cpu_s = time.process_time() - c0
     peak = rss_mb()
-    res = {"n_titles": n_sub, "build_s": round(build_s, 2), "rss_before_mb": round(base, 1),
+    res = {"n_titles": n_sub, "build_s": round(build_s, 2), "build_cpu_s": round(build_cpu_s, 2), "rss_before_mb": round(base, 1),
            "peak_rss_mb": round(peak, 1), "peak_delta_mb": round(peak - base, 1), "nodes": nodes}
     t0 = time.perf_counter()
     out = workdir / "dict_trie.pkl"
@@ -413,7 +419,7 @@ def worker_generate(workdir: Path, n_queries: int, num_beams: int) -> dict:
     with torch.no_grad():
         model.generate(input_ids=enc["input_ids"][:1], attention_mask=enc["attention_mask"][:1], **base_kwargs)
     kinds = ("processor", "fn", "unconstrained", "unconstrained_same_len")
-    acc = {k: {"t": 0.0, "steps": 0, "hook": 0.0, "valid": 0, "total": 0} for k in kinds}
+    acc = {k: {"t": 0.0, "cpu": 0.0, "steps": 0, "hook": 0.0, "valid": 0, "total": 0} for k in kinds}
     # interleave the variants query by query, so machine-load drift hits all three alike
     for i in range(len(queries)):
         args = {"input_ids": enc["input_ids"][i:i + 1], "attention_mask": enc["attention_mask"][i:i + 1]}
@@ -428,11 +434,12 @@ def worker_generate(workdir: Path, n_queries: int, num_beams: int) -> dict:
             elif kind == "fn":
                 kw["logits_processor"] = LogitsProcessorList([TimedPrefixFn(constraint, num_beams)])
             spent[0] = 0.0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 out = model.generate(**args, **kw)
             a = acc[kind]
             a["t"] += time.perf_counter() - t0
+            a["cpu"] += time.process_time() - c0
             a["hook"] += spent[0]
             a["steps"] += out.shape[1] - 1
             if kind == "processor":
@@ -443,6 +450,7 @@ def worker_generate(workdir: Path, n_queries: int, num_beams: int) -> dict:
 
     def summary(a):
         return {"per_query_ms": round(a["t"] / len(queries) * 1e3, 1),
+                "cpu_per_query_ms": round(a["cpu"] / len(queries) * 1e3, 1),
                 "decoder_steps_mean": round(a["steps"] / len(queries), 2),
                 "per_step_ms": round(a["t"] / a["steps"] * 1e3, 2),
                 "hook_ms_per_step": round(a["hook"] / a["steps"] * 1e3, 3),
@@ -461,6 +469,8 @@ def worker_generate(workdir: Path, n_queries: int, num_beams: int) -> dict:
     for kind in ("processor", "fn"):
         res[f"{kind}_vs_unconstrained_per_query"] = round(res[kind]["per_query_ms"] / u["per_query_ms"], 3)
         res[f"{kind}_vs_unconstrained_same_len"] = round(res[kind]["per_query_ms"] / same["per_query_ms"], 3)
+        res[f"{kind}_vs_unconstrained_cpu"] = round(res[kind]["cpu_per_query_ms"] / u["cpu_per_query_ms"], 3)
+        res[f"{kind}_vs_unconstrained_same_len_cpu"] = round(res[kind]["cpu_per_query_ms"] / same["cpu_per_query_ms"], 3)
     return res
 
 
@@ -529,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--reuse-data", action="store_true",
+                    help="with --workdir: reuse the synthetic data already there (same --n)")
+    ap.add_argument("--only", default=None,
+                    help="comma list of variants to run: compact,sub,dict,from_titles,generate (default all)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--timeout", type=int, default=1800, help="per worker, seconds")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -571,22 +585,35 @@ def main(argv: list[str] | None = None) -> int:
                                             "omp_threads": os.environ.get("OMP_NUM_THREADS", "1"),
                                             "loadavg_start": os.getloadavg()}}}
     try:
-        results["data"] = make_data(args.n, workdir, args.seed)
+        info_file = workdir / "data_info.json"
+        if args.reuse_data and info_file.exists() and json.loads(info_file.read_text())["n_titles"] == args.n:
+            results["data"] = json.loads(info_file.read_text())
+            results["data"]["reused"] = True
+        else:
+            results["data"] = make_data(args.n, workdir, args.seed)
         gc.collect()
         make_lookups(workdir, n_sub, args.lookups, args.seed)
         print(f"[bench_trie] data ready in {results['data']['data_gen_s']} s", flush=True)
-        results["compact"] = run_worker("compact", workdir, [], args.timeout)
-        print(f"[bench_trie] compact: {results['compact']}", flush=True)
+        only = set(args.only.split(",")) if args.only else {"compact", "sub", "dict", "from_titles", "generate"}
+        if "compact" in only:
+            results["compact"] = run_worker("compact", workdir, [], args.timeout)
+            print(f"[bench_trie] compact: {results['compact']}", flush=True)
         sub = ["--sub", str(n_sub)]
-        results["compact_sub"] = run_worker("compact_sub", workdir, sub, args.timeout)
-        results["dict_sub"] = run_worker("dict", workdir, sub, args.timeout)
-        print(f"[bench_trie] dict on subset: {results['dict_sub']}", flush=True)
-        if not args.skip_from_titles:
+        if "sub" in only:
+            results["compact_sub"] = run_worker("compact_sub", workdir, sub, args.timeout)
+        if "dict" in only:
+            results["dict_sub"] = run_worker("dict", workdir, sub, args.timeout)
+            print(f"[bench_trie] dict on subset: {results['dict_sub']}", flush=True)
+        if args.skip_from_titles:
+            only.discard("from_titles")
+        if args.skip_generate:
+            only.discard("generate")
+        if "from_titles" in only:
             ft_n = min(args.from_titles_n or args.n, args.n)
             results["from_titles"] = run_worker("from_titles", workdir, [] if ft_n == args.n else ["--sub", str(ft_n)],
                                                 args.timeout)
             print(f"[bench_trie] from_titles: {results['from_titles']}", flush=True)
-        if not args.skip_generate:
+        if "generate" in only:
             results["generate"] = run_worker("generate", workdir, ["--queries", str(args.queries), "--beams",
                                                                    str(args.beams)], args.timeout)
             print(f"[bench_trie] generate: {results['generate']}", flush=True)

@@ -310,11 +310,14 @@ def _transform(name: str) -> Callable[..., Any] | None:
         import rag.transforms as extra
     except ImportError:
         return None
-    registry = getattr(extra, "TRANSFORMS", {}) or {}
-    entry = registry.get(name)
+    entry = (getattr(extra, "TRANSFORMS", None) or {}).get(name)
     if entry is None:
         return None
-    return getattr(entry, "fn", None) or getattr(entry, "func", None) or getattr(entry, "run", None) or entry
+    # rag/transforms.py registers Transform(fn(corpus_rows, qa_rows, seed) -> (corpus_rows, qa_rows, stats), ...)
+    from functools import partial
+
+    from eval.corpus_variants import derive_from_rows
+    return partial(derive_from_rows, name, getattr(entry, "fn", entry))
 
 
 def _call_transform(fn: Callable[..., Any], corpus: Path, out: Path, tasks: Mapping[str, Path],
@@ -491,16 +494,19 @@ def _retrieve(cell: CellSpec, workdir: Path, index_dir: str, model: ModelSpec):
     return queries, rankings
 
 
+def _flatten(result: Mapping[str, Any]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"n": result["n"]}
+    for section in ("retrieval", "downstream", "kilt"):
+        metrics.update(result.get(section) or {})
+    return metrics
+
+
 def _score(cell: CellSpec, workdir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     from eval.kilt import evaluate_kilt
     from rag.io import write_jsonl
 
     write_jsonl(workdir / "guesses.jsonl", rows)
-    result = evaluate_kilt(rows, cell.task_path, ks=cell.ks)
-    metrics: dict[str, Any] = {"n": result["n"]}
-    for section in ("retrieval", "downstream", "kilt"):
-        metrics.update(result.get(section) or {})
-    return metrics
+    return _flatten(evaluate_kilt(rows, cell.task_path, ks=cell.ks))
 
 
 def retrieval_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
@@ -589,7 +595,8 @@ def _attempts_path(cell: CellSpec) -> Path:
 def _base_row(cell: CellSpec) -> dict[str, Any]:
     return {"cell": cell.key, "spec_hash": cell.spec_hash, "model": cell.model.name, "kind": cell.model.kind,
             "method": cell.model.method, "corpus": cell.corpus, "corpus_label": cell.corpus_label,
-            "baseline": cell.baseline, "task": cell.task, "pseudo": cell.pseudo}
+            "baseline": cell.baseline, "task": cell.task, "pseudo": cell.pseudo, "task_path": cell.task_path,
+            "workdir": cell.workdir}
 
 
 def run_cell(cell: CellSpec, *_index_ready: Any) -> dict[str, Any]:
@@ -810,6 +817,33 @@ def _baseline_row(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> 
     return candidates[0] if candidates else None
 
 
+def pair_baselines(rows: Sequence[dict[str, Any]], ks: Sequence[int]) -> None:
+    """Where a swapped cell asks a strict subset of its baseline's questions (same task; e.g. counterfactual
+    keeps only the questions whose answer it changed), score the baseline's guesses on that subset too:
+    row["baseline_metrics"], row["paired_n"]. CRP then compares the same questions."""
+    from eval.kilt import evaluate_kilt
+    from rag.io import read_jsonl
+
+    for row in rows:
+        row.pop("baseline_metrics", None)
+        row.pop("paired_n", None)
+        base = _baseline_row(row, rows) if row.get("baseline") else None
+        if (base is None or row.get("status") != STATUS_OK or base.get("status") != STATUS_OK
+                or base["task"] != row["task"] or not row.get("task_path") or not base.get("task_path")):
+            continue
+        try:
+            ids = [str(r["id"]).strip() for r in read_jsonl(row["task_path"])]
+            gold = {str(r["id"]).strip(): r for r in read_jsonl(base["task_path"])}
+            if len(ids) >= len(gold) or not set(ids) <= gold.keys():
+                continue
+            wanted = set(ids)
+            guesses = [g for g in read_jsonl(Path(base["workdir"]) / "guesses.jsonl") if str(g["id"]).strip() in wanted]
+            row["baseline_metrics"] = _flatten(evaluate_kilt(guesses, [gold[i] for i in ids], ks=ks))
+            row["paired_n"] = len(ids)
+        except (RagError, OSError, KeyError) as exc:
+            log.warning("cell %s: could not pair with its baseline: %s", row["cell"], exc)
+
+
 def corpus_relative(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """CRP = swapped / baseline for every row with a baseline (None where either is missing or 0)."""
     out = []
@@ -819,9 +853,10 @@ def corpus_relative(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | 
         base = _baseline_row(row, rows)
         names = metrics or sorted(row.get("metrics") or {})
         crp = {}
+        base_metrics = row.get("baseline_metrics") or ((base.get("metrics") or {}) if base else {})
         for m in names:
             value = (row.get("metrics") or {}).get(m)
-            ref = (base.get("metrics") or {}).get(m) if base else None
+            ref = base_metrics.get(m) if base else None
             crp[m] = (value / ref) if (row.get("status") == STATUS_OK and base and base.get("status") == STATUS_OK
                                        and isinstance(value, (int, float)) and ref) else None
         out.append({"model": row["model"], "method": row.get("method", ""), "corpus": row["corpus"],
@@ -830,8 +865,8 @@ def corpus_relative(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | 
                     "baseline_task": base["task"] if base else None,
                     "status": row.get("status"), "baseline_status": base.get("status") if base else None,
                     "swapped": {m: (row.get("metrics") or {}).get(m) for m in names},
-                    "original": {m: (base.get("metrics") or {}).get(m) if base else None for m in names},
-                    "crp": crp})
+                    "original": {m: base_metrics.get(m) if base else None for m in names},
+                    "paired_n": row.get("paired_n"), "crp": crp})
     return out
 
 
@@ -887,6 +922,8 @@ def format_swap_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] 
             task = task_cell(c)
             if c["baseline_task"] and c["baseline_task"] != c["task"]:
                 task += f" (vs {c['baseline_task']})"
+            if c.get("paired_n"):
+                task += f" (paired: the {c['paired_n']} questions it keeps)"
             lines.append(f"| {c['model']} | {c['method'] or ''} | {c['corpus_label']} | "
                          f"{label.get(c['baseline'], c['baseline'])} | {task} | " + " | ".join(cells) + " |")
     if any_pseudo:
@@ -971,6 +1008,7 @@ def run_swap(config_path: str | Path | SwapConfig, out_dir: str | Path, address:
     plan_s = time.perf_counter() - start
     rows = run_plan(plan, address=address, workers=workers)
     wall = time.perf_counter() - start
+    pair_baselines(rows, config.ks)
     from rag.io import atomic_file, write_json
     table = format_swap_table(rows, config.metrics)
     header = (f"## Corpus swap: {config.name}\n\n{config.description.strip()}\n\n" if config.description.strip()

@@ -57,7 +57,7 @@ from rag.io import atomic_dir, iter_jsonl, read_json, write_json, write_jsonl
 
 __all__ = [
     "DERIVE_MANIFEST", "DEFAULT_PART", "VARIANT_TRANSFORMS", "derive", "topic_holdout", "new_domain", "perturb",
-    "subsample", "split_sentences", "split_paragraphs", "gold_doc_ids", "read_derive_manifest", "resolve_part",
+    "subsample", "derive_from_rows", "split_sentences", "split_paragraphs", "gold_doc_ids", "read_derive_manifest", "resolve_part",
 ]
 
 DERIVE_MANIFEST = "derive.json"
@@ -409,6 +409,47 @@ def perturb(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None, s
             part["questions"][name] = sum(1 for _ in iter_jsonl(path))
         stats = {"docs": len(out_docs), "docs_text_changed": changed, "one_sentence_per_paragraph_fallback": fallback}
         manifest = _finish(staging, "perturb", options, _source_info(corpus_path, named), {DEFAULT_PART: part}, stats)
+    return manifest
+
+
+# --------------------------------------------------------------------------- row-level transforms
+
+def derive_from_rows(transform: str, fn: Callable[..., Any], corpus: str | Path, out_dir: str | Path, *,
+                     tasks: TaskArg = None, seed: int = 0, overwrite: bool = False, **options: Any) -> dict[str, Any]:
+    """Run a row-level transform `fn(corpus_rows, qa_rows, seed=..., **options) -> (corpus_rows, qa_rows | None,
+    stats)` (the shape of rag/transforms.py, e.g. counterfactual) with this module's file layout.
+
+    The task files are passed as one list of rows; the rows it returns go back to the task they came from
+    (by id), so a transform that keeps only the questions it changed yields smaller task files. None: the
+    task files are copied unchanged.
+    """
+    from rag.io import read_jsonl
+
+    named = _task_map(tasks)
+    corpus_path = resolve_corpus_path(corpus)
+    corpus_rows = read_jsonl(corpus_path)
+    owner: dict[str, str] = {}
+    qa_rows: list[dict[str, Any]] = []
+    for name, path in named.items():
+        for row in _read_task(path):
+            owner.setdefault(str(row.get("id")), name)
+            qa_rows.append(row)
+    new_corpus, new_qa, stats = fn(corpus_rows, qa_rows, seed=seed, **options)
+    split: dict[str, list[dict[str, Any]]] = {name: [] for name in named}
+    if new_qa is None:
+        split = {name: _read_task(path) for name, path in named.items()}
+    else:
+        for row in new_qa:
+            name = owner.get(str(row.get("id")))
+            if name is None:
+                raise RagError(f"{transform}: returned a question {row.get('id')!r} that is in no task file")
+            split[name].append(row)
+    with atomic_dir(out_dir, overwrite) as staging:
+        part = _write_part(staging, ".", new_corpus, split)
+        write_json(staging / "stats.json", stats)
+        short = {k: v for k, v in stats.items() if not (isinstance(v, (list, dict)) and len(v) > 50)}
+        manifest = _finish(staging, transform, {"seed": seed, **options}, _source_info(corpus_path, named),
+                           {DEFAULT_PART: part}, short)
     return manifest
 
 

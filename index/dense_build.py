@@ -103,10 +103,10 @@ def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int,
     try:
         for shard in todo:
             start, end = ranges[shard]
-            texts = [_encode_text(store.get(pid)) for pid in range(start, end)]
+            rows = [store.get(pid) for pid in range(start, end)]
             parts = []
-            for lo in range(0, len(texts), PROGRESS_CHUNK):  # chunks only to move the progress bar
-                parts.append(encoder.encode_passage(texts[lo:lo + PROGRESS_CHUNK], batch_size=batch_size))
+            for lo in range(0, len(rows), PROGRESS_CHUNK):  # chunks only to move the progress bar
+                parts.append(encode_rows(encoder, rows[lo:lo + PROGRESS_CHUNK], batch_size))
                 bar.update(len(parts[-1]))
             save_shard(staging, shard, np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32))
             if on_shard is not None:

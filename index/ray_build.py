@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -103,6 +104,21 @@ def _quiet_ray_data(level: int = logging.ERROR) -> Iterator[None]:
         yield
     finally:
         data_logger.setLevel(before)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The worker's own error line (e.g. 'ValueError: ...'), from the traceback text that Ray's
+    RayTaskError / UserCodeException wrappers carry; else the outermost error's first line."""
+    pattern = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.*)$")
+    found = None
+    for line in str(exc).splitlines():
+        match = pattern.match(line.strip())
+        if match and not match.group(1).startswith("ray."):
+            found = f"{match.group(1)}: {match.group(2)}"
+    if found:
+        return found
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _accepts_remote_args() -> bool:
@@ -189,9 +205,8 @@ def ray_encode_shards(workers: int = 2, gpus_per_worker: float = 0, address: str
                         done.add(int(row["shard"]))
                         bar.update(1)
             except Exception as exc:
-                raise RagError(f"Ray encoding failed after {len(done)} of {len(todo)} shards ({type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); finished shards "
-                               f"are kept in {staging}: rerun the same build to resume") from exc
+                raise RagError(f"Ray encoding failed after {len(done)} of {len(todo)} shards ({_root_cause(exc)}); "
+                               f"finished shards are kept in {staging}: rerun the same build to resume") from exc
             finally:
                 bar.close()
                 for k, v in saved.items():

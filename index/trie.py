@@ -58,6 +58,7 @@ _FINGERPRINT_SAMPLES = (
 )
 _ARRAYS = ("tok", "ptr", "term_node", "term_title")
 _CHUNK = 65536
+_TITLE_CHUNK = 500_000  # titles encoded/decoded per chunk (bounds peak memory)
 _WIDE = 512  # allowed() keeps the Python list of nodes with at least this many children
 
 
@@ -140,16 +141,28 @@ class TitleTable:
 
     @classmethod
     def from_list(cls, titles: Sequence[str]) -> TitleTable:
-        for i, t in enumerate(titles):
-            if not isinstance(t, str):
-                raise InputError(f"title {i} is {type(t).__name__}, expected str")
-        joined = "\x00".join(titles) + "\x00" if len(titles) else ""
-        blob = np.frombuffer(joined.encode("utf-8"), dtype=np.uint8)
+        return cls.from_chunks(titles[i:i + _TITLE_CHUNK] for i in range(0, len(titles), _TITLE_CHUNK))
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[Sequence[str]]) -> TitleTable:
+        """Build from successive lists of titles (encoded chunk by chunk to bound peak memory)."""
+        parts: list[bytes] = []
+        n = 0
+        for chunk in chunks:
+            for i, t in enumerate(chunk):
+                if not isinstance(t, str):
+                    raise InputError(f"title {n + i} is {type(t).__name__}, expected str")
+            if chunk:
+                part = ("\x00".join(chunk) + "\x00").encode("utf-8")
+                if part.count(b"\x00") != len(chunk):
+                    bad = next(i for i, t in enumerate(chunk) if "\x00" in t)
+                    raise InputError(f"title {n + bad} contains a NUL character: {chunk[bad]!r}")
+                parts.append(part)
+            n += len(chunk)
+        blob = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        del parts
         ends = np.flatnonzero(blob == 0)
-        if len(ends) != len(titles):
-            bad = next(i for i, t in enumerate(titles) if "\x00" in t)
-            raise InputError(f"title {bad} contains a NUL character: {titles[bad]!r}")
-        starts = np.empty(len(titles) + 1, dtype=np.int64)
+        starts = np.empty(n + 1, dtype=np.int64)
         starts[0] = 0
         starts[1:] = ends + 1
         return cls(blob, starts)
@@ -176,35 +189,65 @@ class TitleTable:
         return len(self) - 1
 
     def to_list(self) -> list[str]:
-        base = self._blob.tobytes().decode("utf-8").split("\x00")[:-1] if self.num_base else []
-        return base + list(self._extra)
+        out: list[str] = []
+        for chunk in self.iter_chunks():
+            out.extend(chunk)
+        return out
+
+    def iter_chunks(self, size: int = _TITLE_CHUNK) -> Iterable[list[str]]:
+        """All titles (base then appended) as successive lists of at most ``size``."""
+        nb = self.num_base
+        for a in range(0, nb, size):
+            b = min(nb, a + size)
+            raw = self._blob[int(self._starts[a]):int(self._starts[b])].tobytes()
+            yield raw.decode("utf-8").split("\x00")[:-1]
+        for a in range(0, len(self._extra), size):
+            yield self._extra[a:a + size]
 
     def nbytes(self) -> int:
         return int(self._blob.nbytes + self._starts.nbytes)
 
 
-def _write_titles(path: Path, titles: Sequence[str]) -> None:
+def _write_titles(path: Path, table: TitleTable) -> str:
+    """titles.jsonl: one JSON string per line. Returns the sha1 of the NUL-joined titles."""
+    enc = json.JSONEncoder(ensure_ascii=False).encode
+    h = hashlib.sha1()
+    first = True
     with atomic_file(path) as fh:
-        for t in titles:
-            fh.write(json.dumps(t, ensure_ascii=False))
+        for chunk in table.iter_chunks():
+            if not chunk:
+                continue
+            fh.write("\n".join(map(enc, chunk)))
             fh.write("\n")
+            h.update((("" if first else "\x00") + "\x00".join(chunk)).encode("utf-8"))
+            first = False
+    return h.hexdigest()
 
 
-def _read_titles(path: Path) -> list[str]:
+def _read_titles(path: Path) -> TitleTable:
+    """Read titles.jsonl chunk by chunk straight into a TitleTable (no list of all titles)."""
     if not path.exists():
         raise InputError("file not found", path)
-    text = path.read_text(encoding="utf-8")
-    body = text.rstrip("\n")
-    if not body:
-        return []
-    # JSON strings never hold a raw newline, so the lines join into one JSON array.
-    try:
-        titles = json.loads("[" + body.replace("\n", ",") + "]")
-    except json.JSONDecodeError as exc:
-        raise InputError(f"malformed titles file ({exc.msg})", path) from None
-    if not all(isinstance(t, str) for t in titles):
-        raise InputError("titles file must hold one JSON string per line", path)
-    return titles
+
+    def chunks():
+        with open(path, "rb") as fh:
+            while True:
+                lines = fh.readlines(32 << 20)
+                if not lines:
+                    return
+                body = b",".join(x.rstrip(b"\r\n") for x in lines if x.strip())
+                if not body:
+                    continue
+                # JSON strings never hold a raw newline, so the lines join into one JSON array.
+                try:
+                    chunk = json.loads(b"[" + body + b"]")
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise InputError(f"malformed titles file ({exc})", path) from None
+                if not all(isinstance(t, str) for t in chunk):
+                    raise InputError("titles file must hold one JSON string per line", path)
+                yield chunk
+
+    return TitleTable.from_chunks(chunks())
 
 
 # ----------------------------------------------------------------------------- reports
@@ -254,23 +297,25 @@ def _build_arrays(flat: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray
     # n_running[d] = number of rows with length > d
     counts = np.bincount(lengths, minlength=max_depth + 1)
     n_running = n - np.cumsum(counts)  # index d -> rows with length > d
-    cur = np.zeros(n, dtype=np.int64)  # node id of each row's prefix (in `order`)
-    term_node_ord = np.empty(n, dtype=np.int64)
+    # node ids < total tokens + 1: int32 halves the per-node bookkeeping whenever that fits
+    nid_dtype = np.int32 if len(flat) < 2**31 - 2 else np.int64
+    cur = np.zeros(n, dtype=nid_dtype)  # node id of each row's prefix (in `order`)
+    term_node_ord = np.empty(n, dtype=nid_dtype)
     tok_dtype = np.uint16 if vocab <= 65535 else np.int32  # edge tokens: 2 bytes for vocabularies < 64k
     toks: list[np.ndarray] = [np.zeros(1, tok_dtype)]  # the root has no incoming edge (value unused)
-    parents: list[np.ndarray] = [np.array([-1], np.int64)]
+    parents: list[np.ndarray] = [np.array([-1], nid_dtype)]
     next_id = 1
     for d in range(max_depth):
         a = int(n_running[d])
         tok_d = flat[pos[:a] + d].astype(np.int64)
-        key = cur[:a] * vocab + tok_d
+        key = cur[:a].astype(np.int64) * vocab + tok_d
         del tok_d
         uniq, inv = np.unique(key, return_inverse=True)
         del key
         cur[:a] = next_id + inv.reshape(-1)
         del inv
         toks.append((uniq % vocab).astype(tok_dtype))
-        parents.append(uniq // vocab)
+        parents.append((uniq // vocab).astype(nid_dtype))
         next_id += len(uniq)
         del uniq
         b = int(n_running[d + 1]) if d + 1 <= max_depth else 0
@@ -289,7 +334,7 @@ def _build_arrays(flat: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray
     np.cumsum(child_count, out=ptr[1:])
     ptr[1:] += 1
     del child_count
-    term_node = np.empty(n, dtype=np.int64)
+    term_node = np.empty(n, dtype=nid_dtype)
     term_node[order] = term_node_ord
     del term_node_ord, order
     perm = np.argsort(term_node, kind="stable")
@@ -900,9 +945,7 @@ class TitleTrie:
                                "sha1": hashlib.sha1(arr.data).hexdigest()}
             titles_sha1 = None
             if self._titles is not None:
-                titles = self._titles.to_list()
-                _write_titles(tmp / "titles.jsonl", titles)
-                titles_sha1 = hashlib.sha1("\x00".join(titles).encode("utf-8")).hexdigest()
+                titles_sha1 = _write_titles(tmp / "titles.jsonl", self._titles)
             write_json(tmp / "manifest.json", self._manifest(files, titles_sha1))
         return out
 
@@ -980,10 +1023,9 @@ class TitleTrie:
         table = None
         tf = path / "titles.jsonl"
         if tf.exists():
-            titles = _read_titles(tf)
-            if len(titles) != counts.get("titles"):
-                raise ManifestMismatch(f"{tf}: {len(titles)} titles != manifest count {counts.get('titles')}")
-            table = TitleTable.from_list(titles)
+            table = _read_titles(tf)
+            if len(table) != counts.get("titles"):
+                raise ManifestMismatch(f"{tf}: {len(table)} titles != manifest count {counts.get('titles')}")
         meta = {"corpus_checksum": man.get("corpus_checksum"), "prefix_token_ids": man.get("prefix_token_ids", []),
                 "manifest": man}
         trie = cls(**arrays, titles=table, max_depth=counts.get("max_depth"),

@@ -7,6 +7,11 @@ and AF_UNIX paths are limited to 107 bytes, so the root must stay short: a long 
 with a clear message instead of failing deep inside Ray. `ray_session(address=...)` joins an existing
 cluster instead and leaves it running. If Ray is already initialised in this process (a caller's own
 session), that one is reused and left alone.
+
+Ray 2.60 quirks: a local `ray.init` turns on token authentication by default (it writes
+~/.ray/auth_token once and logs a warning; set RAY_AUTH_MODE=disabled to opt out) and its servers
+listen on all interfaces; Ray's SIGTERM handler exits through `sys.exit`, so this block's cleanup
+also runs when the build is terminated (SIGKILL leaves the session folder behind).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         yield ray
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own convention for "join, don't start"
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
@@ -69,8 +75,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
                 ray.init(address=address, **common)
             else:
                 root = make_temp_root(temp_dir)
-                # Bind to loopback: a local session needs no network-reachable ports.
-                common.setdefault("_node_ip_address", "127.0.0.1")
                 ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(root), **common)
     except Exception as exc:
         if root is not None:

@@ -95,7 +95,8 @@ def stable_seed(key: str, seed: int = 0) -> int:
 
 def random_spans_mask(n: int, density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
     """T5's span-corruption mask: about `density * n` tokens in spans of mean length `mean_span`,
-    starting with a kept span. Always corrupts at least one token (all of a 1-token passage)."""
+    starting with a kept span (unlike T5, a kept tail may follow the last span, so one short span can
+    fall anywhere). Always corrupts at least one token (all of a 1-token passage)."""
     if n <= 1:
         return np.ones(n, dtype=bool)
     num_noise = min(max(int(round(n * density)), 1), n - 1)
@@ -106,10 +107,12 @@ def random_spans_mask(n: int, density: float, mean_span: float, rng: np.random.G
         cuts = np.sort(rng.choice(np.arange(1, items), segments - 1, replace=False)) if segments > 1 else []
         return np.diff(np.concatenate([[0], cuts, [items]])).astype(int)
 
-    noise, keep = segment(num_noise, num_spans), segment(num_keep, num_spans)
+    noise = segment(num_noise, num_spans)
+    keep = segment(num_keep + 1, num_spans + 1)  # a kept span before each noise span, then a tail (may be empty)
+    keep[-1] -= 1
     mask = np.zeros(n, dtype=bool)
     pos = 0
-    for k, z in zip(keep, noise):
+    for k, z in zip(keep[:-1], noise):
         pos += k
         mask[pos:pos + z] = True
         pos += z

@@ -16,7 +16,7 @@ _EXPORTS = {
     "DenseRetriever": "retrievers.dense", "build_dense_index": "retrievers.dense",
 }
 # Modules that register an index kind with `register_index_kind` when imported.
-INDEX_KIND_MODULES = ["retrievers.bm25", "retrievers.dense"]
+INDEX_KIND_MODULES = ["retrievers.bm25", "retrievers.dense", "retrievers.generative.retriever"]
 
 __all__ = sorted(_EXPORTS)
 

@@ -217,6 +217,9 @@ class TrieLogitsProcessor(LogitsProcessor):
         lens = torch.tensor([len(a) for a in allowed])
         cols = torch.from_numpy(np.concatenate(allowed).astype(np.int64)).to(scores.device)
         rows = torch.repeat_interleave(torch.arange(len(allowed)), lens).to(scores.device)
+        if cols.numel() and int(cols.max()) >= scores.shape[-1]:  # trie ids beyond the model's vocab
+            keep = cols < scores.shape[-1]
+            rows, cols = rows[keep], cols[keep]
         out = torch.full_like(scores, -math.inf)
         out[rows, cols] = scores[rows, cols]
         return out

@@ -194,3 +194,16 @@ def test_shipped_configs_parse():
     for name in ("swap-demo.yaml", "swap-full.yaml"):
         config = cs.load_swap_config(root / name)
         assert config.models and config.corpora
+
+
+def test_counterfactual_from_rag_transforms_is_paired(tmp_path: Path):
+    pytest.importorskip("rag.transforms")
+    config = _config(tmp_path, models={"bm25": {"kind": "bm25"}}, corpora={
+        "original": {"path": str(tmp_path / "data" / "original")},
+        "counterfactual": {"derive": {"from": "original", "transform": "counterfactual"}, "baseline": "original"}})
+    rows = {r["corpus"]: r for r in cs.run_swap(config, tmp_path / "out", workers=0)}
+    cf = rows["counterfactual"]
+    assert cf["status"] == "ok" and 0 < cf["metrics"]["n"] < rows["original"]["metrics"]["n"]
+    # CRP compares the same questions: the baseline is rescored on the questions the transform kept
+    assert cf["paired_n"] == cf["metrics"]["n"] and cf["baseline_metrics"]["n"] == cf["metrics"]["n"]
+    assert "paired" in (tmp_path / "out" / cs.TABLE).read_text(encoding="utf-8")

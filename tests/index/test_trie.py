@@ -308,3 +308,17 @@ def test_larger_random_build_and_updates_vs_rebuild():
     live_titles = [titles[i] for i in sorted(keep)] + ["-".join(map(str, s)) for s in extra]
     rebuilt = TitleTrie.build(live_seqs, live_titles, start_token_id=1, eos_token_id=2)
     assert snapshot(trie) == snapshot(rebuilt)
+
+
+def test_token_dtype_follows_vocabulary():
+    small = TitleTrie.build([[1, 5, 2], [1, 30000, 2]], ["a", "b"], start_token_id=1, eos_token_id=2)
+    assert small._tok.dtype == np.uint16
+    big = TitleTrie.build([[1, 5, 2], [1, 250_000, 2]], ["a", "b"], start_token_id=1, eos_token_id=2)
+    assert big._tok.dtype == np.int32
+    assert big.allowed([1]) == [5, 250_000] and big.lookup([1, 250_000, 2]) == [1]
+    # a token beyond the uint16 range added later lives in the overlay, then compacts to int32
+    small.add(["c"], sequences=[[1, 70_000, 2]])
+    assert small.allowed([1]) == [5, 30000, 70_000]
+    assert small.step(small.step(small.root, 1), 70_000) >= 0
+    small.compact()
+    assert small._tok.dtype == np.int32 and small.allowed([1]) == [5, 30000, 70_000]

@@ -1,0 +1,389 @@
+"""Train the generative retriever (CorpusBrain): pre-train on ISS/LPS/HIP pairs, fine-tune on KILT data.
+
+`rag train retriever --kind generative --stage pretrain --corpus C --out RUN [--tasks iss,lps,hip] [--peft full|iaa|lora]`
+`rag train retriever --kind generative --stage finetune --init RUN --train TRAIN.jsonl [--dev DEV.jsonl] --out RUN2`
+
+* Pairs: retrievers/generative/pretrain_tasks.py (``--pairs FILE`` reuses `rag data pretrain-pairs` output;
+  ``--max-pairs N`` keeps a seeded random subset). Fine-tuning targets are the gold titles joined with
+  `` | ``; examples none of whose gold pages is in the corpus are skipped and counted.
+* Labels are built per title with the tokenizer the trie uses (no special tokens), joined by the
+  separator tokens of " |" and closed by EOS, so every target is a path of the title trie (with
+  restarts after the separator); the decoder input is the decoder start token + labels[:-1].
+  (BERT: "A |B" and "A | B" tokenise the same; a BPE tokenizer would not, hence per-title encoding.)
+* PEFT through rag.peft: full, iaa, adapter, lora, bitfit (prefix tuning does not fit EncoderDecoderModel).
+  ``--init RUN`` continues the run's own adapters (same method), or puts a new method on a full run.
+* The loop, progress, checkpoints, ``--resume`` (refused with a different config), curves and metrics
+  are rag.training's. Dev evaluation decodes the dev questions with beam ``--eval-beams`` under the trie
+  of the whole corpus: KILT Rprec, recall@5/10, and queries per second.
+
+The run folder: config.json, metrics.json, curves.csv, curves-*.png, checkpoints/, generative_run.json,
+tokenizer/, and model/ (full: save_pretrained, safetensors) or peft/ (only the trained parameters +
+the base reference in generative_run.json). `load_generative(RUN)` (model.py) reads it back.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rag.errors import RagError
+from rag.training.config import TrainConfig, add_train_flags, train_overrides
+from retrievers.generative.model import DEFAULT_MODEL
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")
+PEFT_CHOICES = ("full", "iaa", "adapter", "lora", "bitfit")
+METHOD_LR: dict[str, float] = {"full": 1e-4, "iaa": 1e-3, "adapter": 1e-3, "lora": 5e-4, "bitfit": 5e-4}
+EVAL_KS = (1, 5, 10)
+
+
+@dataclass
+class GenerativeTrainConfig(TrainConfig):
+    stage: str = "pretrain"
+    corpus: str = ""
+    train: str | None = None              # finetune: KILT JSONL
+    dev: str | None = None                # KILT JSONL evaluated with the trie
+    model: str = DEFAULT_MODEL            # base seq2seq model (ignored with init)
+    init: str | None = None               # a generative run folder to start from
+    peft: str = "full"
+    rank: int | None = None
+    tasks: str = "iss,lps,hip"
+    pairs: str | None = None              # pretrain: a pairs JSONL instead of building them
+    max_pairs: int = 0                    # pretrain: seeded random subset (0 = all)
+    sentence_windows: str = "auto"
+    match_titles: str = "auto"
+    all_anchor_targets: bool = False
+    max_source_words: int | None = None
+    hip_per_doc: int = 3
+    train_fraction: float = 1.0           # finetune: seeded fraction of the training questions
+    max_source_length: int = 128
+    max_target_length: int = 64
+    eval_beams: int = 10
+    dev_limit: int = 0                    # evaluate the first N usable dev questions (0 = all)
+    eval_batch_size: int = 8
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+class TargetEncoder:
+    """Title lists -> label ids that follow the trie: [prefix] t1 [sep prefix t2 ...] eos."""
+
+    def __init__(self, tokenizer: Any, start_token_id: int, eos_token_id: int, prefix_token_ids: Sequence[int] = (),
+                 max_length: int = 64) -> None:
+        from retrievers.generative.constrained import separator_ids
+
+        self.tokenizer = tokenizer
+        self.start, self.eos = int(start_token_id), int(eos_token_id)
+        self.prefix = [int(t) for t in prefix_token_ids]
+        self.sep = separator_ids(tokenizer)
+        self.max_length = max_length
+        self._cache: dict[str, list[int]] = {}
+
+    def title_ids(self, title: str) -> list[int]:
+        ids = self._cache.get(title)
+        if ids is None:
+            from index.trie import encode_titles
+            ids = self._cache[title] = encode_titles(self.tokenizer, [title])[0]
+        return ids
+
+    def labels(self, titles: Sequence[str]) -> list[int]:
+        out: list[int] = []
+        for j, title in enumerate(titles):
+            part = (self.sep if j else []) + self.prefix + self.title_ids(title)
+            if j and len(out) + len(part) + 1 > self.max_length:
+                break  # drop whole extra titles rather than cut one
+            out.extend(part)
+        return out[: self.max_length - 1] + [self.eos]
+
+
+def collate(pairs: Sequence[Any], tokenizer: Any, targets: TargetEncoder, max_source_length: int, device: Any):
+    import torch
+
+    enc = tokenizer([p.source for p in pairs], padding=True, truncation=True, max_length=max_source_length,
+                    return_tensors="pt")
+    labels = [targets.labels(p.titles) for p in pairs]
+    width = max(len(x) for x in labels)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lab = torch.full((len(labels), width), -100, dtype=torch.long)
+    dec = torch.full((len(labels), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(labels), width), dtype=torch.long)
+    for i, x in enumerate(labels):
+        lab[i, :len(x)] = torch.tensor(x)
+        dec[i, :len(x)] = torch.tensor([targets.start] + x[:-1])
+        mask[i, :len(x)] = 1
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+            "decoder_input_ids": dec.to(device), "decoder_attention_mask": mask.to(device), "labels": lab.to(device)}
+
+
+def seq2seq_loss(model: Any, batch: dict[str, Any]):
+    import torch
+
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=batch["decoder_attention_mask"])
+    logits = out.logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=-100)
+    with torch.no_grad():
+        keep = labels != -100
+        acc = ((logits.argmax(-1) == labels) & keep).sum().float() / keep.sum().clamp(min=1)
+    return loss, {"ce": float(loss.detach()), "token_acc": float(acc), "target_tokens": float(keep.sum())}
+
+
+# ---------------------------------------------------------------------------------------------- dev eval
+
+class GenerativeDevEvaluator:
+    """KILT Rprec / recall@k of dev questions decoded under the corpus trie; also queries per second."""
+
+    def __init__(self, corpus, dev_path: str | Path, tokenizer: Any, start: int, eos: int, beams: int = 10,
+                 limit: int = 0, batch_size: int = 8, max_source_length: int = 128, multi_title: bool = False,
+                 ks: Sequence[int] = EVAL_KS) -> None:
+        from rag.io import read_jsonl
+        from retrievers.generative.index import corpus_trie
+        from retrievers.generative.pretrain_tasks import finetune_pairs
+
+        pairs, report = finetune_pairs(dev_path, corpus, require=True)
+        keep = {p.doc_id for p in pairs}
+        rows = [r for r in read_jsonl(dev_path) if str(r.get("id")) in keep]
+        if limit and limit > 0:
+            rows = rows[:limit]
+        self.rows, self.report = rows, report
+        self.trie, doc_ids, _ = corpus_trie(corpus, tokenizer, start, eos)
+        self.doc_of = {self.trie.title(i): d for i, d in enumerate(doc_ids)}
+        self.tokenizer, self.beams, self.batch_size = tokenizer, beams, batch_size
+        self.max_source_length, self.multi_title, self.ks = max_source_length, multi_title, tuple(ks)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dev_questions": len(self.rows), "dev_file": self.report.to_json(), "eval_beams": self.beams,
+                "eval_multi_title": self.multi_title, "trie_titles": len(self.trie)}
+
+    def rankings(self, model: Any) -> tuple[list[list[tuple[str, float]]], float]:
+        from retrievers.generative.constrained import decode_titles
+        from retrievers.generative.model import prepare_for_generation
+
+        t0 = time.perf_counter()
+        ranked = decode_titles(prepare_for_generation(model), self.tokenizer, self.trie, [r["input"] for r in self.rows],
+                               num_beams=self.beams, num_return_sequences=self.beams, batch_size=self.batch_size,
+                               multi_title=self.multi_title, max_input_length=self.max_source_length)
+        return ranked, time.perf_counter() - t0
+
+    def score(self, ranked: list[list[tuple[str, float]]]) -> dict[str, float]:
+        from eval.kilt import evaluate_kilt
+
+        guesses = [{"id": r["id"], "output": [{"provenance": [{"wikipedia_id": self.doc_of[t], "title": t, "score": s}
+                                                              for t, s in items]}]}
+                   for r, items in zip(self.rows, ranked)]
+        res = evaluate_kilt(guesses, self.rows, ks=self.ks)["retrieval"]
+        out = {"Rprec": res["Rprec"]}
+        out.update({f"recall@{k}": res[f"recall@{k}"] for k in self.ks if k > 1})
+        out["precision@1"] = res.get("precision@1", 0.0)
+        return out
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        ranked, seconds = self.rankings(model)
+        return {**self.score(ranked), "queries_per_second": len(self.rows) / max(seconds, 1e-9)}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def training_pairs(config: GenerativeTrainConfig, corpus) -> tuple[list[Any], dict[str, Any]]:
+    from retrievers.generative.pretrain_tasks import (PretrainConfig, build_pairs, finetune_pairs, parse_tasks,
+                                                      read_pairs)
+
+    if config.stage == "pretrain":
+        tasks = parse_tasks(config.tasks)
+        if config.pairs:
+            pairs = [p for p in read_pairs(config.pairs) if p.task in tasks]
+            if not pairs:
+                raise RagError(f"{config.pairs}: no pairs of the tasks {list(tasks)}")
+            info: dict[str, Any] = {"pairs_file": config.pairs}
+        else:
+            pcfg = PretrainConfig(tasks=tasks, sentence_windows=config.sentence_windows,
+                                  match_titles=config.match_titles, all_anchor_targets=config.all_anchor_targets,
+                                  max_source_words=config.max_source_words, hip_per_doc=config.hip_per_doc,
+                                  seed=config.seed)
+            pairs, stats = build_pairs(corpus, pcfg)
+            info = {"pair_stats": stats.to_json()}
+        available = len(pairs)
+        if config.max_pairs and config.max_pairs < len(pairs):
+            pick = sorted(random.Random(config.seed).sample(range(len(pairs)), config.max_pairs))
+            pairs = [pairs[i] for i in pick]
+        counts: dict[str, int] = {}
+        for p in pairs:
+            counts[p.task] = counts.get(p.task, 0) + 1
+        info.update({"pairs_available": available, "train_pairs": len(pairs), "train_pairs_by_task": counts})
+        return pairs, info
+    if not config.train:
+        raise RagError("--stage finetune needs --train TRAIN.jsonl (KILT)")
+    pairs, report = finetune_pairs(config.train, corpus)
+    logger.info(report.summary())
+    if not 0 < config.train_fraction <= 1:
+        raise RagError(f"--train-fraction must be in (0, 1], got {config.train_fraction}")
+    if config.train_fraction < 1:
+        n = max(1, round(len(pairs) * config.train_fraction))
+        pick = sorted(random.Random(config.seed).sample(range(len(pairs)), n))
+        pairs = [pairs[i] for i in pick]
+    return pairs, {"train_file": report.to_json(), "train_pairs": len(pairs)}
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def build_model(config: GenerativeTrainConfig):
+    """(model ready to train, tokenizer, base reference, base fingerprint) seeded by config.seed."""
+    from rag.peft import apply_peft, peft_config
+    from rag.training.loop import seed_everything
+    from retrievers.generative.model import (base_reference, fingerprint, load_generative, load_run,
+                                             read_run_meta)
+
+    overrides = {} if config.rank is None else {"rank": config.rank}
+    peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before loading anything
+    seed_everything(config.seed)
+    if config.init:
+        meta = read_run_meta(config.init)
+        if meta["weights"] == "peft":
+            if config.peft != meta["peft"]:
+                raise RagError(f"--init {config.init} holds '{meta['peft']}' adapters: fine-tune them with "
+                               f"--peft {meta['peft']}, or start from a run trained with --peft full")
+            if config.rank is not None:
+                logger.warning("--rank is ignored: the adapters of %s keep their rank", config.init)
+            model, tokenizer = load_run(config.init, trainable=True)
+            return model, tokenizer, meta["base"], meta.get("base_fingerprint")
+        model, tokenizer = load_run(config.init, trainable=config.peft == "full")
+        base, base_fp = str(Path(config.init).resolve()), None
+        if config.peft != "full":
+            base_fp = fingerprint(model)
+            model = apply_peft(model, config.peft, **overrides)
+        return model, tokenizer, base, base_fp
+    model, tokenizer = load_generative(config.model, trainable=True)
+    base_fp = fingerprint(model) if config.peft != "full" else None
+    model = apply_peft(model, config.peft, **overrides)
+    return model, tokenizer, base_reference(config.model), base_fp
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+                     corpus=None) -> dict[str, Any]:
+    """Train and write the run folder; returns metrics.json's content."""
+    from rag.corpus import Corpus
+    from rag.training import RunFolder, TrainLoop
+    from rag.training.loop import EpochSampler, pick_device
+    from retrievers.generative.model import decoder_ids, save_run_model
+
+    if config.stage not in STAGES:
+        raise RagError(f"--stage must be one of {', '.join(STAGES)}, not {config.stage!r}")
+    if config.peft not in PEFT_CHOICES:
+        raise RagError(f"--peft {config.peft!r} is not supported for the generative retriever; choose one of "
+                       f"{', '.join(PEFT_CHOICES)}")
+    if not config.corpus:
+        raise RagError("--corpus is required (the titles the model learns to generate)")
+    corpus = corpus or Corpus.load(config.corpus)
+    pairs, data_info = training_pairs(config, corpus)
+    device = pick_device(config.device)
+    model, tokenizer, base, base_fp = build_model(config)
+    model.to(device)
+    run = RunFolder(out, config, f"retriever:generative:{config.stage}", resume=resume, overwrite=overwrite)
+    start, eos = decoder_ids(model, tokenizer)
+    targets = TargetEncoder(tokenizer, start, eos, max_length=config.max_target_length)
+    multi_title = any(len(p.titles) > 1 for p in pairs)
+    evaluator = (GenerativeDevEvaluator(corpus, config.dev, tokenizer, start, eos, config.eval_beams, config.dev_limit,
+                                        config.eval_batch_size, config.max_source_length, multi_title)
+                 if config.dev else None)
+    sampler = EpochSampler(len(pairs), config.batch_size, config.seed)
+
+    def batch_for_step(step: int):
+        return collate([pairs[i] for i in sampler.indices(step)], tokenizer, targets, config.max_source_length, device)
+
+    def evaluate() -> dict[str, float]:
+        return evaluator.evaluate(model)
+
+    def save_final(path: Path) -> None:
+        save_run_model(model, tokenizer, path, method=config.peft, base=base, base_fingerprint=base_fp,
+                       extra={"stage": config.stage, "init": str(Path(config.init).resolve()) if config.init else None,
+                              "corpus": str(corpus.path), "corpus_checksum": corpus.checksum,
+                              "multi_title": multi_title, "max_source_length": config.max_source_length})
+
+    extra = {"stage": config.stage, "peft": config.peft, "lr": config.lr, "base": base, "init": config.init,
+             "multi_title_targets": multi_title, **data_info, **(evaluator.describe() if evaluator else {})}
+    loop = TrainLoop(run, model, config, batch_for_step, lambda b: seq2seq_loss(model, b),
+                     evaluate if evaluator else None, save_final=save_final, resume=resume, extra_metrics=extra)
+    t0 = time.perf_counter()
+    metrics = loop.fit()
+    metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
+    run.write_metrics(metrics)
+    model.eval()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from retrievers.generative.pretrain_tasks import add_config_arguments
+
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--corpus", help="corpus JSONL or folder (finetune: defaults to the --init run's corpus)")
+    parser.add_argument("--train", help="finetune: KILT JSONL (targets: gold titles joined with ' | ')")
+    parser.add_argument("--dev", help="KILT JSONL decoded under the corpus trie (Rprec, recall@5/10, queries/s)")
+    parser.add_argument("--model", help=f"base seq2seq model or run folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--init", help="start from this generative run folder (e.g. a pretrain run)")
+    parser.add_argument("--peft", choices=PEFT_CHOICES,
+                        help="full | iaa | adapter | lora | bitfit (default: full; with --init, the run's method)")
+    parser.add_argument("--rank", type=int, help="bottleneck / LoRA rank (method default if unset)")
+    parser.add_argument("--pairs", help="pretrain: pairs JSONL from `rag data pretrain-pairs` (else built here)")
+    parser.add_argument("--max-pairs", type=int, help="pretrain: seeded random subset of the pairs (0 = all)")
+    parser.add_argument("--train-fraction", type=float, help="finetune: seeded fraction of the training questions")
+    parser.add_argument("--max-source-length", type=int, help="source tokens (default 128)")
+    parser.add_argument("--max-target-length", type=int, help="target tokens (default 64)")
+    parser.add_argument("--eval-beams", type=int, help="beams for dev decoding (default 10)")
+    parser.add_argument("--dev-limit", type=int, help="evaluate only the first N dev questions")
+    parser.add_argument("--eval-batch-size", type=int)
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    add_config_arguments(parser)
+    for action in parser._actions:  # pair-building flags: None = the config default
+        if action.dest in ("tasks", "sentence_windows", "match_titles", "hip_per_doc"):
+            action.default = None
+    add_train_flags(parser, GenerativeTrainConfig(lr=METHOD_LR["full"]))
+    parser._option_string_actions["--lr"].help = (
+        "peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()) + ")")
+
+
+def config_from_args(args: argparse.Namespace) -> GenerativeTrainConfig:
+    from retrievers.generative.model import read_run_meta
+
+    own = {f.name for f in dataclasses.fields(GenerativeTrainConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: getattr(args, k) for k in own if getattr(args, k, None) is not None}
+    values["all_anchor_targets"] = bool(getattr(args, "all_anchor_targets", False))
+    if values.get("init"):
+        meta = read_run_meta(values["init"])
+        values.setdefault("peft", meta["peft"])
+        if not values.get("corpus") and meta.get("corpus"):
+            values["corpus"] = meta["corpus"]
+        values.pop("model", None)
+        values["init"] = str(Path(values["init"]).resolve())
+    if values.get("model") and Path(values["model"]).expanduser().exists():
+        values["model"] = str(Path(values["model"]).expanduser().resolve())
+    for key in ("corpus", "train", "dev", "pairs"):
+        if values.get(key) and Path(values[key]).exists():
+            values[key] = str(Path(values[key]).resolve())
+    overrides = train_overrides(args)
+    overrides.setdefault("lr", METHOD_LR.get(values.get("peft", "full"), 1e-4))
+    return GenerativeTrainConfig(**values, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    metrics = train_generative(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    summary = {k: metrics.get(k) for k in ("stage", "peft", "trainable_params", "total_params", "trainable_fraction",
+                                           "train_pairs", "seconds_per_step", "peak_rss_mb", "dev")}
+    summary["final_loss"] = metrics.get("final_train", {}).get("loss")
+    print(json.dumps({"out": str(args.out), **summary}, indent=2))
+    return 0
