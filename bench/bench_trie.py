@@ -252,6 +252,7 @@ def worker_compact(workdir: Path, n_sub: int | None, save: bool) -> dict:
     del titles
     gc.collect()
     trie = TitleTrie.build((flat, off), table, start_token_id=CLS, eos_token_id=SEP)
+    del table
     build_s = time.perf_counter() - t0
     build_cpu_s = time.process_time() - c0
     peak = rss_mb()
@@ -621,6 +622,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     results["config"]["machine"]["loadavg_end"] = os.getloadavg()
+    if args.only and out_json.exists():  # partial rerun: update those sections of the previous results
+        previous = json.loads(out_json.read_text())
+        if previous.get("config", {}).get("n") == args.n:
+            runs = previous.setdefault("runs", [])
+            runs.append({"sections": [k for k in results if k not in ("config", "data")],
+                         "machine": results["config"]["machine"]})
+            for key, val in results.items():
+                if key not in ("config", "data"):
+                    previous[key] = val
+            results = previous
     results["ratios"] = ratios(results)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -225,7 +225,7 @@ class IndexSpec:
     kind: str                  # an INDEX_BUILDERS key
     corpus: str                # corpus file
     dir: str                   # where the index goes
-    encoder: str | None = None
+    encoder: str | None = None # dense: the encoder; trie: the generative model (run folder) whose tokenizer it uses
     batch_size: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -313,6 +313,8 @@ def _transform(name: str) -> Callable[..., Any] | None:
     entry = (getattr(extra, "TRANSFORMS", None) or {}).get(name)
     if entry is None:
         return None
+    if getattr(entry, "derive", None) is not None:  # a file-level transform (this module's signature)
+        return entry.derive
     # rag/transforms.py registers Transform(fn(corpus_rows, qa_rows, seed) -> (corpus_rows, qa_rows, stats), ...)
     from functools import partial
 
@@ -432,10 +434,12 @@ def plan_swap(config: SwapConfig, out: str | Path) -> SwapPlan:
                                 pseudo=state.pseudo, k=k, ks=list(config.ks), workdir=str(workdir),
                                 retriever_model=models.get(model.retriever) if model.retriever else None,
                                 unavailable=state.unavailable)
-                if state.unavailable is None:
+                if cell.unavailable is None and CELL_KINDS[model.kind].available is not None:
+                    cell.unavailable = CELL_KINDS[model.kind].available()
+                if cell.unavailable is None:
                     if request is not None:
                         index_kind, owner = request
-                        encoder = owner.encoder if index_kind == "dense" else None
+                        encoder = {"dense": owner.encoder, "trie": owner.run}.get(index_kind)
                         ident = {"kind": index_kind, "encoder": encoder, "corpus": _checksum(state.corpus)}
                         tag = f"{index_kind}-{_slug(Path(encoder).name) + '-' if encoder else ''}{_hash(ident, 8)}"
                         index_dir = str(index_root / _slug(spec.name) / tag)
@@ -464,7 +468,13 @@ def _build_dense(spec: IndexSpec) -> None:
                       overwrite=True)
 
 
-INDEX_BUILDERS: dict[str, Callable[[IndexSpec], None]] = {"bm25": _build_bm25, "dense": _build_dense}
+def _build_trie(spec: IndexSpec) -> None:
+    from retrievers.generative.index import TrieBuildConfig, build_trie_index
+    build_trie_index(spec.corpus, spec.dir, TrieBuildConfig(model=spec.encoder), overwrite=True)
+
+
+INDEX_BUILDERS: dict[str, Callable[[IndexSpec], None]] = {"bm25": _build_bm25, "dense": _build_dense,
+                                                          "trie": _build_trie}
 
 
 def index_ready(index_dir: str | Path) -> bool:
@@ -516,73 +526,79 @@ def retrieval_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
     return _score(cell, workdir, guess_rows(queries, rankings))
 
 
-def generative_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
-    """CorpusBrain: needs `retrievers.generative.load_generative_retriever(run_dir, corpus, **options)`."""
+def _module_missing(*modules: str) -> str | None:
+    """None when every module imports; else why not (a kind whose modules are absent is "unavailable")."""
     import importlib
-    try:
-        generative = importlib.import_module("retrievers.generative")
-    except ImportError as exc:
-        raise CellUnavailable(f"retrievers.generative cannot be imported: {exc}") from None
-    loader = getattr(generative, "load_generative_retriever", None)
-    if loader is None:
-        raise CellUnavailable("generative retrieval is not in this build "
-                              "(retrievers.generative has no load_generative_retriever(run_dir, corpus))")
-    from rag.commands.retrieve import retrieve_queries
-    from rag.tasks import guess_rows, load_queries
-    if not cell.model.run:
-        raise RagError(f"model {cell.model.name!r}: a generative cell needs run: RUN_DIR")
-    retriever = loader(cell.model.run, cell.corpus_path, **cell.model.options)
-    queries = load_queries(cell.task_path)
-    rankings = retrieve_queries(retriever, [q.text for q in queries], cell.k, cell.model.batch_size)
-    return _score(cell, workdir, guess_rows(queries, rankings))
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"{module} is not in this build ({exc})"
+    return None
 
 
-def _reader_loader() -> Callable[..., Any]:
+def _generative_available() -> str | None:
+    return _module_missing("retrievers.generative.index", "retrievers.generative.retriever")
+
+
+def _reader_available() -> str | None:
+    missing = _module_missing("readers.base")
+    if missing:
+        return missing
     import importlib
-    try:
-        readers = importlib.import_module("readers")
-    except ImportError as exc:
-        raise CellUnavailable(f"the readers package cannot be imported: {exc}") from None
-    loader = getattr(readers, "load_reader", None)
-    if loader is None:
-        raise CellUnavailable("readers are not in this build (readers has no load_reader(run_dir))")
-    return loader
+    base = importlib.import_module("readers.base")
+    return None if hasattr(base, "load_reader") and hasattr(base, "ReaderPassage") else \
+        "readers.base has no load_reader / ReaderPassage"
+
+
+READER_OPTIONS = ("passages", "kind", "batch_size", "device")
 
 
 def reader_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
-    """A reader run folder over the rankings of its `retriever` model: KILT retrieval + downstream + KILT-*.
-
-    Contract: `readers.load_reader(run_dir, **options)` returns an object whose
-    `answer(questions: list[str], passages: list[list[Hit]]) -> list[str]` answers each question from
-    its ranked passages.
-    """
-    loader = _reader_loader()
+    """A trained reader (`reader: RUN_DIR`) over the rankings of its `retriever` model on this corpus variant:
+    KILT retrieval metrics of the ranking, plus em / f1 / KILT-* of the answers. The reader reads the top
+    `options.passages` (default 5) passages; other options (max_passage_tokens, num_beams, ...) override its
+    ReaderConfig; options.kind (fid | causal) is read from the run folder when not given."""
+    reason = _reader_available()
+    if reason:
+        raise CellUnavailable(reason)
+    from readers.base import ReaderPassage, load_reader
     from rag.tasks import guess_rows
+
     run_dir = cell.model.reader or cell.model.run
     if not run_dir:
         raise RagError(f"model {cell.model.name!r}: a reader cell needs reader: RUN_DIR")
     if cell.retriever_model is None or cell.index_dir is None:
         raise RagError(f"model {cell.model.name!r}: a reader cell needs retriever: MODEL (bm25 or dense)")
+    options = dict(cell.model.options)
+    n_passages = int(options.pop("passages", 5))
+    kind, device = options.pop("kind", None), options.pop("device", None)
+    batch_size = int(options.pop("batch_size", 8))
     queries, rankings = _retrieve(cell, workdir, cell.index_dir, cell.retriever_model)
-    reader = loader(run_dir, **cell.model.options)
-    answers = list(reader.answer([q.text for q in queries], rankings))
+    reader = load_reader(kind, run_dir, device=device, config_overrides=options or None)
+    passages = [[ReaderPassage.from_hit(h) for h in hits[:n_passages]] for hits in rankings]
+    answers = [a for a, _ in reader.answer_with_meta([q.text for q in queries], passages, batch_size)]
     return _score(cell, workdir, guess_rows(queries, rankings, answers))
 
 
 @dataclass(frozen=True)
 class CellKind:
-    """run(cell, workdir) -> metrics; index: the INDEX_BUILDERS kind its cells read (None: none, or the
-    retriever model's)."""
+    """run(cell, workdir) -> metrics. index: the INDEX_BUILDERS kind its cells read (None: none, or its retriever
+    model's); available() -> None, or why the kind is not in this build (its cells are then "unavailable")."""
     run: Callable[[CellSpec, Path], dict[str, Any]]
     index: str | None = None
+    available: Callable[[], str | None] | None = None
     description: str = ""
 
 
 CELL_KINDS: dict[str, CellKind] = {
-    "bm25": CellKind(retrieval_cell, "bm25", "BM25 (bm25s) over the corpus variant; no model"),
-    "dense": CellKind(retrieval_cell, "dense", "bi-encoder (alias or `rag train retriever --kind dense` run) + Faiss"),
-    "generative": CellKind(generative_cell, None, "CorpusBrain run folder; titles trie of the corpus variant"),
-    "reader": CellKind(reader_cell, None, "reader run folder (FiD / causal, e.g. CIT) over a retriever model"),
+    "bm25": CellKind(retrieval_cell, "bm25", None, "BM25 (bm25s) over the corpus variant; no model"),
+    "dense": CellKind(retrieval_cell, "dense", None,
+                      "bi-encoder (alias or `rag train retriever --kind dense` run) + Faiss over the variant"),
+    "generative": CellKind(retrieval_cell, "trie", _generative_available,
+                           "CorpusBrain run folder (`run:`); title trie of the corpus variant"),
+    "reader": CellKind(reader_cell, None, _reader_available,
+                       "reader run folder (`reader:`; fid / causal, e.g. CIT) over a `retriever:` model"),
 }
 
 

@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     build.add_argument("--ray", action="store_true",
                        help="dense: encode shards on a Ray actor pool (local Ray unless --address); bm25: ignored")
-    build.add_argument("--address", help="with --ray: join this Ray cluster (e.g. ray://host:10001 or auto)")
+    build.add_argument("--address", help="with --ray: join this Ray cluster (host:6379 or auto); "
+                       "the output folder must be on storage every node sees")
     build.add_argument("--workers", type=int, help="with --ray: encoder actors (default 2)")
     build.add_argument("--gpus-per-worker", type=float, default=0.0,
                        help="with --ray: GPUs per actor (fractions share a GPU; > 0 encodes on cuda)")

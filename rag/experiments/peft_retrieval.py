@@ -57,6 +57,7 @@ class Preset:
     batch_size: int
     max_seq_length: int
     eval_docs: int
+    eval_bm25_docs: int
     pseudo_queries: int
     loss_at: tuple[int, ...]
     eval_every: int
@@ -66,9 +67,9 @@ class Preset:
 
 PRESETS = {
     # Sized for a 2-core CPU shared with other jobs: see the module doc and the table header.
-    "default": Preset(steps=60, batch_size=8, max_seq_length=64, eval_docs=500, pseudo_queries=200,
-                      loss_at=(15, 30, 45, 60), eval_every=30, smooth=10, isolate=True),
-    "small": Preset(steps=6, batch_size=4, max_seq_length=32, eval_docs=0, pseudo_queries=8,
+    "default": Preset(steps=60, batch_size=8, max_seq_length=64, eval_docs=200, eval_bm25_docs=3,
+                      pseudo_queries=200, loss_at=(15, 30, 45, 60), eval_every=0, smooth=10, isolate=True),
+    "small": Preset(steps=6, batch_size=4, max_seq_length=32, eval_docs=0, eval_bm25_docs=0, pseudo_queries=8,
                     loss_at=(2, 4, 6), eval_every=3, smooth=2, isolate=False),
 }
 
@@ -81,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--small", action="store_true", help="tiny preset for tests")
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(m.name for m in METHODS)}")
-    for name in ("steps", "batch-size", "max-seq-length", "eval-docs", "pseudo-queries", "eval-every", "smooth"):
+    for name in ("steps", "batch-size", "max-seq-length", "eval-docs", "eval-bm25-docs", "pseudo-queries",
+                 "eval-every", "smooth"):
         parser.add_argument(f"--{name}", type=int, help="override the preset")
     parser.add_argument("--loss-at", help="comma-separated steps at which the train loss is reported")
     parser.add_argument("--loss-threshold", type=float,
@@ -91,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, help="rank for every method that has one (method defaults otherwise)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="train each method in its own process (honest peak memory)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads per training process (on a busy shared CPU, 1 is often much faster)")
     parser.add_argument("--full-eval", action="store_true", help="also evaluate every run on the whole corpus")
     parser.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
 
@@ -98,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _preset(args: argparse.Namespace) -> Preset:
     preset = PRESETS["small" if args.small else "default"]
     changes: dict[str, Any] = {}
-    for f in ("steps", "batch_size", "max_seq_length", "eval_docs", "pseudo_queries", "eval_every", "smooth"):
+    for f in ("steps", "batch_size", "max_seq_length", "eval_docs", "eval_bm25_docs", "pseudo_queries", "eval_every",
+              "smooth"):
         if getattr(args, f, None) is not None:
             changes[f] = getattr(args, f)
     if args.loss_at:
@@ -129,7 +134,8 @@ def _train_argv(args: argparse.Namespace, preset: Preset, method: Method, bm25: 
     argv = ["--corpus", str(args.corpus), "--train", str(args.train), "--dev", str(args.dev),
             "--encoder", str(args.encoder), "--peft", method.peft, "--pseudo-queries", str(preset.pseudo_queries),
             "--bm25-index", str(bm25), "--max-seq-length", str(preset.max_seq_length),
-            "--eval-docs", str(preset.eval_docs), "--max-steps", str(preset.steps),
+            "--eval-docs", str(preset.eval_docs), "--eval-bm25-docs", str(preset.eval_bm25_docs),
+            "--max-steps", str(preset.steps),
             "--batch-size", str(preset.batch_size), "--lr", str(METHOD_LR[method.peft]), "--seed", str(args.seed),
             "--eval-every", str(preset.eval_every), "--save-every", "0", "--log-every", "1",
             "--out", str(out), "--overwrite"]
@@ -146,6 +152,8 @@ def _train(args: argparse.Namespace, preset: Preset, method: Method, bm25: Path,
     if preset.isolate:
         cmd = [sys.executable, "-m", "rag.cli", "train", "retriever", "--kind", "dense", *argv]
         env = {**os.environ, "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         log = out.parent / f"{out.name}.log"
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w", encoding="utf-8") as fh:
@@ -161,7 +169,7 @@ def _train(args: argparse.Namespace, preset: Preset, method: Method, bm25: Path,
     return read_json(out / "metrics.json")
 
 
-def _untuned(args: argparse.Namespace, preset: Preset, corpus, out: Path) -> dict[str, Any]:
+def _untuned(args: argparse.Namespace, preset: Preset, corpus, out: Path, bm25: Path) -> dict[str, Any]:
     """The base encoder on the same dev pool, at the same max sequence length."""
     from retrievers.dense_train import DevEvaluator, load_base
     from retrievers.encoders import DenseEncoder
@@ -169,7 +177,7 @@ def _untuned(args: argparse.Namespace, preset: Preset, corpus, out: Path) -> dic
     if (out / "metrics.json").exists() and not args.overwrite:
         return read_json(out / "metrics.json")
     st = load_base(args.encoder, "cpu", preset.max_seq_length)
-    evaluator = DevEvaluator(corpus, args.dev, preset.eval_docs, 0)
+    evaluator = DevEvaluator(corpus, args.dev, preset.eval_docs, 0, bm25_index=bm25, bm25_docs=preset.eval_bm25_docs)
     t0 = time.perf_counter()
     dev = evaluator.evaluate(DenseEncoder(st, str(args.encoder)))
     total = sum(p.numel() for p in st.parameters())
@@ -337,6 +345,9 @@ def run(args: argparse.Namespace) -> int:
 
     preset = _preset(args)
     methods = _methods(args)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(args.corpus)
@@ -352,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = out / "runs" / method.name
         t0 = time.perf_counter()
         if method.peft is None:
-            metrics = _untuned(args, preset, corpus, run_dir)
+            metrics = _untuned(args, preset, corpus, run_dir, bm25)
         elif (run_dir / "metrics.json").exists() and (run_dir / "dense_run.json").exists() and not args.overwrite \
                 and read_json(run_dir / "metrics.json").get("steps") == preset.steps:
             metrics = read_json(run_dir / "metrics.json")
@@ -379,7 +390,8 @@ def run(args: argparse.Namespace) -> int:
               f"Train loss = multiple-negatives ranking loss, moving average over {preset.smooth} steps, "
               f"reported after {'/'.join(map(str, preset.loss_at))} steps (scaled down from 100/300/1000). "
               f"'steps to loss≤thr' uses threshold {_fmt(threshold)}. Dev = KILT metrics of the dev questions "
-              f"searched against the dev gold pages + {preset.eval_docs or 'all'} sampled corpus documents "
+              f"searched against a pool of the dev gold pages + each dev question's top {preset.eval_bm25_docs} BM25 "
+              f"documents + {preset.eval_docs or 'all'} sampled corpus documents "
               f"(the same pool for every method){'; whole-corpus numbers below' if args.full_eval else ''}. "
               f"iaa+moe: queries routed by the learned router (no domain given); per-topic table below. "
               f"Memory: peak process RSS during training "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -39,8 +37,6 @@ def _config(root: Path, models: dict | None = None, corpora: dict | None = None)
         "corpora": corpora or {
             "original": {"path": str(corpus.parent)},
             "perturb": {"derive": {"from": "original", "transform": "perturb", "seed": 0}, "baseline": "original"},
-            "held-out": {"derive": {"from": "original", "transform": "topic-holdout", "held_out": ["Biology"]},
-                         "part": "held-out", "baseline": "original"},
             "missing": {"derive": {"from": "original", "transform": "no-such-transform"}, "optional": True,
                         "baseline": "original"},
         },
@@ -64,17 +60,17 @@ def test_ray_matches_one_by_one_and_rerun_skips(tmp_path: Path, ray_local):
     distributed = cs.run_swap(config, tmp_path / "ray", workers=2)
     assert _essence(distributed) == _essence(local)
     by_cell = {r["cell"]: r for r in distributed}
-    assert len(by_cell) == 8  # 2 models x (original, perturb, held-out, missing) x 1 task
+    assert len(by_cell) == 6  # 2 models x (original, perturb, missing) x 1 task
     assert {r["status"] for r in distributed if r["corpus"] != "missing"} == {"ok"}
     assert {r["status"] for r in distributed if r["corpus"] == "missing"} == {"unavailable"}
     assert "no-such-transform" in by_cell["bm25|missing|dev"]["reason"]
     assert by_cell["bm25|original|dev"]["metrics"]["n"] == 3
-    assert by_cell["minilm|held-out|dev"]["metrics"]["n"] == 1  # only the Biology question is held out
+    assert by_cell["minilm|perturb|dev"]["metrics"]["n"] == 3
     assert by_cell["bm25|original|dev"]["metrics"]["recall@5"] == 1.0
     # one index per (corpus, kind, encoder), shared by the cells
-    assert len(list((tmp_path / "ray" / "indexes").glob("*/*/manifest.json"))) == 6
+    assert len(list((tmp_path / "ray" / "indexes").glob("*/*/manifest.json"))) == 4
     # results.jsonl holds one row a cell; table, plots and summary are written
-    assert len(_lines(tmp_path / "ray" / cs.RESULTS)) == 8
+    assert len(_lines(tmp_path / "ray" / cs.RESULTS)) == 6
     table = (tmp_path / "ray" / cs.TABLE).read_text(encoding="utf-8")
     assert "Original vs swapped" in table and "unavailable" in table
     assert (tmp_path / "ray" / cs.PLOTS / "crp-Rprec.png").stat().st_size > 0
@@ -83,7 +79,7 @@ def test_ray_matches_one_by_one_and_rerun_skips(tmp_path: Path, ray_local):
     again = cs.run_swap(config, tmp_path / "ray", workers=2)
     assert _essence(again) == _essence(distributed)
     rows = _lines(tmp_path / "ray" / cs.RESULTS)
-    assert sum(r["status"] == "ok" for r in rows) == 6 and len(rows) == 10
+    assert sum(r["status"] == "ok" for r in rows) == 4 and len(rows) == 8
 
 
 def test_failing_cell_is_retried_then_reported_and_resumes(tmp_path: Path, ray_local):
@@ -129,8 +125,11 @@ def test_local_retry_counts_attempts(tmp_path: Path, monkeypatch):
 
 
 def test_unavailable_kinds_are_reported_not_faked(tmp_path: Path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "readers", types.ModuleType("readers"))
-    monkeypatch.setitem(sys.modules, "retrievers.generative", types.ModuleType("retrievers.generative"))
+    import dataclasses
+    monkeypatch.setitem(cs.CELL_KINDS, "generative", dataclasses.replace(
+        cs.CELL_KINDS["generative"], available=lambda: "retrievers.generative is not in this build"))
+    monkeypatch.setitem(cs.CELL_KINDS, "reader", dataclasses.replace(
+        cs.CELL_KINDS["reader"], available=lambda: "readers.base has no load_reader"))
     config = _config(tmp_path, models={"bm25": {"kind": "bm25"},
                                        "reader": {"kind": "reader", "reader": "x", "retriever": "bm25", "method": "cit"},
                                        "gen": {"kind": "generative", "run": "y"}},
@@ -139,6 +138,8 @@ def test_unavailable_kinds_are_reported_not_faked(tmp_path: Path, monkeypatch):
     assert rows["bm25"]["status"] == "ok"
     assert rows["reader"]["status"] == rows["gen"]["status"] == "unavailable"
     assert "load_reader" in rows["reader"]["reason"] and rows["reader"]["metrics"] == {}
+    assert "not in this build" in rows["gen"]["reason"]
+    assert not list((tmp_path / "out" / "indexes" / "original").glob("trie-*"))  # nothing built for them
 
 
 def test_config_errors(tmp_path: Path):
