@@ -48,7 +48,7 @@ RESULTS = "results.jsonl"
 TABLE = "table.md"
 SUMMARY = "summary.json"
 PLOTS = "plots"
-DEFAULT_METRICS = ("Rprec", "recall@5", "recall@20", "success_rate@1")
+DEFAULT_METRICS = ("Rprec", "precision@1", "recall@5", "recall@20")
 READER_METRICS = ("em", "f1", "KILT-em")
 STATUS_OK, STATUS_FAILED, STATUS_UNAVAILABLE = "ok", "failed", "unavailable"
 
@@ -409,6 +409,14 @@ def _index_request(model: ModelSpec, models: Mapping[str, ModelSpec]) -> tuple[s
     return None
 
 
+def _settings(model: ModelSpec | None) -> dict[str, Any] | None:
+    """A model's non-default settings (a field added later with a default does not invalidate old results)."""
+    if model is None:
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in defaults or v != defaults[k]}
+
+
 def plan_swap(config: SwapConfig, out: str | Path) -> SwapPlan:
     out = Path(out)
     states = materialize_data(config, out)
@@ -447,8 +455,7 @@ def plan_swap(config: SwapConfig, out: str | Path) -> SwapPlan:
                                                                 owner.batch_size, owner.num_cpus, owner.num_gpus))
                         cell.index_dir = index_dir
                     cell.spec_hash = _hash({
-                        "model": dataclasses.asdict(model),
-                        "retriever": dataclasses.asdict(cell.retriever_model) if cell.retriever_model else None,
+                        "model": _settings(model), "retriever": _settings(cell.retriever_model),
                         "corpus": _checksum(state.corpus), "task": _checksum(Path(cell.task_path)),
                         "k": k, "ks": cell.ks})
                 cells.append(cell)
@@ -996,9 +1003,11 @@ def write_plots(rows: Sequence[Mapping[str, Any]], folder: str | Path, metrics: 
         if series:
             bars(f"{metric}: original vs swapped corpora", series, folder / f"metric-{_slug(metric)}.png", metric)
         crp_series: dict[str, list[float]] = {}
+        labels = {r["corpus"]: r.get("corpus_label") or r["corpus"] for r in rows}
         for c in corpus_relative(rows, [metric]):
             if c["crp"][metric] is not None:
-                crp_series.setdefault(series_key(c), [float("nan")] * len(models))[models.index(c["model"])] = \
+                name = f"{series_key(c)} / {labels.get(c['baseline'], c['baseline'])}"
+                crp_series.setdefault(name, [float("nan")] * len(models))[models.index(c["model"])] = \
                     float(c["crp"][metric])
         if crp_series:
             bars(f"CRP ({metric}): swapped / original", crp_series, folder / f"crp-{_slug(metric)}.png",

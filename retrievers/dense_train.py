@@ -83,7 +83,7 @@ def load_base(encoder: str, device: str | None, max_seq_length: int | None):
 
     from rag.models import resolve_model
 
-    st = SentenceTransformer(resolve_model(encoder), device=device or "cpu", trust_remote_code=False)
+    st = SentenceTransformer(resolve_model(encoder), device=device, trust_remote_code=False)
     if max_seq_length:
         st.max_seq_length = max_seq_length
     return st
@@ -115,6 +115,7 @@ def load_dense_run(path: str | Path, device: str | None = None, **_: Any):
 
     from rag.io import read_json
     from rag.peft import load_peft
+    from retrievers.encoders import DenseEncoder
     from retrievers.moe import MoEConfig, MoEEncoder
 
     path = Path(path)
@@ -124,10 +125,16 @@ def load_dense_run(path: str | Path, device: str | None = None, **_: Any):
     if not (path / PEFT_DIR).exists():
         raise RagError(f"{path}: the run has no trained weights yet ({PEFT_DIR}/ is missing); did training finish?")
     st = load_base(meta["base_model"], device, meta.get("max_seq_length"))
+    expected = meta.get("base_fingerprint")
+    if expected is not None:
+        got = DenseEncoder(st, meta["base_model"]).fingerprint()
+        if not np.allclose(got, expected, atol=2e-3):
+            raise RagError(f"{path}: the base model {meta['base_model']!r} now embeds differently from the one this "
+                           f"run was trained on (fingerprint {got[:3]} vs {expected[:3]}); point the run at its base")
     st = load_peft(st, path / PEFT_DIR)
     model = st
     if meta.get("moe"):
-        model = MoEEncoder(st, MoEConfig(**meta["moe"])).to(device or "cpu")
+        model = MoEEncoder(st, MoEConfig(**meta["moe"])).to(st.device)
         model.load_moe_state_dict(load_file(str(path / MOE_WEIGHTS)))
     for p in model.parameters():
         p.requires_grad_(False)

@@ -6,7 +6,8 @@ equivalent hooks into Hugging Face ``generate``:
 * ``prefix_allowed_tokens_fn(trie)`` -> a callable for ``generate(prefix_allowed_tokens_fn=...)``;
 * ``trie_logits_processor(trie)`` -> a ``LogitsProcessor`` that masks all rows in one scatter, reading
   the allowed tokens straight from the trie's CSR arrays (no per-row Python lists). ``decode_titles``
-  uses it by default (see bench/bench_trie.py for the measured difference).
+  uses it by default: masking 10 beams over the vital10k trie costs ~0.7-1 ms per step against ~7-8 ms
+  for HF's per-row ``PrefixConstrainedLogitsProcessor`` around the same fn (bench/bench_trie.py).
 
 Both walk the trie incrementally: the state reached by each decoded prefix is cached, so each step
 costs one trie step per beam. The decoder input starts with the decoder start token, which is the

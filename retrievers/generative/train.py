@@ -140,22 +140,28 @@ def seq2seq_loss(model: Any, batch: dict[str, Any]):
 
 # ---------------------------------------------------------------------------------------------- dev eval
 
+def dev_rows(corpus, dev_path: str | Path, limit: int = 0, with_report: bool = False):
+    """The KILT dev rows with a gold page in the corpus (the first ``limit`` of them when limit > 0)."""
+    from rag.io import read_jsonl
+    from retrievers.generative.pretrain_tasks import finetune_pairs
+
+    pairs, report = finetune_pairs(dev_path, corpus, require=True)
+    keep = {p.doc_id for p in pairs}
+    rows = [r for r in read_jsonl(dev_path) if str(r.get("id")) in keep]
+    if limit and limit > 0:
+        rows = rows[:limit]
+    return (rows, report) if with_report else rows
+
+
 class GenerativeDevEvaluator:
     """KILT Rprec / recall@k of dev questions decoded under the corpus trie; also queries per second."""
 
     def __init__(self, corpus, dev_path: str | Path, tokenizer: Any, start: int, eos: int, beams: int = 10,
                  limit: int = 0, batch_size: int = 8, max_source_length: int = 128, multi_title: bool = False,
                  ks: Sequence[int] = EVAL_KS) -> None:
-        from rag.io import read_jsonl
         from retrievers.generative.index import corpus_trie
-        from retrievers.generative.pretrain_tasks import finetune_pairs
 
-        pairs, report = finetune_pairs(dev_path, corpus, require=True)
-        keep = {p.doc_id for p in pairs}
-        rows = [r for r in read_jsonl(dev_path) if str(r.get("id")) in keep]
-        if limit and limit > 0:
-            rows = rows[:limit]
-        self.rows, self.report = rows, report
+        self.rows, self.report = dev_rows(corpus, dev_path, limit, with_report=True)
         self.trie, doc_ids, _ = corpus_trie(corpus, tokenizer, start, eos)
         self.doc_of = {self.trie.title(i): d for i, d in enumerate(doc_ids)}
         self.tokenizer, self.beams, self.batch_size = tokenizer, beams, batch_size

@@ -295,14 +295,14 @@ def test_updates_without_tokenizer_use_sequences(tmp_path, tok):
 
 def test_larger_random_build_and_updates_vs_rebuild():
     rng = random.Random(7)
-    seqs = [tuple(s) for s in dict.fromkeys(tuple(s) for s in random_seqs(20000, seed=11, vocab=(3, 40)))]
+    seqs = [tuple(s) for s in dict.fromkeys(tuple(s) for s in random_seqs(8000, seed=11, vocab=(3, 40)))]
     titles = ["-".join(map(str, s)) for s in seqs]
     trie = TitleTrie.build([list(s) for s in seqs], titles, start_token_id=1, eos_token_id=2)
     keep = set(range(len(seqs)))
-    rm = rng.sample(sorted(keep), 3000)
+    rm = rng.sample(sorted(keep), 1200)
     trie.remove([titles[i] for i in rm])
     keep -= set(rm)
-    extra = [s for s in dict.fromkeys(tuple(s) for s in random_seqs(2000, seed=12, vocab=(3, 40))) if s not in set(seqs)]
+    extra = [s for s in dict.fromkeys(tuple(s) for s in random_seqs(800, seed=12, vocab=(3, 40))) if s not in set(seqs)]
     trie.add(["-".join(map(str, s)) for s in extra], sequences=[list(s) for s in extra])
     live_seqs = [list(seqs[i]) for i in sorted(keep)] + [list(s) for s in extra]
     live_titles = [titles[i] for i in sorted(keep)] + ["-".join(map(str, s)) for s in extra]

@@ -117,6 +117,10 @@ def test_run_folder_and_reload_reproduces_embeddings(toy, tmp_path):
     np.testing.assert_array_equal(reloaded.encode_query(TEXTS), DenseEncoder(model, "t").encode_query(TEXTS))
     base = load_encoder(str(toy["encoder"]), device="cpu").encode_passage(TEXTS)
     assert not np.allclose(base, trained, atol=1e-5)
+    meta["base_fingerprint"] = [v + 0.5 for v in meta["base_fingerprint"]]  # as if the base model had changed
+    (out / "dense_run.json").write_text(json.dumps(meta))
+    with pytest.raises(RagError, match="embeds differently"):
+        load_dense_run(out)
 
 
 def test_moe_run_reloads_and_index_uses_passage_domains(toy, tmp_path):

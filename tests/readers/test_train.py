@@ -1,0 +1,116 @@
+"""`rag train reader` and `rag answer` end to end on a BM25 index and tiny saved models; the CIT experiment."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rag.cli import main
+from tests.conftest import SMALL_QUERIES, write_jsonl
+from tests.readers.conftest import build_causal, build_seq2seq
+
+TRAIN = SMALL_QUERIES + [
+    {"id": "q4", "input": "Which city is the capital of Germany?", "output": [{"answer": "Berlin",
+     "provenance": [{"wikipedia_id": "d2", "title": "Berlin"}]}]},
+    {"id": "q5", "input": "What do plants convert light into?", "output": [{"answer": "chemical energy",
+     "provenance": [{"wikipedia_id": "d6", "title": "Photosynthesis"}]}]},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, bert_tokenizer):
+    from retrievers.bm25 import build_bm25_index
+    from tests.conftest import SMALL_DOCS
+    root = tmp_path_factory.mktemp("reader")
+    corpus = write_jsonl(root / "corpus" / "corpus.jsonl", SMALL_DOCS)
+    build_bm25_index(corpus, root / "bm25")
+    write_jsonl(root / "data" / "train.jsonl", TRAIN)
+    write_jsonl(root / "data" / "dev.jsonl", SMALL_QUERIES)
+    models = {}
+    for kind, build, arch in (("fid", build_seq2seq, "t5"), ("causal", build_causal, "gpt2")):
+        folder = root / f"tiny-{arch}"
+        build(arch, bert_tokenizer).save_pretrained(folder)
+        bert_tokenizer.save_pretrained(folder)
+        models[kind] = str(folder)
+    return root, models
+
+
+def train_args(root, model, kind, out, *extra):
+    return ["train", "reader", "--kind", kind, "--model", model, "--index", str(root / "bm25"),
+            "--train", str(root / "data" / "train.jsonl"), "--dev", str(root / "data" / "dev.jsonl"),
+            "--k", "2", "--max-steps", "4", "--batch-size", "2", "--lr", "1e-3", "--eval-every", "2",
+            "--save-every", "2", "--max-passage-tokens", "32", "--max-answer-tokens", "6",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("kind", ["fid", "causal"])
+def test_train_writes_run_folder_and_answer_reads_it(setup, tmp_path, kind):
+    root, models = setup
+    out = tmp_path / "run"
+    assert main(train_args(root, models[kind], kind, out, "--cit-weight", "1.0", "--cit-margin", "0.1")) == 0
+    for name in ("config.json", "metrics.json", "curves.csv", "curves-train.png", "curves-dev.png",
+                 "cit_reference.json", "retrieval/train.jsonl", "retrieval/dev.jsonl", "reader/reader.json",
+                 "reader/model.safetensors", "dev_predictions.jsonl"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trainable_fraction"] == 1.0 and metrics["seconds_per_step"] > 0 and metrics["peak_rss_mb"] > 0
+    assert {"em", "f1", "KILT-em", "KILT-f1"} <= metrics["dev"].keys()
+    curves = (out / "curves.csv").read_text()
+    for metric in ("nll_theta", "nll_ref", "nll_ratio", "loss_qa", "loss_cit"):
+        assert sum(1 for line in curves.splitlines() if f",train,{metric}," in line) == 4  # every step
+    guesses = tmp_path / "guesses.jsonl"
+    assert main(["answer", "--index", str(root / "bm25"), "--model", str(out), "--queries",
+                 str(root / "data" / "dev.jsonl"), "--k", "2", "--out", str(guesses)]) == 0
+    rows = [json.loads(line) for line in guesses.read_text().splitlines()]
+    assert len(rows) == 3 and all(isinstance(r["output"][0]["answer"], str) for r in rows)
+    assert len(rows[0]["output"][0]["provenance"]) == 2
+    assert main(["eval", "kilt", str(guesses), str(root / "data" / "dev.jsonl"), "--ks", "1,2"]) == 0
+
+
+def test_same_seed_same_result_and_exact_resume(setup, tmp_path):
+    root, models = setup
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out in (a, b):
+        assert main(train_args(root, models["fid"], "fid", out, "--cit-weight", "1.0")) == 0
+    wa, wb = load_file(str(a / "reader" / "model.safetensors")), load_file(str(b / "reader" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # an interrupted run resumed from its step-2 checkpoint ends where the uninterrupted one did
+    assert main(train_args(root, models["fid"], "fid", c, "--cit-weight", "1.0")) == 0
+    import shutil
+    shutil.rmtree(c / "checkpoints" / "step-4")
+    assert main(train_args(root, models["fid"], "fid", c, "--cit-weight", "1.0", "--resume")) == 0
+    assert json.loads((c / "metrics.json").read_text())["resumed_from"] == 2
+    wc = load_file(str(c / "reader" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wc[k], wa[k], rtol=0, atol=1e-6)
+
+
+def test_peft_saves_only_trained_parts(setup, tmp_path):
+    root, models = setup
+    out = tmp_path / "lora"
+    assert main(train_args(root, models["fid"], "fid", out, "--peft", "lora")) == 0
+    assert not (out / "reader" / "model.safetensors").exists()
+    assert (out / "reader" / "peft" / "peft_weights.safetensors").exists()
+    meta = json.loads((out / "reader" / "reader.json").read_text())
+    assert meta["peft"] == "lora" and meta["base_model"] == models["fid"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["trainable_fraction"] < 1
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == 1e-3
+    from readers.base import load_reader
+    reader = load_reader(None, str(out))
+    assert len(reader.answer(["q"], [[]])) == 1
+
+
+def test_cit_experiment_small(setup, tmp_path):
+    root, models = setup
+    out = tmp_path / "exp"
+    assert main(["experiment", "cit", "--small", "--corpus", str(root / "corpus"), "--data", str(root / "data"),
+                 "--index", str(root / "bm25"), "--model", models["fid"], "--weights", "0,5",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["readers"]) == {"before training", "lambda=0", "lambda=5"}
+    row = results["readers"]["lambda=5"]
+    assert row["dev (vital10k)"]["n"] == 3 and "memorisation" in row["dev counterfactual"]
+    assert (out / "report.md").exists() and (out / "counterfactual" / "corpus.jsonl").exists()
