@@ -387,6 +387,7 @@ def worker_generate(workdir: Path, n_queries: int, num_beams: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trie = TitleTrie.from_titles(titles, tok, CLS, SEP)
+    torch.manual_seed(0)  # the decoder's cross-attention is freshly initialised: make it reproducible
     model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
     model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id = CLS, 0, SEP
     model.eval()

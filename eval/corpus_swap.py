@@ -558,9 +558,6 @@ def _reader_available() -> str | None:
         "readers.base has no load_reader / ReaderPassage"
 
 
-READER_OPTIONS = ("passages", "kind", "batch_size", "device")
-
-
 def reader_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
     """A trained reader (`reader: RUN_DIR`) over the rankings of its `retriever` model on this corpus variant:
     KILT retrieval metrics of the ranking, plus em / f1 / KILT-* of the answers. The reader reads the top
