@@ -985,7 +985,7 @@ def write_plots(rows: Sequence[Mapping[str, Any]], folder: str | Path, metrics: 
         ax.set_xticks(x, xlabels)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -72,6 +72,9 @@ def open_generative(index_dir: str | Path, model: Any = None, beams: int | None 
     manifest = read_manifest(index_dir, "trie")
     check_corpus(manifest)
     spec = model or manifest["generative"]["model"]
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = load_generative(spec, device=device)
     trie = TitleTrie.load(index_dir, tokenizer=tokenizer)  # ManifestMismatch when the tokenizer differs
     start, eos = decoder_ids(net, tokenizer)

@@ -363,11 +363,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GenerativeTrainConfig:
-    from retrievers.generative.model import read_run_meta
+    from retrievers.generative.model import is_generative_run, read_run_meta
 
     own = {f.name for f in dataclasses.fields(GenerativeTrainConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: getattr(args, k) for k in own if getattr(args, k, None) is not None}
     values["all_anchor_targets"] = bool(getattr(args, "all_anchor_targets", False))
+    if values.get("model") and not values.get("init") and is_generative_run(values["model"]):
+        values["init"] = values.pop("model")  # a run folder given as --model starts from that run
     if values.get("init"):
         meta = read_run_meta(values["init"])
         values.setdefault("peft", meta["peft"])

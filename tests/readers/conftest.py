@@ -80,3 +80,8 @@ PASSAGES = [passage("d1#0", "Paris is the capital and largest city of France, on
 @pytest.fixture
 def small_config() -> ReaderConfig:
     return ReaderConfig(max_passage_tokens=48, max_answer_tokens=8)
+
+
+def pytest_configure(config):
+    # EncoderDecoderModel warns on every call with labels that its loss moved into the wrapper in 4.12.
+    config.addinivalue_line("filterwarnings", "ignore:Version v4.12.0 introduces:FutureWarning")
