@@ -565,6 +565,17 @@ def tables(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _cpu_capability() -> dict[str, Any]:
+    """bf16 speed depends on the CPU: native bf16 (AVX512-BF16 / AMX) makes it fast, emulation slow."""
+    out: dict[str, Any] = {}
+    try:
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out["mkldnn_bf16_supported"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception as exc:  # private API: report, don't fail
+        out["error"] = str(exc)[:200]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
@@ -592,7 +603,7 @@ def main() -> None:
     enc = load_plain()
     res: dict[str, Any] = {"versions": C.versions("torch", "sentence-transformers", "transformers", "onnxruntime", "onnx",
                                                   "faiss-cpu"),
-                           "load_avg_start": C.load_avg()}
+                           "load_avg_start": C.load_avg(), "cpu_capability": _cpu_capability()}
     if args.part in ("a", "all"):
         res["part_a"] = part_a(enc, args.passages, args.round_passages, args.batch_size, args.seed)
         res["part_a"]["meets_target_0.95"] = bool(res["part_a"]["ratio_encode_total"] >= 0.95)

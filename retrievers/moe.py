@@ -13,7 +13,8 @@ Routing:
 * a row with a known domain (training examples, documents, queries whose domain is given) goes to
   that domain's expert;
 * a row without one goes through the router, a linear classifier over the shared encoder's pooled
-  embedding (input detached, so the router never pulls the encoder), trained alongside with
+  embedding (input detached, so the router never pulls the encoder; scaled by sqrt(d) so it learns at
+  the encoder's learning rate), trained alongside with
   cross-entropy to the domain label. The query embedding is the router-probability-weighted mixture
   of the expert heads (with ``expert_ffn``: the top-1 expert, since each expert changes the encoder
   pass itself). Such a query is searched against the union of all domains' documents.
@@ -146,6 +147,9 @@ class MoEEncoder(nn.Module):
         dim = self.dim
         self.experts = nn.ModuleList(ExpertHead(dim, config.hidden) for _ in range(config.n_experts))
         self.router = nn.Linear(dim, len(config.domains))
+        # The pooled embedding is unit-norm (entries ~ 1/sqrt(d)); scaling it to unit-variance entries lets the
+        # router learn at the encoder's learning rate (unscaled, its logits barely move in a short run).
+        self.router_scale = float(dim) ** 0.5
         self.ffn = (ExpertFFN(_middle_layer(st, config.ffn_layer), config.n_experts)
                     if config.expert_ffn else None)
         self._domain_index = {d: i for i, d in enumerate(config.domains)}
@@ -185,10 +189,10 @@ class MoEEncoder(nn.Module):
         feats = {k: v for k, v in features.items() if k != EXPERT_IDS}
         if self.ffn is None:
             h = self._shared(feats, None)
-            logits = self.router(h.detach())
+            logits = self.router(h.detach() * self.router_scale)
         else:
             # The router always reads the shared-FFN pass (no gradient to the encoder), in training as in use.
-            logits = self.router(self._router_input(feats))
+            logits = self.router(self._router_input(feats) * self.router_scale)
             ids = domain_ids if domain_ids is not None else torch.full((len(logits),), -1, dtype=torch.long)
             ids = torch.where(ids.to(logits.device) >= 0, ids.to(logits.device), logits.argmax(dim=1))
             h = self._shared(feats, self.expert_of_domain(ids))

@@ -254,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
     base = baselines(args, corpus, dev, out)
     baseline_seconds = round(time.perf_counter() - t_base, 1)
     for name, metrics in base.items():
-        rows.append({"setting": name.upper() if name == "bm25" else name, "method": "untuned" if name == "dense" else "—",
-                     "dev": metrics})
+        rows.append({"setting": name.upper() if name == "bm25" else name,
+                     "method": "untuned" if name == "dense" else "—", "dev": metrics})
 
     def row(setting: str, method: str, metrics: dict[str, Any], questions: int | None) -> None:
         rows.append({"setting": setting, "method": method, "train_questions": questions,
@@ -294,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
               f"{preset.pretrain_steps} steps x batch {preset.batch_size} on a random sample of the "
               f"{sum(pair_stats['pairs'].values()):,} ISS/LPS/HIP pairs ({pair_stats['pairs']}; sources cut to "
               f"{preset.max_source_words} words, HIP centred on the anchor; title-match anchors: "
-              f"{pair_stats['title_matching']}). Fine-tuning: {preset.finetune_steps} steps x batch {preset.batch_size} "
+              f"{pair_stats['title_matching']}). Fine-tuning: {preset.finetune_steps} steps x batch "
+              f"{preset.batch_size} "
               f"on {n_train} training questions ({train_report.skipped_no_gold_in_corpus} skipped: gold page not in "
               f"the corpus); low-resource rows use {n_low} of them. Max source length {preset.max_source_length} "
               f"tokens. LR full {args.lr_full:g}, PEFT {args.lr_peft:g}. Dev: {len(dev)} questions, beam "

@@ -34,7 +34,8 @@ window, 1-3 = the first three ...). ``--sentence-windows always|never`` forces e
 Corpora without hyperlinks (no document has ``anchors``) get anchors from exact, case-sensitive
 matches of other documents' titles in the text: titles of two or more words, or single words that
 are capitalised and at least 4 characters long (a one-word match is skipped at the start of a
-sentence and next to another capitalised word, where it is part of a longer name). The matcher indexes titles by their first word
+sentence and next to another capitalised word, where it is part of a longer name). The matcher
+indexes titles by their first word
 (token n-gram lookup, longest match first, no overlaps), so it is linear in the text length.
 ``--match-titles always|never`` forces it on or off; real anchors (enwiki-mini, KILT) are used as given.
 

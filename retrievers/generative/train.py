@@ -1,6 +1,7 @@
 """Train the generative retriever (CorpusBrain): pre-train on ISS/LPS/HIP pairs, fine-tune on KILT data.
 
-`rag train retriever --kind generative --stage pretrain --corpus C --out RUN [--tasks iss,lps,hip] [--peft full|iaa|lora]`
+`rag train retriever --kind generative --stage pretrain --corpus C --out RUN [--tasks iss,lps,hip]
+    [--peft full|iaa|lora]`
 `rag train retriever --kind generative --stage finetune --init RUN --train TRAIN.jsonl [--dev DEV.jsonl] --out RUN2`
 
 * Pairs: retrievers/generative/pretrain_tasks.py (``--pairs FILE`` reuses `rag data pretrain-pairs` output;
@@ -176,8 +177,9 @@ class GenerativeDevEvaluator:
         from retrievers.generative.model import prepare_for_generation
 
         t0 = time.perf_counter()
-        ranked = decode_titles(prepare_for_generation(model), self.tokenizer, self.trie, [r["input"] for r in self.rows],
-                               num_beams=self.beams, num_return_sequences=self.beams, batch_size=self.batch_size,
+        ranked = decode_titles(prepare_for_generation(model), self.tokenizer, self.trie,
+                               [r["input"] for r in self.rows], num_beams=self.beams,
+                               num_return_sequences=self.beams, batch_size=self.batch_size,
                                multi_title=self.multi_title, max_input_length=self.max_source_length)
         return ranked, time.perf_counter() - t0
 
@@ -365,7 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> GenerativeTrainConfig:
     from retrievers.generative.model import is_generative_run, read_run_meta
 
-    own = {f.name for f in dataclasses.fields(GenerativeTrainConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
+    own = ({f.name for f in dataclasses.fields(GenerativeTrainConfig)}
+           - {f.name for f in dataclasses.fields(TrainConfig)})
     values = {k: getattr(args, k) for k in own if getattr(args, k, None) is not None}
     values["all_anchor_targets"] = bool(getattr(args, "all_anchor_targets", False))
     if values.get("model") and not values.get("init") and is_generative_run(values["model"]):

@@ -84,7 +84,7 @@ def test_router_learns_the_domain_label(st_dir):
              "football tennis golf", "boxing rugby hockey"]
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     feats = st.preprocess(texts)
-    opt = torch.optim.Adam(moe.router.parameters(), lr=0.1)
+    opt = torch.optim.Adam(moe.router.parameters(), lr=1e-2)  # a typical adapter learning rate
     losses = []
     for _ in range(60):
         out = moe({**feats, EXPERT_IDS: labels})
