@@ -17,7 +17,8 @@ from rag.runinfo import RunRecord
 
 log = logging.getLogger("rag.demo")
 
-REPORT_METRICS = ("Rprec", "recall@5", "recall@20", "recall@100", "success_rate@1")
+REPORT_METRICS = ("Rprec", "precision@1", "recall@5", "recall@20", "recall@100")
+SWAP_DEMO = Path(__file__).resolve().parent.parent / "configs" / "swap-demo.yaml"
 
 
 @dataclass
@@ -30,6 +31,8 @@ class DemoConfig:
     faiss: str = "Flat"
     batch_size: int = 64
     limit: int | None = None            # evaluate on the first N dev questions (tests, quick looks)
+    swap: str | None = str(SWAP_DEMO)   # corpus-swap config run at the end (None: skip)
+    swap_workers: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +105,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                          "index_build_s": round(build_s, 1)}
         log.info("%s: Rprec %.4f", kind, metrics["retrieval"]["Rprec"])
     report = format_report(results, corpus_dir, gold)
-    write_json(out / "metrics.json", {"dev_questions": len(queries), "results": results})
+    swap_rows: list[dict[str, Any]] = []
+    if config.swap:
+        from eval.corpus_swap import format_swap_table, run_swap
+        with record.timed("swap_s"):
+            swap_rows = run_swap(config.swap, out / "swap", workers=config.swap_workers)
+        report += ("\n## Original vs swapped corpora\n\n"
+                   f"`rag eval corpus-swap --config {config.swap}` (tables, plots and results.jsonl in "
+                   f"`{out / 'swap'}`).\n\n" + format_swap_table(swap_rows) + "\n")
+    write_json(out / "metrics.json", {"dev_questions": len(queries), "results": results, "swap": swap_rows})
     with atomic_file(out / "report.md") as fh:
         fh.write(report)
     record.extra["results"] = results

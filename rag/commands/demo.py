@@ -11,11 +11,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--faiss", default="Flat")
     p.add_argument("--limit", type=int, help="only the first N dev questions")
     p.add_argument("--retrievers", default="bm25,dense", help="comma-separated: bm25,dense")
+    p.add_argument("--no-swap", action="store_true", help="skip the corpus-swap section")
+    p.add_argument("--swap-config", help="corpus-swap config (default configs/swap-demo.yaml)")
+    p.add_argument("--swap-workers", type=int, help="local Ray workers for the swap matrix (0 = no Ray)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rag.demo import DemoConfig, run_demo
-    run_demo(DemoConfig(out=args.out, encoder=args.encoder, faiss=args.faiss, limit=args.limit,
-                        retrievers=tuple(r.strip() for r in args.retrievers.split(",") if r.strip())))
+    config = DemoConfig(out=args.out, encoder=args.encoder, faiss=args.faiss, limit=args.limit,
+                        retrievers=tuple(r.strip() for r in args.retrievers.split(",") if r.strip()),
+                        swap_workers=args.swap_workers)
+    if args.no_swap:
+        config.swap = None
+    elif args.swap_config:
+        config.swap = args.swap_config
+    run_demo(config)
     return 0
