@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 # (retrievers/__init__ -> retrievers.dense -> index.dense_build), e.g. in a fresh Ray worker.
 import retrievers  # noqa: F401,I001
 from index import dense_build
-from index.dense_build import DenseBuildConfig, _encode_text, save_shard, shard_path, shard_ranges
+from index.dense_build import DenseBuildConfig, save_shard, shard_path, shard_ranges
 from index.passages import PassageStore
 from rag.errors import RagError
 
@@ -79,12 +79,12 @@ class EncoderActor:
             shard, start, end = int(shard), int(start), int(end)
             # A retry after the actor died just past the rename finds the shard done: skip it.
             if not _shard_complete(self.staging, shard, end - start):
-                texts = [_encode_text(self.store.get(pid)) for pid in range(start, end)]
-                # Same encode calls as the local loop (chunks of PROGRESS_CHUNK), so batches, and with
-                # them the floating-point results, match the single-process build.
-                chunk = getattr(dense_build, "PROGRESS_CHUNK", None) or max(1, len(texts))
-                parts = [self.encoder.encode_passage(texts[lo:lo + chunk], batch_size=self.batch_size)
-                         for lo in range(0, len(texts), chunk)]
+                rows = [self.store.get(pid) for pid in range(start, end)]
+                # Same encode calls as the local loop (chunks of PROGRESS_CHUNK, domains for MoE encoders),
+                # so batches, and with them the floating-point results, match the single-process build.
+                chunk = dense_build.PROGRESS_CHUNK
+                parts = [dense_build.encode_rows(self.encoder, rows[lo:lo + chunk], self.batch_size)
+                         for lo in range(0, len(rows), chunk)]
                 emb = np.concatenate(parts)
                 if len(emb) != end - start:
                     raise RagError(f"encoder returned {len(emb)} rows for shard {shard}, expected {end - start}")

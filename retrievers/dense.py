@@ -46,13 +46,19 @@ class DenseRetriever:
         self.store = PassageStore(index_dir)
         self.nprobe, self.ef_search = nprobe, ef_search
 
-    def search_passages(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = self.encoder.encode_query(list(queries))
+    def search_passages(self, queries: Sequence[str], k: int,
+                        domains: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Queries with a known domain go to its expert (MoE encoders); others through the router."""
+        if domains is not None and getattr(self.encoder, "wants_domains", False):
+            q = self.encoder.encode_query(list(queries), domains=list(domains))
+        else:
+            q = self.encoder.encode_query(list(queries))
         scores, pids = self.index.search(q, min(k, len(self.index)), nprobe=self.nprobe, ef_search=self.ef_search)
         return pids, scores
 
-    def retrieve(self, queries: Sequence[str], k: int = 100, passage_factor: int = 3, **_: Any) -> list[list[Hit]]:
-        pids, scores = self.search_passages(queries, k * passage_factor)
+    def retrieve(self, queries: Sequence[str], k: int = 100, passage_factor: int = 3,
+                 domains: Sequence[str | None] | None = None, **_: Any) -> list[list[Hit]]:
+        pids, scores = self.search_passages(queries, k * passage_factor, domains)
         return [aggregate_passages(p, s, self.store, k) for p, s in zip(pids, scores)]
 
 

@@ -28,10 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_retrieve)
 
 
-def retrieve_queries(retriever: Any, texts: list[str], k: int, batch_size: int = 64) -> list[list[Any]]:
+def retrieve_queries(retriever: Any, texts: list[str], k: int, batch_size: int = 64,
+                     domains: list[str | None] | None = None) -> list[list[Any]]:
+    """Retrieve in batches with a progress bar; known query domains are passed on (MoE routing)."""
     rankings: list[list[Any]] = []
+    with_domains = domains is not None and any(d is not None for d in domains)
     for start in tqdm(range(0, len(texts), batch_size), desc="retrieving", unit="batch", dynamic_ncols=True):
-        rankings.extend(retriever.retrieve(texts[start:start + batch_size], k=k))
+        extra = {"domains": domains[start:start + batch_size]} if with_domains else {}
+        rankings.extend(retriever.retrieve(texts[start:start + batch_size], k=k, **extra))
     return rankings
 
 
@@ -48,7 +52,8 @@ def run_retrieve(args: argparse.Namespace) -> int:
                                    gpu=args.gpu, model=args.model, beams=args.beams)
     start = time.perf_counter()
     with record.timed("retrieve_s"):
-        rankings = retrieve_queries(retriever, [q.text for q in queries], args.k, args.batch_size)
+        rankings = retrieve_queries(retriever, [q.text for q in queries], args.k, args.batch_size,
+                                    [q.domain for q in queries])
     record.extra["queries_per_second"] = round(len(queries) / max(time.perf_counter() - start, 1e-9), 2)
     write_guesses(args.out, queries, rankings)
     if args.trec:
