@@ -198,9 +198,11 @@ def substitution_map(stats: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
 
 @dataclass(frozen=True)
 class Transform:
-    fn: Callable[..., tuple[Rows, Rows | None, dict[str, Any]]]
+    """Row-level (`fn`: rows in, rows out) or file-level (`derive`: writes its own parts, e.g. held-in/held-out)."""
+    fn: Callable[..., tuple[Rows, Rows | None, dict[str, Any]]] | None
     help: str
     needs_qa: bool = False
+    derive: Callable[..., dict[str, Any]] | None = None
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -210,6 +212,16 @@ TRANSFORMS: dict[str, Transform] = {
 }
 
 
+def _register_file_level_variants() -> None:
+    """topic-holdout, new-domain, perturb, subsample live in eval/corpus_variants.py (file level)."""
+    from eval.corpus_variants import VARIANT_TRANSFORMS
+    for name, fn in VARIANT_TRANSFORMS.items():
+        TRANSFORMS.setdefault(name, Transform(None, (fn.__doc__ or name).strip().splitlines()[0], derive=fn))
+
+
+_register_file_level_variants()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, type=Path, help="corpus folder or JSONL")
     parser.add_argument("--transform", required=True, help=f"one of: {', '.join(TRANSFORMS)}")
@@ -217,6 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="transform option as YAML, e.g. held_out=[Geography,History] sample=2000 n_queries=200")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,6 +243,17 @@ def run(args: argparse.Namespace) -> int:
     transform = TRANSFORMS[args.transform]
     if transform.needs_qa and args.qa is None:
         raise RagError(f"transform {args.transform!r} needs --qa QA.jsonl")
+    if transform.derive is not None:
+        import yaml
+
+        from eval.corpus_variants import describe
+        try:
+            options = {k.replace("-", "_"): yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+        except ValueError:
+            raise RagError("--option takes KEY=VALUE") from None
+        print(describe(transform.derive(args.source, args.out, tasks=[args.qa] if args.qa else [],
+                                        seed=args.seed, overwrite=args.overwrite, **options)))
+        return 0
     record = RunRecord(f"data derive {args.transform}", {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in vars(args).items()})
     corpus_rows = read_jsonl(resolve_corpus_path(args.source))
