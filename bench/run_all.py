@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of benchmark names (e.g. encoding,faiss)")
     ap.add_argument("--skip", default="", help="comma list of benchmark names to skip")
     ap.add_argument("--timeout", type=float, default=None, help="per benchmark, seconds")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="run nothing: collect the existing results/*.json into the summary")
     args = ap.parse_args()
     only = {s for s in args.only.split(",") if s}
     skip = {s for s in args.skip.split(",") if s}
@@ -64,19 +66,26 @@ def main() -> None:
         name = script.stem[len("bench_"):]
         if (only and name not in only) or name in skip:
             continue
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=str(C.ROOT), timeout=args.timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        wall = time.perf_counter() - t0
         path = C.result_path(name, args.quick)
+        if args.collect_only:
+            rc, wall = (0 if path.exists() else "no result file"), 0.0
+        else:
+            cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+            print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, cwd=str(C.ROOT), timeout=args.timeout)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            wall = time.perf_counter() - t0
         entry: dict[str, Any] = {"rc": rc, "wall_s": round(wall, 1), "result_file": str(path.relative_to(C.ROOT))}
         if rc == 0 and path.exists():
             res = json.loads(path.read_text())
+            entry["command"] = res.get("command")
+            entry["finished_utc"] = res.get("finished_utc")
+            if args.collect_only:
+                entry["wall_s"] = res.get("wall_s")
             entry["headline"] = headline(name, res)
             entry["tables_markdown"] = res.get("tables_markdown", [])
             entry["machine"] = res.get("machine")
@@ -87,12 +96,12 @@ def main() -> None:
     out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print("\n# Benchmark summary\n")
     for name, entry in summary["benchmarks"].items():
-        print(f"## {name} (rc={entry['rc']}, {entry['wall_s']:.0f}s)\n")
+        print(f"## {name} (rc={entry['rc']}, {entry['wall_s'] or 0:.0f}s)\n")
         for table in entry.get("tables_markdown", []):
             print(table + "\n")
     print(f"wrote {out}")
     failed = [n for n, e in summary["benchmarks"].items() if e["rc"] != 0]
-    if failed:
+    if failed and not args.collect_only:
         print(f"failed: {failed}", file=sys.stderr)
         sys.exit(1)
 
