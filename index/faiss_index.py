@@ -53,13 +53,15 @@ class FaissIndex:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores, ids), best first; ids are -1 where fewer than k exist."""
         params = faiss.ParameterSpace()
         if nprobe is not None and "IVF" in self.factory:
             params.set_index_parameter(self.index, "nprobe", nprobe)
         if ef_search is not None and "HNSW" in self.factory:
             params.set_index_parameter(self.index, "efSearch", ef_search)
+        if k_factor is not None and "RFlat" in self.factory:  # re-rank k * k_factor candidates exactly
+            params.set_index_parameter(self.index, "k_factor_rf", k_factor)
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def to_gpu(self, device: int = 0) -> "FaissIndex":

@@ -23,7 +23,7 @@ class DenseRetriever:
 
     def __init__(self, index_dir: str | Path, encoder: str | DenseEncoder | None = None, device: str | None = None,
                  gpu: bool = False, nprobe: int | None = None, ef_search: int | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, k_factor: int | None = None) -> None:
         self.index_dir = Path(index_dir)
         self.manifest = read_manifest(index_dir, "dense")
         if isinstance(encoder, DenseEncoder):
@@ -44,7 +44,7 @@ class DenseRetriever:
         if gpu:
             self.index = self.index.to_gpu()
         self.store = PassageStore(index_dir)
-        self.nprobe, self.ef_search = nprobe, ef_search
+        self.nprobe, self.ef_search, self.k_factor = nprobe, ef_search, k_factor
 
     def search_passages(self, queries: Sequence[str], k: int,
                         domains: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +53,8 @@ class DenseRetriever:
             q = self.encoder.encode_query(list(queries), domains=list(domains))
         else:
             q = self.encoder.encode_query(list(queries))
-        scores, pids = self.index.search(q, min(k, len(self.index)), nprobe=self.nprobe, ef_search=self.ef_search)
+        scores, pids = self.index.search(q, min(k, len(self.index)), nprobe=self.nprobe, ef_search=self.ef_search,
+                                        k_factor=self.k_factor)
         return pids, scores
 
     def retrieve(self, queries: Sequence[str], k: int = 100, passage_factor: int = 3,
@@ -64,5 +65,5 @@ class DenseRetriever:
 
 @register_index_kind("dense")
 def _open_dense(index_dir: str | Path, encoder: str | None = None, **options: Any) -> DenseRetriever:
-    known = {k: v for k, v in options.items() if k in ("device", "gpu", "nprobe", "ef_search", "batch_size")}
+    known = {k: v for k, v in options.items() if k in ("device", "gpu", "nprobe", "ef_search", "batch_size", "k_factor")}
     return DenseRetriever(index_dir, encoder=encoder, **known)

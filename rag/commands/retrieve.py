@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="queries per search batch")
     p.add_argument("--nprobe", type=int, help="IVF indexes: lists to visit")
     p.add_argument("--ef-search", type=int, help="HNSW indexes: search breadth")
+    p.add_argument("--k-factor", type=int, help="...,RFlat indexes: exactly re-rank k * k_factor candidates")
     p.add_argument("--gpu", action="store_true", help="search on a GPU when faiss-gpu is installed")
     p.add_argument("--model", help="generative: the seq2seq model or run folder that generates titles")
     p.add_argument("--beams", type=int, default=10, help="generative: beams (every beam is a ranked candidate)")
@@ -49,7 +50,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
     queries = load_queries(args.queries)
     with record.timed("load_s"):
         retriever = open_retriever(args.index, encoder=args.encoder, nprobe=args.nprobe, ef_search=args.ef_search,
-                                   gpu=args.gpu, model=args.model, beams=args.beams)
+                                   k_factor=args.k_factor, gpu=args.gpu, model=args.model, beams=args.beams)
     start = time.perf_counter()
     with record.timed("retrieve_s"):
         rankings = retrieve_queries(retriever, [q.text for q in queries], args.k, args.batch_size,

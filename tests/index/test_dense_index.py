@@ -160,3 +160,14 @@ def test_bad_corpus_leaves_no_index(tmp_path, rows, field):
         build_dense_index(corpus, tmp_path / "idx", encoder=fake_encoder())
     assert err.value.field == field
     assert not (tmp_path / "idx").exists() and not staging_dir(tmp_path / "idx").exists()
+
+
+def test_refine_index_with_k_factor_matches_flat_top1():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((2000, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    index = FaissIndex.create(32, "IVF16,PQ8,RFlat")
+    index.train(base)
+    index.add(base)
+    _, ids = index.search(base[:20], 1, nprobe=16, k_factor=16)
+    assert ids[:, 0].tolist() == list(range(20))  # exact re-ranking recovers each vector itself
