@@ -75,11 +75,17 @@ def machine_info() -> dict[str, Any]:
         "load_avg_1_5_15": load_avg(),
         "mem_total_gb": _mem_total_gb(),
     }
-    if "torch" in sys.modules:
+    # Called when results are written, after the measurements: importing torch here cannot disturb them.
+    # (Benchmarks that do not use torch report its default thread count; Faiss's own is reported too.)
+    try:
         import torch
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
         info["torch_interop_threads"] = torch.get_num_interop_threads()
+    except ImportError:
+        info["torch"] = "not installed"
+    if "faiss" in sys.modules:
+        info["faiss_omp_threads"] = sys.modules["faiss"].omp_get_max_threads()
     for env in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if os.environ.get(env):
             info[env] = os.environ[env]

@@ -37,6 +37,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -515,6 +516,7 @@ def part_b(enc, args) -> dict[str, Any]:
                     row[k] = ref.get(k)
         results[v.name] = row
     results = {v.name: results[v.name] for v in variants}  # back to the listed order
+    shutil.rmtree(workdir, ignore_errors=True)  # ONNX exports, if any
     base = results["plain"]["Rprec"]
     for row in results.values():
         if "Rprec" in row and row.get("Rprec") is not None:
