@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rag.training.config import TrainConfig, add_train_flags, train_overrides
+from rag.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,8 @@ def config_from_args(args: argparse.Namespace) -> ReaderTrainConfig:
     from rag.config import build_config, load_config_file
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else {}
-    own = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ReaderTrainConfig)
-           if f.name not in {g.name for g in dataclasses.fields(TrainConfig)}}
-    cfg = build_config(ReaderTrainConfig, file_cfg, own, train_overrides(args), {"kind": args.kind})
+    cfg = build_config(ReaderTrainConfig, file_cfg, own_flags(ReaderTrainConfig, args), train_overrides(args),
+                       {"kind": args.kind})
     lr_given = args.lr is not None or "lr" in file_cfg
     if not lr_given and cfg.peft != "full":
         cfg.lr = 1e-3  # adapters and low-rank updates want a larger step than full tuning

@@ -24,7 +24,6 @@ corpus. Encoding all of vital10k takes minutes on a 2-core CPU, hence the pool. 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from rag.errors import RagError
-from rag.training.config import TrainConfig, add_train_flags, train_overrides
+from rag.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -474,8 +473,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> DenseTrainConfig:
-    fields = {f.name for f in dataclasses.fields(DenseTrainConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    values = own_flags(DenseTrainConfig, args)
     overrides = train_overrides(args)
     overrides.setdefault("lr", METHOD_LR.get(values.get("peft", "iaa"), 1e-3))
     return DenseTrainConfig(**values, **overrides)

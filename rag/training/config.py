@@ -33,6 +33,13 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | Non
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
 
 
+def own_flags(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The flags a trainer's config adds on top of TrainConfig, as given on the command line (None = not given)."""
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+            if f.name not in shared and getattr(args, f.name, None) is not None}
+
+
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if getattr(args, f.name, None) is not None}

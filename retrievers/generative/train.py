@@ -24,7 +24,6 @@ the base reference in generative_run.json). `load_generative(RUN)` (model.py) re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import random
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.errors import RagError
-from rag.training.config import TrainConfig, add_train_flags, train_overrides
+from rag.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
 from retrievers.generative.model import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -367,9 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> GenerativeTrainConfig:
     from retrievers.generative.model import is_generative_run, read_run_meta
 
-    own = ({f.name for f in dataclasses.fields(GenerativeTrainConfig)}
-           - {f.name for f in dataclasses.fields(TrainConfig)})
-    values = {k: getattr(args, k) for k in own if getattr(args, k, None) is not None}
+    values = own_flags(GenerativeTrainConfig, args)
     values["all_anchor_targets"] = bool(getattr(args, "all_anchor_targets", False))
     if values.get("model") and not values.get("init") and is_generative_run(values["model"]):
         values["init"] = values.pop("model")  # a run folder given as --model starts from that run
