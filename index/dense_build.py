@@ -71,10 +71,11 @@ def _build_key(config: DenseBuildConfig, corpus_checksum: str) -> dict[str, Any]
             "words_per_passage": config.words_per_passage, "stride": config.stride, "shard_size": config.shard_size}
 
 
-def prepare_staging(out: Path, corpus_path: Path, config: DenseBuildConfig) -> tuple[Path, dict[str, int]]:
+def prepare_staging(out: Path, corpus_path: Path, config: DenseBuildConfig,
+                    checksum: str | None = None) -> tuple[Path, dict[str, int]]:
     """Create or reuse the staging folder and its passage table; a different build starts afresh."""
     staging = staging_dir(out)
-    key = _build_key(config, file_checksum(corpus_path))
+    key = _build_key(config, checksum or file_checksum(corpus_path))
     if staging.exists():
         try:
             same = read_json(staging / BUILD_KEY) == key
@@ -98,7 +99,8 @@ def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int,
     ranges = shard_ranges(len(store), shard_size)
     todo = [i for i in range(len(ranges)) if not shard_path(staging, i).exists()]
     done_before = len(ranges) - len(todo)
-    bar = tqdm(total=len(store), initial=sum(e - s for i, (s, e) in enumerate(ranges) if i not in set(todo)),
+    pending = set(todo)
+    bar = tqdm(total=len(store), initial=sum(e - s for i, (s, e) in enumerate(ranges) if i not in pending),
                unit="passage", desc="encoding", dynamic_ncols=True)
     try:
         for shard in todo:
@@ -167,7 +169,8 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
     FaissIndex.create(8, config.faiss)  # fail fast on a bad factory string, before any work
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    staging, counts = prepare_staging(out, corpus_path, config)
+    checksum = file_checksum(corpus_path)
+    staging, counts = prepare_staging(out, corpus_path, config, checksum)
     timings["passages_s"] = time.perf_counter() - t0
     encoder = encoder or load_encoder(config.encoder, device=config.device, batch_size=config.batch_size)
     t1 = time.perf_counter()
@@ -187,7 +190,7 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
     manifest = write_manifest(
         staging, "dense", encoder=encoder_id(config.encoder), encoder_fingerprint=encoder.fingerprint(),
         dim=encoder.dim, faiss=config.faiss, metric="inner_product", normalized=True,
-        corpus_path=str(corpus_path), corpus_checksum=file_checksum(corpus_path),
+        corpus_path=str(corpus_path), corpus_checksum=checksum,
         counts={"documents": n_docs, "passages": counts["passages"], "shards_encoded_this_run": encoded_now},
         config=asdict(config), timings={k: round(v, 3) for k, v in timings.items()},
         passages_per_second=round(counts["passages"] / max(timings["encode_s"], 1e-9), 2))

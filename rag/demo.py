@@ -48,18 +48,26 @@ def _ensure_data(out: Path) -> tuple[Path, Path]:
     return corpus_dir, qa_dir
 
 
+def _build_bm25(corpus_dir: Path, index_dir: Path, config: DemoConfig) -> None:
+    from retrievers.bm25 import build_bm25_index
+    build_bm25_index(corpus_dir, index_dir, overwrite=True)
+
+
+def _build_dense(corpus_dir: Path, index_dir: Path, config: DemoConfig) -> None:
+    from index.dense_build import DenseBuildConfig, build_dense_index
+    build_dense_index(corpus_dir, index_dir, DenseBuildConfig(encoder=config.encoder, faiss=config.faiss,
+                                                              batch_size=config.batch_size), overwrite=True)
+
+
+DEMO_BUILDERS = {"bm25": _build_bm25, "dense": _build_dense}
+
+
 def _ensure_index(kind: str, corpus_dir: Path, index_dir: Path, config: DemoConfig) -> float:
     """Build the index unless a finished one is there; return the seconds spent building."""
     if (index_dir / MANIFEST).exists():
         return 0.0
     start = time.perf_counter()
-    if kind == "bm25":
-        from retrievers.bm25 import build_bm25_index
-        build_bm25_index(corpus_dir, index_dir, overwrite=True)
-    else:
-        from index.dense_build import DenseBuildConfig, build_dense_index
-        build_dense_index(corpus_dir, index_dir, DenseBuildConfig(encoder=config.encoder, faiss=config.faiss,
-                                                                  batch_size=config.batch_size), overwrite=True)
+    DEMO_BUILDERS[kind](corpus_dir, index_dir, config)
     return time.perf_counter() - start
 
 
@@ -81,6 +89,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from rag.tasks import load_queries, write_guesses
     from retrievers import open_retriever
 
+    unknown = [k for k in config.retrievers if k not in DEMO_BUILDERS]
+    if unknown:
+        from rag.errors import RagError
+        raise RagError(f"unknown demo retriever(s) {unknown}; choose from {', '.join(DEMO_BUILDERS)}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     record = RunRecord("demo", config)
