@@ -32,7 +32,12 @@ class Condition:
     expected: dict[str, float]             # metric path (e.g. retrieval.Rprec) -> value
     metrics_file: str                      # JSON written by the last step (`rag eval kilt --json > FILE`)
     fast: bool = False
-    table: dict[str, str] = field(default_factory=dict)  # README row labels
+    table: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)  # README row(s): label, data, group, columns
+    cost: str = ""                         # how long the condition took when its expected scores were measured
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        rows = self.table if isinstance(self.table, list) else [self.table] if self.table else []
+        return [{"group": "retrieval", **r} for r in rows]
 
 
 def load_matrix(path: str | Path = MATRIX) -> tuple[dict[str, Any], list[Condition]]:
@@ -56,11 +61,26 @@ def slice_task(corpus: str, queries: str, out: str, n_queries: int, n_docs: int,
     write_jsonl(Path(out) / "queries.jsonl", qs)
 
 
-def _lookup(metrics: dict[str, Any], path: str) -> float:
+def _lookup(metrics: Any, path: str) -> float:
+    """Follow a dotted path; a part `[key=value,...]` picks the list element whose fields match."""
     value: Any = metrics
     for part in path.split("."):
-        value = value[part]
+        if part.startswith("[") and part.endswith("]"):
+            want = dict(kv.split("=", 1) for kv in part[1:-1].split(","))
+            matches = [v for v in value if all(str(v.get(k)) == w for k, w in want.items())]
+            if len(matches) != 1:
+                raise KeyError(f"{part}: {len(matches)} matching entries")
+            value = matches[0]
+        else:
+            value = value[part]
     return float(value)
+
+
+def _done(argv: list[str]) -> bool:
+    """`once:` steps are skipped when their --out folder already holds a finished artefact."""
+    out = argv[argv.index("--out") + 1] if "--out" in argv else None
+    return out is not None and any((Path(out) / name).exists() for name in ("manifest.json", "metrics.json", "summary.json",
+                                                                            "results.json"))
 
 
 def run_condition(cond: Condition, work: Path, settings: dict[str, Any]) -> dict[str, float]:
@@ -70,7 +90,14 @@ def run_condition(cond: Condition, work: Path, settings: dict[str, Any]) -> dict
     subst = {"work": str(work), **{k: str(v) for k, v in settings.get("paths", {}).items()}}
     subst = {k: v.format(**subst) for k, v in subst.items()}
     for step in cond.steps:
-        argv = shlex.split(step.format(**subst))
+        once = step.startswith("once:")
+        argv = shlex.split(step.removeprefix("once:").format(**subst))
+        if once and _done(argv):
+            continue
+        if argv[0] == "clear":  # built-in: remove a previous run's folder so the next step recomputes it
+            import shutil
+            shutil.rmtree(argv[1], ignore_errors=True)
+            continue
         if argv[0] == "slice":
             opts = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
             slice_task(opts["corpus"], opts["queries"], opts["out"], int(opts["n-queries"]), int(opts["n-docs"]))
@@ -131,16 +158,32 @@ def format_check(rows: list[dict[str, Any]]) -> str:
 
 
 def render_table(matrix: str | Path = MATRIX) -> str:
-    """The README results table, from the expected scores of every condition with a `table` entry."""
-    _, conditions = load_matrix(matrix)
-    shown = [c for c in conditions if c.table]
-    metrics = list(dict.fromkeys(k for c in shown for k in c.expected))
-    header = "| condition | data | " + " | ".join(m.split(".")[-1] for m in metrics) + " |"
-    lines = [header, "|---|---|" + "---|" * len(metrics)]
-    for c in shown:
-        cells = [f"{c.expected[m]:.4f}" if m in c.expected else "" for m in metrics]
-        lines.append(f"| {c.table.get('label', c.name)} | {c.table.get('data', '')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The README results tables (one per group), from the expected scores of conditions with a `table` entry.
+
+    A table row names its columns (`columns: {header: metric path}`) or shows every expected metric
+    under the last part of its path.
+    """
+    settings, conditions = load_matrix(matrix)
+    titles = settings.get("groups", {})
+    groups: dict[str, list[tuple[str, str, dict[str, float]]]] = {}
+    for c in conditions:
+        for row in c.table_rows():
+            columns = row.get("columns") or {m.split(".")[-1]: m for m in c.expected}
+            missing = [m for m in columns.values() if m not in c.expected]
+            if missing:
+                raise RagError(f"{c.name}: table columns name metrics without an expected value: {missing}")
+            groups.setdefault(row["group"], []).append(
+                (row.get("label", c.name), row.get("data", ""), {h: c.expected[m] for h, m in columns.items()}))
+    parts = []
+    for group, rows in groups.items():
+        headers = list(dict.fromkeys(h for _, _, cells in rows for h in cells))
+        lines = [f"**{titles.get(group, group)}**", "", "| condition | data | " + " | ".join(headers) + " |",
+                 "|---|---|" + "---|" * len(headers)]
+        for label, data, cells in rows:
+            lines.append(f"| {label} | {data} | " + " | ".join(f"{cells[h]:.4f}" if h in cells else "" for h in headers)
+                         + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def update_readme(readme: str | Path = README, matrix: str | Path = MATRIX) -> None:
@@ -161,6 +204,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     chk.add_argument("--fast", action="store_true", help="only the fast subset (what the test suite runs)")
     chk.add_argument("--work", help="working folder (default from the matrix settings)")
     chk.add_argument("--matrix", default=str(MATRIX))
+    chk.add_argument("--json", help="also write the rows (expected, got, seconds) to this JSON file")
     chk.set_defaults(func=_run_check)
     tab = repro.add_parser("table", help="print the README results table (--write updates README.md)")
     tab.add_argument("--write", action="store_true")
@@ -171,6 +215,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run_check(args: argparse.Namespace) -> int:
     rows = check(args.only.split(",") if args.only else None, args.tolerance, args.fast, args.work, args.matrix)
     print(format_check(rows))
+    if args.json:
+        from rag.io import write_json
+        write_json(args.json, rows)
     return 0 if rows and all(r["pass"] for r in rows) else 1
 
 

@@ -12,6 +12,11 @@ an answer span masked in a sentence of a document no train/dev question uses) ar
 second, separately reported set, their span substituted in their document the same way. Every number
 is reported with the count of examples it rests on.
 
+`--train-on cloze-topics` trains on cloze questions from the documents of some topics instead and
+evaluates on (a) a sample of those training questions, as they are and with their answer substituted
+in the passage (memorisation = the reader still gives the answer it was trained on), and (b) cloze
+questions of held-out topics, likewise.
+
 Retrieval is done once on the original index; for (2) the retrieved passages of changed documents are
 rewritten with the same substitutions (the ranking itself is the original one: an approximation, the
 substituted spans are a few words of a passage).
@@ -41,8 +46,12 @@ class CITExperimentConfig:
     data: str = field(default="", metadata={"help": "folder with train.jsonl and dev.jsonl (fanoutqa)"})
     index: str = field(default="", metadata={"help": "index folder over the corpus (dense is best)"})
     out: str = ""
+    train_on: str = field(default="fanoutqa", metadata={
+        "help": "fanoutqa (train on FanOutQA train, test on dev) | cloze-topics (train on cloze questions of "
+                "some topics, test on seen questions and held-out topics)"})
     kind: str = "fid"
     model: str | None = None
+    peft: str = field(default="full", metadata={"help": "full | lora | iaa | ... (lora is the sensible choice for causal)"})
     weights: str = field(default="0,1,10", metadata={"help": "comma-separated λ values (0 = plain training)"})
     margin: float = 0.1
     k: int = 3
@@ -52,6 +61,9 @@ class CITExperimentConfig:
     max_passage_tokens: int = 64
     max_answer_tokens: int = 16
     cloze_eval: int = 60
+    cloze_train: int = field(default=400, metadata={"help": "cloze-topics: training questions"})
+    heldout_topics: str = field(default="", metadata={
+        "help": "cloze-topics: comma-separated held-out topics (default: every fourth topic in sorted order)"})
     dev_limit: int = 0
     eval_every: int = 0
     seed: int = 0
@@ -59,7 +71,7 @@ class CITExperimentConfig:
 
 
 SMALL = dict(max_steps=2, batch_size=2, k=2, max_passage_tokens=32, max_answer_tokens=6, cloze_eval=4,
-             dev_limit=4, examples=2)
+             cloze_train=6, dev_limit=4, examples=2)
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
@@ -99,103 +111,170 @@ def _score(reader, examples, k, batch_size=16, memorisation=False) -> tuple[dict
     return scores, [a for a, _ in preds]
 
 
+@dataclass
+class Plan:
+    """What one experiment mode trains on and evaluates: question files, eval sets, substitutions."""
+    train_path: Path
+    question_files: dict[str, Path]          # name -> KILT file whose questions are retrieved for
+    sets: dict[str, tuple[str, list[dict[str, Any]], bool]]  # set -> (question file, rows, counterfactual?)
+    substitutions: dict[str, list[tuple[str, str]]]
+    stats: dict[str, Any]
+
+
+def _counterfactual(corpus_rows, rows, seed, subs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from rag.transforms import counterfactual_substitute, substitution_map
+    _, cf_rows, stats = counterfactual_substitute(corpus_rows, rows, seed=seed)
+    for doc, pairs in substitution_map(stats).items():
+        subs.setdefault(doc, []).extend(pairs)
+    return cf_rows, stats
+
+
+def _public(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stats.items() if k != "substitutions"}
+
+
+def plan_fanoutqa(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
+    """Train on FanOutQA train; evaluate on dev (original and counterfactual) plus cloze questions."""
+    from rag.io import write_jsonl
+    from rag.transforms import _evidence_ids
+    from readers.cloze import cloze_questions
+
+    data = Path(cfg.data)
+    train_path, dev_path = data / "train.jsonl", data / "dev.jsonl"
+    train_rows, all_dev = _load(train_path), _load(dev_path)
+    dev_rows = all_dev[:cfg.dev_limit] if cfg.dev_limit else all_dev
+    used = {d for r in train_rows + all_dev for d in _evidence_ids(r)}
+    docs = [r for r in corpus_rows if str(r.get("id")) not in used]
+    random.Random(cfg.seed).shuffle(docs)
+    cloze_rows, cloze_stats = cloze_questions(docs, seed=cfg.seed, max_questions=cfg.cloze_eval)
+    subs: dict[str, list[tuple[str, str]]] = {}
+    cf_dev, dev_stats = _counterfactual(corpus_rows, dev_rows, cfg.seed, subs)
+    cf_cloze, cloze_cf_stats = _counterfactual(corpus_rows, cloze_rows, cfg.seed, subs)
+    files = {"dev": out / "questions" / "dev.jsonl", "cloze": out / "questions" / "cloze.jsonl"}
+    write_jsonl(files["dev"], dev_rows)
+    write_jsonl(files["cloze"], cloze_rows)
+    sets = {"dev (vital10k)": ("dev", dev_rows, False), "dev counterfactual": ("dev", cf_dev, True),
+            "cloze (vital10k)": ("cloze", cloze_rows, False), "cloze counterfactual": ("cloze", cf_cloze, True)}
+    return Plan(train_path, files, sets, subs, {
+        "counterfactual": dev_stats, "cloze_counterfactual": cloze_cf_stats, "cloze_generation": cloze_stats})
+
+
+def heldout_topics(cfg: CITExperimentConfig, corpus_rows) -> tuple[list[str], list[str]]:
+    """(train topics, held-out topics): --heldout-topics, or every fourth topic in sorted order."""
+    from rag.errors import RagError
+    topics = sorted({str(r.get("domain")) for r in corpus_rows if r.get("domain")})
+    if len(topics) < 2:
+        raise RagError(f"{cfg.corpus}: a topic split needs documents with at least two `domain` values")
+    held = [t.strip() for t in cfg.heldout_topics.split(",") if t.strip()] or topics[1::4]
+    unknown = sorted(set(held) - set(topics))
+    if unknown:
+        raise RagError(f"--heldout-topics: unknown topics {unknown}; the corpus has {topics}")
+    return [t for t in topics if t not in held], held
+
+
+def plan_cloze_topics(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
+    """Train on cloze questions from some topics; evaluate on seen questions and on held-out topics.
+
+    The seen questions with their answer substituted in the passage are the sharpest memorisation test:
+    the reader was trained to give the old answer to exactly that question, and reading gives the new one.
+    """
+    from rag.io import write_jsonl
+    from readers.cloze import cloze_questions
+
+    train_topics, held = heldout_topics(cfg, corpus_rows)
+    docs = list(corpus_rows)
+    random.Random(cfg.seed).shuffle(docs)
+    train_rows, train_stats = cloze_questions(docs, seed=cfg.seed, max_questions=cfg.cloze_train,
+                                              domains=set(train_topics))
+    held_rows, held_stats = cloze_questions(docs, seed=cfg.seed, max_questions=cfg.cloze_eval, domains=set(held))
+    seen_rows = train_rows[:cfg.cloze_eval]
+    subs: dict[str, list[tuple[str, str]]] = {}
+    cf_seen, seen_cf_stats = _counterfactual(corpus_rows, seen_rows, cfg.seed, subs)
+    cf_held, held_cf_stats = _counterfactual(corpus_rows, held_rows, cfg.seed, subs)
+    files = {"train": out / "questions" / "cloze_train.jsonl", "heldout": out / "questions" / "cloze_heldout.jsonl"}
+    write_jsonl(files["train"], train_rows)
+    write_jsonl(files["heldout"], held_rows)
+    sets = {"seen cloze (train topics)": ("train", seen_rows, False),
+            "seen cloze counterfactual": ("train", cf_seen, True),
+            "held-out topics cloze": ("heldout", held_rows, False),
+            "held-out topics counterfactual": ("heldout", cf_held, True)}
+    return Plan(files["train"], files, sets, subs, {
+        "topics": {"train": train_topics, "heldout": held}, "counterfactual": seen_cf_stats,
+        "cloze_counterfactual": held_cf_stats, "cloze_generation": {"train": train_stats, "heldout": held_stats}})
+
+
+PLANS = {"fanoutqa": plan_fanoutqa, "cloze-topics": plan_cloze_topics}
+
+
 def run_experiment(cfg: CITExperimentConfig, overwrite: bool = False) -> dict[str, Any]:
+    from rag.corpus import resolve_corpus_path
     from rag.errors import RagError
     from rag.io import write_json, write_jsonl
-    from rag.transforms import counterfactual_substitute, substitution_map
     from readers.base import load_reader
-    from readers.cloze import cloze_questions
     from readers.train import ReaderTrainConfig, retrieve_cached, train_reader
 
+    if cfg.train_on not in PLANS:
+        raise RagError(f"--train-on must be one of {sorted(PLANS)}, not {cfg.train_on!r}")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RagError(f"{out} already exists; pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(cfg.data)
-    train_path, dev_path = data / "train.jsonl", data / "dev.jsonl"
-    from rag.corpus import resolve_corpus_path
     corpus_rows = _load(resolve_corpus_path(cfg.corpus))
-    train_rows, dev_rows = _load(train_path), _load(dev_path)
-    if cfg.dev_limit:
-        dev_rows = dev_rows[:cfg.dev_limit]
     t0 = time.perf_counter()
-
-    # counterfactual dev questions, and cloze questions from documents no train/dev question uses
-    from rag.transforms import _evidence_ids
-    used = {d for r in train_rows + _load(dev_path) for d in _evidence_ids(r)}
-    docs = [r for r in corpus_rows if str(r.get("id")) not in used]
-    random.Random(cfg.seed).shuffle(docs)
-    cloze_rows, cloze_stats = cloze_questions(docs, seed=cfg.seed, max_questions=cfg.cloze_eval)
+    plan = PLANS[cfg.train_on](cfg, out, corpus_rows)
+    subs = plan.substitutions
     cf_dir = out / "counterfactual"
-    _, cf_dev, dev_stats = counterfactual_substitute(corpus_rows, dev_rows, seed=cfg.seed)
-    _, cf_cloze, cloze_cf_stats = counterfactual_substitute(corpus_rows, cloze_rows, seed=cfg.seed)
-    subs = substitution_map(dev_stats)
-    for doc, pairs in substitution_map(cloze_cf_stats).items():
-        subs.setdefault(doc, []).extend(pairs)
-    cf_corpus = [dict(r, text=_rewrite_text(r, subs)) if str(r.get("id")) in subs else r for r in corpus_rows]
     cf_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(cf_dir / "corpus.jsonl", cf_corpus)
-    write_jsonl(cf_dir / "dev_counterfactual.jsonl", cf_dev)
-    write_jsonl(cf_dir / "cloze.jsonl", cloze_rows)
-    write_jsonl(cf_dir / "cloze_counterfactual.jsonl", cf_cloze)
-    write_json(cf_dir / "stats.json", {"dev": dev_stats, "cloze": cloze_cf_stats, "cloze_generation": cloze_stats})
+    write_jsonl(cf_dir / "corpus.jsonl",
+                (dict(r, text=_rewrite_text(r, subs)) if str(r.get("id")) in subs else r for r in corpus_rows))
+    for name, (_, rows, is_cf) in plan.sets.items():
+        if is_cf:
+            write_jsonl(cf_dir / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".jsonl"), rows)
+    write_json(cf_dir / "stats.json", plan.stats)
 
-    # retrieval once (original index), shared by every run
+    # retrieval once (original index), shared by every run; counterfactual sets reuse it, rewritten
     shared = out / "retrieval"
-    cloze_path = cf_dir / "cloze.jsonl"
-    train_ex, retriever = retrieve_cached(shared, "train", train_path, cfg.index, cfg.k)
-    dev_ex, retriever = retrieve_cached(shared, "dev", dev_path, cfg.index, cfg.k, retriever)
-    cloze_ex = []
-    if cloze_rows:
-        cloze_ex, retriever = retrieve_cached(shared, "cloze", cloze_path, cfg.index, cfg.k, retriever)
+    train_ex, retriever = retrieve_cached(shared, "train", plan.train_path, cfg.index, cfg.k)
+    passages = {e.id: e.passages for e in train_ex}
+    for name, path in plan.question_files.items():
+        if path != plan.train_path and path.stat().st_size:  # an empty set (no cloze found) is skipped
+            examples, retriever = retrieve_cached(shared, name, path, cfg.index, cfg.k, retriever)
+            passages.update({e.id: e.passages for e in examples})
     retrieval_s = time.perf_counter() - t0
-    by_id = {e.id: e.passages for e in dev_ex + cloze_ex}
-    dev_ex = [e for e in dev_ex if e.id in {str(r["id"]) for r in dev_rows}]
-    sets = {
-        "dev (vital10k)": (dev_ex, False),
-        "dev counterfactual": ([dataclasses.replace(e, passages=_rewrite(e.passages, subs))
-                                for e in _examples_with_passages(cf_dev, by_id)], True),
-        "cloze (vital10k)": (_examples_with_passages(cloze_rows, by_id), False),
-        "cloze counterfactual": ([dataclasses.replace(e, passages=_rewrite(e.passages, subs))
-                                  for e in _examples_with_passages(cf_cloze, by_id)], True),
-    }
-    dev_limited = out / "retrieval" / "dev_limited.jsonl"
-    write_jsonl(dev_limited, dev_rows)
+    sets = {name: ([dataclasses.replace(e, passages=_rewrite(e.passages, subs)) for e in
+                    _examples_with_passages(rows, passages)] if is_cf else _examples_with_passages(rows, passages),
+                   is_cf) for name, (_, rows, is_cf) in plan.sets.items()}
     weights = [float(w) for w in cfg.weights.split(",") if w.strip()]
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "counts": {name: len(s[0]) for name, s in sets.items()},
-                               "counterfactual": {k: v for k, v in dev_stats.items() if k != "substitutions"},
-                               "cloze_counterfactual": {k: v for k, v in cloze_cf_stats.items() if k != "substitutions"},
+                               **{k: _public(v) if isinstance(v, dict) else v for k, v in plan.stats.items()},
                                "retrieval_s": round(retrieval_s, 1), "readers": {}}
     predictions: dict[str, dict[str, list[str]]] = {}
 
-    # the untrained reader (before), on the counterfactual sets only (examples + baseline)
+    # the untrained reader (before): the baseline every trained reader is compared with
     before = load_reader(cfg.kind, cfg.model, device="cpu", config_overrides={
         "max_passage_tokens": cfg.max_passage_tokens, "max_answer_tokens": cfg.max_answer_tokens})
-    predictions["before training"] = {}
-    results["readers"]["before training"] = {}
-    for name in ("dev (vital10k)", "dev counterfactual", "cloze counterfactual"):
-        ex, mem = sets[name]
-        ex = ex[:cfg.examples]
-        scores, preds = _score(before, ex, cfg.k, memorisation=mem)
-        predictions["before training"][name] = preds
+    predictions["before training"], row = {}, {}
+    for name, (ex, mem) in sets.items():
+        row[name], predictions["before training"][name] = _score(before, ex, cfg.k, memorisation=mem)
+    results["readers"]["before training"] = row
     del before
 
     for weight in weights:
         label = f"lambda={weight:g}"
         run_dir = out / "runs" / f"lambda-{weight:g}"
         (run_dir / "retrieval").mkdir(parents=True, exist_ok=True)
-        for f in shared.glob("*"):
-            if f.name.startswith(("train", "dev")) and f.name != "dev_limited.jsonl":
-                shutil.copy(f, run_dir / "retrieval" / f.name)
-        tcfg = ReaderTrainConfig(kind=cfg.kind, model=cfg.model, index=cfg.index, train=str(train_path), dev=None,
-                                 k=cfg.k, cit_weight=weight, cit_margin=cfg.margin, max_steps=cfg.max_steps,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, eval_every=cfg.eval_every,
-                                 save_every=0, max_passage_tokens=cfg.max_passage_tokens,
+        for f in shared.glob("train.*"):
+            shutil.copy(f, run_dir / "retrieval" / f.name)
+        tcfg = ReaderTrainConfig(kind=cfg.kind, model=cfg.model, index=cfg.index, train=str(plan.train_path), dev=None,
+                                 k=cfg.k, peft=cfg.peft, cit_weight=weight, cit_margin=cfg.margin,
+                                 max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                                 eval_every=cfg.eval_every, save_every=0, max_passage_tokens=cfg.max_passage_tokens,
                                  max_answer_tokens=cfg.max_answer_tokens, device="cpu")
         metrics = train_reader(tcfg, run_dir, overwrite=True, retriever=retriever)
         reader = load_reader(None, str(run_dir / "reader"), device="cpu")
         row: dict[str, Any] = {"seconds_per_step": metrics.get("seconds_per_step"),
                                "peak_rss_mb": metrics.get("peak_rss_mb"), "final_train": metrics.get("final_train"),
+                               "trainable_params": metrics.get("trainable_params"),
                                "nll_theta_over_ref_last10": _last_mean(run_dir, "nll_ratio", 10)}
         predictions[label] = {}
         for name, (ex, mem) in sets.items():
@@ -227,7 +306,8 @@ def _last_mean(run_dir: Path, metric: str, n: int) -> float | None:
 
 def _example_rows(sets, predictions, n: int) -> list[dict[str, Any]]:
     rows = []
-    for name in ("dev counterfactual", "cloze counterfactual", "dev (vital10k)"):
+    names = [n for n, (_, cf) in sets.items() if cf] + [next(iter(sets))]
+    for name in names:
         examples, _ = sets[name]
         for i, e in enumerate(examples[:n]):
             cf = (e.gold.get("meta") or {}).get("counterfactual", {})

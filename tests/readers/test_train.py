@@ -114,3 +114,46 @@ def test_cit_experiment_small(setup, tmp_path):
     row = results["readers"]["lambda=5"]
     assert row["dev (vital10k)"]["n"] == 3 and "memorisation" in row["dev counterfactual"]
     assert (out / "report.md").exists() and (out / "counterfactual" / "corpus.jsonl").exists()
+
+
+def test_cit_experiment_cloze_topic_split(setup, tmp_path):
+    """--train-on cloze-topics: trains on cloze questions of the train topics only; held-out topics stay unseen."""
+    from rag.transforms import occurs
+    from retrievers.bm25 import build_bm25_index
+    _, models = setup
+    docs = [{"id": f"{topic[:3]}{i}", "title": f"{topic} item {i}", "domain": topic,
+             "text": f"The {topic.lower()} item number {i} was founded by the council in {1700 + 13 * i + len(topic)} "
+                     f"after a long public debate."}
+            for topic in ("Arts", "Geography", "Science") for i in range(5)]
+    corpus = write_jsonl(tmp_path / "corpus" / "corpus.jsonl", docs)
+    build_bm25_index(corpus, tmp_path / "bm25")
+    out = tmp_path / "exp"
+    assert main(["experiment", "cit", "--small", "--train-on", "cloze-topics", "--heldout-topics", "Science",
+                 "--corpus", str(tmp_path / "corpus"), "--data", str(tmp_path), "--index", str(tmp_path / "bm25"),
+                 "--model", models["fid"], "--weights", "0,1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["topics"] == {"train": ["Arts", "Geography"], "heldout": ["Science"]}
+    train_q = [json.loads(line) for line in (out / "questions" / "cloze_train.jsonl").read_text().splitlines()]
+    held_q = [json.loads(line) for line in (out / "questions" / "cloze_heldout.jsonl").read_text().splitlines()]
+    assert len(train_q) == 6 and {q["meta"]["domain"] for q in train_q} <= {"Arts", "Geography"}
+    assert held_q and {q["meta"]["domain"] for q in held_q} == {"Science"}
+    row = results["readers"]["lambda=1"]
+    assert row["seen cloze (train topics)"]["n"] == 4 and "memorisation" in row["seen cloze counterfactual"]
+    assert row["held-out topics counterfactual"]["n"] == len(held_q)
+    # the counterfactual corpus carries the new answers where the old ones were
+    cf = {json.loads(line)["id"]: json.loads(line)["text"]
+          for line in (out / "counterfactual" / "corpus.jsonl").read_text().splitlines()}
+    seen_cf = [json.loads(line) for line in
+               (out / "counterfactual" / "seen_cloze_counterfactual.jsonl").read_text().splitlines()]
+    for q in seen_cf:
+        doc = q["output"][0]["provenance"][0]["wikipedia_id"]
+        assert occurs(q["meta"]["counterfactual"]["new_answer"], cf[doc])
+        assert not occurs(q["meta"]["counterfactual"]["old_answer"], cf[doc])
+
+
+def test_cit_experiment_rejects_unknown_topic(setup, tmp_path, capsys):
+    root, models = setup
+    assert main(["experiment", "cit", "--small", "--train-on", "cloze-topics", "--heldout-topics", "Nowhere",
+              "--corpus", str(root / "corpus"), "--data", str(root / "data"), "--index", str(root / "bm25"),
+              "--model", models["fid"], "--out", str(tmp_path / "x")]) == 2
+    assert "unknown topics ['Nowhere']" in capsys.readouterr().err
