@@ -24,7 +24,7 @@ from index.passages import PassageStore, write_passage_store
 from rag.corpus import file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
 from rag.errors import RagError
 from rag.io import prepare_output_dir, read_json, write_json
-from retrievers.encoders import DenseEncoder, encoder_id, load_encoder
+from retrievers.encoders import PASSAGE_PRECISIONS, DenseEncoder, encoder_id, load_encoder
 
 SHARDS = "embeddings"
 BUILD_KEY = "build_key.json"
@@ -37,6 +37,8 @@ class DenseBuildConfig:
     encoder: str | None = None          # alias, folder, hub id or run folder; None = packaged MiniLM
     faiss: str = "Flat"                 # any Faiss index-factory string
     batch_size: int = 64
+    passage_precision: str = "float32"  # "bfloat16": passages encoded by a bf16 copy (queries stay float32)
+    token_sort: bool = False            # batch passages by token count (less padding)
     shard_size: int = 8192              # passages per embedding shard (the unit of resume)
     words_per_passage: int = 100
     stride: int = 80
@@ -167,12 +169,16 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
     corpus_path = resolve_corpus_path(corpus)
     n_docs = validate_corpus(corpus_path)
     FaissIndex.create(8, config.faiss)  # fail fast on a bad factory string, before any work
+    if config.passage_precision not in PASSAGE_PRECISIONS:
+        raise RagError(f"passage_precision must be one of {', '.join(PASSAGE_PRECISIONS)}, "
+                       f"not {config.passage_precision!r}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     checksum = file_checksum(corpus_path)
     staging, counts = prepare_staging(out, corpus_path, config, checksum)
     timings["passages_s"] = time.perf_counter() - t0
-    encoder = encoder or load_encoder(config.encoder, device=config.device, batch_size=config.batch_size)
+    encoder = encoder or load_encoder(config.encoder, device=config.device, batch_size=config.batch_size,
+                                      passage_precision=config.passage_precision, token_sort=config.token_sort)
     t1 = time.perf_counter()
     if encode_shards is None:
         encoded_now = encode_missing_shards(staging, encoder, config.batch_size, config.shard_size)

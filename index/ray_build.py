@@ -60,14 +60,16 @@ class EncoderActor:
     """Ray Data callable class: one encoder per actor; each call encodes and saves whole shards."""
 
     def __init__(self, staging: str, encoder: str | None, device: str | None, batch_size: int, threads: int,
-                 encoder_factory: Callable[[], Any] | None = None) -> None:
+                 encoder_factory: Callable[[], Any] | None = None, passage_precision: str = "float32",
+                 token_sort: bool = False) -> None:
         self.staging = Path(staging)
         self.batch_size = batch_size
         if encoder_factory is not None:
             self.encoder = encoder_factory()
         else:
             from retrievers.encoders import load_encoder
-            self.encoder = load_encoder(encoder, device=device, batch_size=batch_size)
+            self.encoder = load_encoder(encoder, device=device, batch_size=batch_size,
+                                        passage_precision=passage_precision, token_sort=token_sort)
         torch = sys.modules.get("torch")  # a torch-free encoder (tests) need not pay for importing it
         if torch is not None:
             torch.set_num_threads(max(1, threads))
@@ -194,7 +196,9 @@ def ray_encode_shards(workers: int = 2, gpus_per_worker: float = 0, address: str
                     fn_constructor_kwargs={"staging": str(staging), "encoder": config.encoder, "device": device,
                                            "batch_size": batch_size or config.batch_size,
                                            "threads": max(1, int(cpus_per_worker)),
-                                           "encoder_factory": encoder_factory},
+                                           "encoder_factory": encoder_factory,
+                                           "passage_precision": config.passage_precision,
+                                           "token_sort": config.token_sort},
                     **remote)
             done: set[int] = set()
             bar = tqdm(total=len(ranges), initial=len(ranges) - len(todo), unit="shard",

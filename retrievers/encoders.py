@@ -16,13 +16,28 @@ from rag.models import resolve_model
 PROBE_TEXT = "rag-toolkit encoder fingerprint probe: the quick brown fox."
 
 
-class DenseEncoder:
-    """Normalised float32 embeddings for queries and passages."""
+PASSAGE_PRECISIONS = ("float32", "bfloat16")
 
-    def __init__(self, model: Any, name: str, batch_size: int = 64) -> None:
+
+class DenseEncoder:
+    """Normalised float32 embeddings for queries and passages.
+
+    `passage_precision="bfloat16"` encodes passages with a bf16 copy of the model (outputs renormalised
+    in float32) and `token_sort=True` groups passages of similar token counts into batches, so less
+    padding is computed: together about 2.3x the plain sentence-transformers throughput on a 2-core CPU
+    with the same dev Rprec (bench/bench_encoding.py). Queries and the fingerprint always use float32.
+    """
+
+    def __init__(self, model: Any, name: str, batch_size: int = 64, passage_precision: str = "float32",
+                 token_sort: bool = False) -> None:
+        if passage_precision not in PASSAGE_PRECISIONS:
+            raise ValueError(f"passage precision must be one of {PASSAGE_PRECISIONS}, not {passage_precision!r}")
         self.model = model
         self.name = name
         self.batch_size = batch_size
+        self.passage_precision = passage_precision
+        self.token_sort = token_sort
+        self._passage_model: Any = None
 
     @property
     def dim(self) -> int:
@@ -50,7 +65,44 @@ class DenseEncoder:
 
     def encode_passage(self, texts: Sequence[str], domains: Sequence[str | None] | None = None,
                        **kwargs: Any) -> np.ndarray:
-        return self.encode(texts, **self._domains(domains), **kwargs)
+        if self.passage_precision == "float32" and not self.token_sort:
+            return self.encode(texts, **self._domains(domains), **kwargs)
+        return self._encode_fast(list(texts), domains, **kwargs)
+
+    def passage_model(self) -> Any:
+        if self._passage_model is None:
+            if self.passage_precision == "bfloat16":
+                import copy
+
+                import torch
+                self._passage_model = copy.deepcopy(self.model).to(torch.bfloat16)
+            else:
+                self._passage_model = self.model
+        return self._passage_model
+
+    def _token_order(self, texts: list[str]) -> np.ndarray:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None:  # no tokenizer to count with: character length is the next best proxy
+            return np.argsort([-len(t) for t in texts], kind="stable")
+        cap = getattr(self.model, "max_seq_length", None)
+        counts = [len(ids) for ids in tokenizer(texts, truncation=cap is not None, max_length=cap)["input_ids"]]
+        return np.argsort([-n for n in counts], kind="stable")
+
+    def _encode_fast(self, texts: list[str], domains: Sequence[str | None] | None, batch_size: int | None = None,
+                     show_progress: bool = False, **kwargs: Any) -> np.ndarray:
+        """Passages in token-count order (one encode call per batch, so the batches stay ours), renormalised."""
+        model, size = self.passage_model(), batch_size or self.batch_size
+        order = self._token_order(texts) if self.token_sort else np.arange(len(texts))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), size):
+            idx = order[start:start + size]
+            extra = self._domains([domains[i] for i in idx]) if domains is not None else {}
+            emb = model.encode([texts[i] for i in idx], batch_size=size, convert_to_numpy=False,
+                               convert_to_tensor=True, normalize_embeddings=False, show_progress_bar=False,
+                               **extra, **kwargs)
+            emb = emb.float().cpu().numpy()
+            out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return out
 
     def fingerprint(self) -> list[float]:
         """A few embedding values of a fixed probe: tells two encoders apart even under one name."""
@@ -69,14 +121,14 @@ ENCODER_LOADERS: list[tuple[Callable[[str], bool], Callable[..., Any]]] = [
 
 
 def load_encoder(name_or_path: str | None = None, device: str | None = None, batch_size: int = 64,
-                 **options: Any) -> DenseEncoder:
+                 passage_precision: str = "float32", token_sort: bool = False, **options: Any) -> DenseEncoder:
     path = resolve_model(name_or_path)
     if (Path(path) / "dense_run.json").is_file():
         import retrievers.dense_train  # noqa: F401  (registers the run-folder loader in ENCODER_LOADERS)
     for accepts, loader in ENCODER_LOADERS:
         if accepts(path):
             model = loader(path, device, **options)
-            return DenseEncoder(model, str(name_or_path or "minilm"), batch_size)
+            return DenseEncoder(model, str(name_or_path or "minilm"), batch_size, passage_precision, token_sort)
     raise AssertionError("the catch-all loader accepts every path")
 
 

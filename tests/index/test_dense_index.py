@@ -171,3 +171,28 @@ def test_refine_index_with_k_factor_matches_flat_top1():
     index.add(base)
     _, ids = index.search(base[:20], 1, nprobe=16, k_factor=16)
     assert ids[:, 0].tolist() == list(range(20))  # exact re-ranking recovers each vector itself
+
+
+def test_bf16_token_sorted_passages_match_float32(small_corpus, tmp_path, minilm):
+    """The fast passage path keeps every vector's place and direction; queries and fingerprint stay float32."""
+    from retrievers.encoders import DenseEncoder
+    fast = DenseEncoder(minilm.model, "minilm", passage_precision="bfloat16", token_sort=True, batch_size=2)
+    texts = [f"{d['title']} {d['text']}" for d in SMALL_DOCS] + ["a short one", "another text about Paris and Berlin"]
+    ref, got = minilm.encode_passage(texts), fast.encode_passage(texts)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    cosine = (ref * got).sum(axis=1)
+    assert cosine.min() > 0.99, cosine  # bf16 noise, not a permutation (a misplaced row would score ~0.2)
+    assert fast.fingerprint() == minilm.fingerprint()
+    np.testing.assert_array_equal(fast.encode_query(["capital of France"]), minilm.encode_query(["capital of France"]))
+    out = tmp_path / "dense-bf16"
+    build_dense_index(small_corpus, out, DenseBuildConfig(passage_precision="bfloat16", token_sort=True), encoder=fast)
+    assert read_manifest(out, "dense")["config"]["passage_precision"] == "bfloat16"
+    hits = DenseRetriever(out, encoder=minilm).retrieve(["capital of France"], k=1)[0]
+    assert hits[0].doc_id == "d1"
+
+
+def test_bad_passage_precision_is_a_clear_error(small_corpus, tmp_path):
+    with pytest.raises(RagError, match="passage_precision must be one of"):
+        build_dense_index(small_corpus, tmp_path / "x", DenseBuildConfig(passage_precision="int4"), encoder=fake_encoder())
+    assert not (tmp_path / "x").exists()

@@ -67,3 +67,32 @@ def test_pyserini_ranks_same_top_documents(small_corpus):
         assert qa[0].doc_id == qb[0].doc_id
         # Scores differ a little (Porter vs Snowball stemming, stop-word lists, Lucene's lossy lengths).
         assert qa[0].score == pytest.approx(qb[0].score, rel=0.1)
+
+
+def test_searcher_top_k_equals_full_sort_with_ties(tmp_path):
+    """The searcher ranks only non-zero scores: same result as sorting every passage's score (ties by id)."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(40)]
+    # many duplicate documents make many exact score ties
+    docs = [{"id": f"d{i}", "title": f"t{i % 7}", "text": " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 9)))}
+            for i in range(300)]
+    docs += [dict(d, id=f"x{i}") for i, d in enumerate(docs[:60])]
+    from tests.conftest import write_jsonl
+    corpus = write_jsonl(tmp_path / "c" / "corpus.jsonl", docs)
+    build_bm25_index(corpus, tmp_path / "bm25", BM25Config(words_per_passage=1000, stride=1000))
+    searcher = open_retriever(tmp_path / "bm25").searcher
+    queries = [" ".join(rng.sample(vocab, 2)) for _ in range(20)] + ["w1", "nothing matches", "t3 w5 w6 w7"]
+    ids = searcher.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    unk = searcher.tokenizer.word_to_id.get("")
+    for k in (1, 5, 50, 400):
+        pids, scores = searcher.search(queries, k)
+        for i, q in enumerate(ids):
+            q = [t for t in q if t != unk]
+            full = np.asarray(searcher.model.get_scores(q), dtype=np.float32) if q else np.zeros(searcher.n)
+            order = [p for p in np.lexsort((np.arange(len(full)), -full)) if full[p] > 0][:k]
+            assert pids[i][pids[i] >= 0].tolist() == order
+            assert np.allclose(scores[i][:len(order)], full[order])
