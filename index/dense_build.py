@@ -154,6 +154,7 @@ def assemble_index(staging: Path, n: int, dim: int, config: DenseBuildConfig) ->
             sample.append(np.asarray(emb[local]))
             offset += len(emb)
         index.train(np.concatenate(sample))
+    index.reserve(n)
     for emb in tqdm(iter_shards(staging, n, config.shard_size), desc="indexing", unit="shard",
                     total=len(shard_ranges(n, config.shard_size)), dynamic_ncols=True):
         index.add(np.asarray(emb))

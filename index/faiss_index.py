@@ -49,6 +49,20 @@ class FaissIndex:
                            "use a smaller IVF list count or `Flat` for small corpora")
         self.index.train(vectors)
 
+    def reserve(self, n: int) -> bool:
+        """Size a flat-coded index's code buffer for n vectors before adding shard by shard.
+
+        Faiss grows `codes` (a std::vector) geometrically, so old and new buffers coexist at each growth;
+        resize then resize(0) keeps the capacity and the adds never reallocate (bench/bench_build_memory.py).
+        Returns False for indexes without one flat buffer (IVF, HNSW keep their own structures).
+        """
+        inner = faiss.downcast_index(self.index)
+        if not hasattr(inner, "codes") or inner.ntotal != 0 or not hasattr(inner.codes, "resize"):
+            return False
+        inner.codes.resize(n * inner.code_size)
+        inner.codes.resize(0)
+        return True
+
     def add(self, vectors: np.ndarray) -> None:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 

@@ -196,3 +196,18 @@ def test_bad_passage_precision_is_a_clear_error(small_corpus, tmp_path):
     with pytest.raises(RagError, match="passage_precision must be one of"):
         build_dense_index(small_corpus, tmp_path / "x", DenseBuildConfig(passage_precision="int4"), encoder=fake_encoder())
     assert not (tmp_path / "x").exists()
+
+
+def test_reserve_presizes_flat_codes_without_changing_results():
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((500, 32)).astype(np.float32)
+    plain, reserved = FaissIndex.create(32, "Flat"), FaissIndex.create(32, "Flat")
+    assert reserved.reserve(len(data))
+    for part in np.array_split(data, 5):
+        plain.add(part)
+        reserved.add(part)
+    q = rng.standard_normal((3, 32)).astype(np.float32)
+    for a, b in zip(plain.search(q, 5), reserved.search(q, 5)):
+        np.testing.assert_array_equal(a, b)
+    assert not FaissIndex.create(32, "HNSW8").reserve(10)
+    assert not reserved.reserve(10), "only an empty index is presized"
