@@ -39,6 +39,8 @@ class DenseBuildConfig:
     batch_size: int = 64
     passage_precision: str = "float32"  # "bfloat16": passages encoded by a bf16 copy (queries stay float32)
     token_sort: bool = False            # batch passages by token count (less padding)
+    nprobe: int | None = None           # IVF: lists searched by default (None: 16, recall@10 0.997 in bench_faiss)
+    ef_search: int | None = None        # HNSW: search depth by default (None: 128)
     shard_size: int = 8192              # passages per embedding shard (the unit of resume)
     words_per_passage: int = 100
     stride: int = 80
@@ -141,6 +143,20 @@ def iter_shards(staging: Path, n: int, shard_size: int):
         yield emb
 
 
+def search_defaults(factory: str, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
+    """The search parameters an index is opened with unless the caller gives its own.
+
+    Faiss's own defaults (nprobe 1, efSearch 16) lose much recall (IVF4096,Flat: 0.62 recall@10 at nprobe 1,
+    0.997 at 16 on 1M vectors, bench/bench_faiss.py), so approximate indexes carry sensible ones.
+    """
+    out = {}
+    if "IVF" in factory:
+        out["nprobe"] = nprobe or 16
+    if "HNSW" in factory:
+        out["ef_search"] = ef_search or 128
+    return out
+
+
 def assemble_index(staging: Path, n: int, dim: int, config: DenseBuildConfig) -> FaissIndex:
     """Train (if the factory needs it) on a sample, then add shard by shard from memory maps."""
     index = FaissIndex.create(dim, config.faiss)
@@ -199,6 +215,7 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
         dim=encoder.dim, faiss=config.faiss, metric="inner_product", normalized=True,
         corpus_path=str(corpus_path), corpus_checksum=checksum,
         counts={"documents": n_docs, "passages": counts["passages"], "shards_encoded_this_run": encoded_now},
+        search_defaults=search_defaults(config.faiss, config.nprobe, config.ef_search),
         config=asdict(config), timings={k: round(v, 3) for k, v in timings.items()},
         passages_per_second=round(counts["passages"] / max(timings["encode_s"], 1e-9), 2))
     if out.exists():

@@ -44,7 +44,10 @@ class DenseRetriever:
         if gpu:
             self.index = self.index.to_gpu()
         self.store = PassageStore(index_dir)
-        self.nprobe, self.ef_search, self.k_factor = nprobe, ef_search, k_factor
+        defaults = self.manifest.get("search_defaults") or {}  # set at build time (index/dense_build.py)
+        self.nprobe = nprobe if nprobe is not None else defaults.get("nprobe")
+        self.ef_search = ef_search if ef_search is not None else defaults.get("ef_search")
+        self.k_factor = k_factor
 
     def search_passages(self, queries: Sequence[str], k: int,
                         domains: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ def _build_dense(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[An
         "encoder": args.encoder, "faiss": args.faiss, "batch_size": args.batch_size, "shard_size": args.shard_size,
         "words_per_passage": args.words_per_passage, "stride": args.stride, "device": args.device,
         "keep_embeddings": args.keep_embeddings or None, "passage_precision": args.passage_precision,
-        "token_sort": args.token_sort or None})
+        "token_sort": args.token_sort or None, "nprobe": args.nprobe, "ef_search": args.ef_search})
     encode_shards = None
     address, workers, gpus = (getattr(args, k, None) for k in ("address", "workers", "gpus_per_worker"))
     if getattr(args, "ray", False):
@@ -74,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--passage-precision", choices=["float32", "bfloat16"],
                        help="dense: encode passages in bfloat16 (queries stay float32); with --token-sort about "
                             "2.3x faster on CPU at the same dev Rprec (bench/bench_encoding.py)")
+    build.add_argument("--nprobe", type=int, help="dense IVF: lists searched by default (default 16)")
+    build.add_argument("--ef-search", type=int, help="dense HNSW: search depth by default (default 128)")
     build.add_argument("--token-sort", action="store_true",
                        help="dense: batch passages by token count (less padding)")
     build.add_argument("--config", type=Path, help="JSON/YAML config; flags override it")

@@ -211,3 +211,17 @@ def test_reserve_presizes_flat_codes_without_changing_results():
         np.testing.assert_array_equal(a, b)
     assert not FaissIndex.create(32, "HNSW8").reserve(10)
     assert not reserved.reserve(10), "only an empty index is presized"
+
+
+def test_approximate_indexes_carry_search_defaults(small_corpus, tmp_path):
+    out = tmp_path / "ivf"
+    build_dense_index(small_corpus, out, DenseBuildConfig(faiss="IVF2,Flat"), encoder=fake_encoder())
+    assert read_manifest(out, "dense")["search_defaults"] == {"nprobe": 16}
+    assert DenseRetriever(out, encoder=fake_encoder()).nprobe == 16
+    assert DenseRetriever(out, encoder=fake_encoder(), nprobe=1).nprobe == 1, "the caller's value wins"
+    build_dense_index(small_corpus, out, DenseBuildConfig(faiss="HNSW8", ef_search=40), encoder=fake_encoder(),
+                      overwrite=True)
+    assert read_manifest(out, "dense")["search_defaults"] == {"ef_search": 40}
+    flat = tmp_path / "flat"
+    build_dense_index(small_corpus, flat, encoder=fake_encoder())
+    assert read_manifest(flat, "dense")["search_defaults"] == {}
