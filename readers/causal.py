@@ -63,6 +63,7 @@ class CausalReader(BaseReader):
             gen.pad_token_id = self.pad_id
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and self.prefix else []
         self.max_positions = model_max_positions(model.config)
+        self._keeps_logits = True
 
     def denoising_objective(self) -> str:
         return "next-token"
@@ -116,10 +117,23 @@ class CausalReader(BaseReader):
             rows.append(prompt + target)
             labels.append([-100] * len(prompt) + target)
         batch = self._batch(rows, labels, left=False)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         lab = batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 lab.reshape(-1), ignore_index=-100)
+        # logits only where some row predicts an answer token: the LM head over Gemma's 262k-token
+        # vocabulary at every prompt position would dominate the step's time and memory
+        keep = (lab != -100).any(dim=0).nonzero().squeeze(1)
+        logits = self._logits(batch, keep)
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                 lab[:, keep].reshape(-1), ignore_index=-100)
+
+    def _logits(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        """Logits at the given sequence positions (`logits_to_keep`; full logits for models without it)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self._keeps_logits:
+            try:
+                return self.model(**inputs, logits_to_keep=positions).logits
+            except TypeError:  # a model whose forward does not take logits_to_keep
+                self._keeps_logits = False
+        return self.model(**inputs).logits[:, positions]
 
     def _generate(self, questions, passages) -> list[str]:
         batch = self._batch([self._prompt(q, ps) for q, ps in zip(questions, passages)], None, left=True)

@@ -68,3 +68,21 @@ def test_prompt_fits_the_model_positions(bert_tokenizer):
 def test_no_passages_flagged(reader):
     out = reader.answer_with_meta(["q?"], [[]])
     assert out[0][1]["no_passages"] is True
+
+
+def test_batched_loss_with_kept_logits_equals_full_logits(reader):
+    """Logits only at answer positions (logits_to_keep) give the same loss as the full logits, padded batch."""
+    qs, pss, answers = ["capital of France?", "a much longer question about the city of Berlin?"], \
+        [PASSAGES[:2], PASSAGES[1:]], ["Paris", "Berlin the capital"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for q, ps, a in zip(qs, pss, answers):
+            prompt, target = reader._prompt(q, ps), reader._answer_ids(a)
+            logp = torch.log_softmax(reader.model(input_ids=torch.tensor([prompt + target])).logits[0].float(), -1)
+            total -= sum(float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(target))
+            count += len(target)
+        kept = reader.qa_loss(qs, pss, answers)
+        reader._keeps_logits = False
+        full = reader.qa_loss(qs, pss, answers)
+    torch.testing.assert_close(kept, torch.tensor(total / count), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full, kept, rtol=1e-5, atol=1e-5)
