@@ -42,6 +42,10 @@ def headline(name: str, res: dict[str, Any]) -> dict[str, Any]:
     elif name == "build_memory":
         h["memory_difference"] = res.get("memory", {}).get("difference")
         h["time_per_passage_ratio"] = res.get("scaling", {}).get("time_per_passage_ratio")
+    elif name == "readers":
+        h["rows"] = [{k: r.get(k) for k in ("variant", "trainable_params", "median_step_s", "peak_rss_mb", "skipped")}
+                     for r in res.get("rows", [])]
+        h["ratios"] = res.get("ratios")
     elif name == "bm25":
         h["rows"] = [{k: r.get(k) for k in ("backend", "passages", "index_s", "qps_single", "qps_batch",
                                              "overlap@10_vs_bm25s", "Rprec")} for r in res.get("rows", [])]
