@@ -100,7 +100,9 @@ class DenseEncoder:
             emb = model.encode([texts[i] for i in idx], batch_size=size, convert_to_numpy=False,
                                convert_to_tensor=True, normalize_embeddings=False, show_progress_bar=False,
                                **extra, **kwargs)
-            emb = emb.float().cpu().numpy()
+            if hasattr(emb, "detach"):  # a tensor (bf16 stays a tensor: numpy has no bfloat16)
+                emb = emb.detach().float().cpu().numpy()
+            emb = np.asarray(emb, dtype=np.float32)
             out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return out
 

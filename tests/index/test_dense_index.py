@@ -225,3 +225,12 @@ def test_approximate_indexes_carry_search_defaults(small_corpus, tmp_path):
     flat = tmp_path / "flat"
     build_dense_index(small_corpus, flat, encoder=fake_encoder())
     assert read_manifest(flat, "dense")["search_defaults"] == {}
+
+
+def test_token_sort_keeps_rows_in_place_for_any_encoder():
+    """Token-count batching with a model that returns numpy and has no tokenizer (character-length order)."""
+    model = FakeModel()
+    texts = ["a b c d e f", "x", "p q r", "long " * 30, "m n"]
+    sorted_enc = DenseEncoder(model, "fake", batch_size=2, token_sort=True)
+    np.testing.assert_allclose(sorted_enc.encode_passage(texts), DenseEncoder(model, "fake").encode_passage(texts),
+                               atol=1e-6)
