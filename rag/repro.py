@@ -34,6 +34,7 @@ class Condition:
     fast: bool = False
     table: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)  # README row(s): label, data, group, columns
     cost: str = ""                         # how long the condition took when its expected scores were measured
+    tolerance: float = 0.0                 # the condition's own floor under --tolerance (runs that vary run to run)
 
     def table_rows(self) -> list[dict[str, Any]]:
         rows = self.table if isinstance(self.table, list) else [self.table] if self.table else []
@@ -139,7 +140,8 @@ def check(only: list[str] | None = None, tolerance: float = 0.005, fast: bool = 
         for key, expected in cond.expected.items():
             value = got.get(key)
             rows.append({"condition": cond.name, "metric": key, "expected": expected, "got": value,
-                         "pass": value is not None and abs(value - expected) <= tolerance, "error": error,
+                         "pass": value is not None and abs(value - expected) <= max(tolerance, cond.tolerance),
+                         "tolerance": max(tolerance, cond.tolerance), "error": error,
                          "seconds": round(time.perf_counter() - start, 1)})
     return rows
 

@@ -82,3 +82,23 @@ conditions:
     matrix.write_text(matrix.read_text().replace('"Y col": a.y', '"Y col": a.z'))
     with pytest.raises(Exception, match="without an expected value"):
         render_table(matrix)
+
+
+def test_condition_tolerance_is_a_floor(tmp_path, monkeypatch):
+    import json
+
+    import rag.cli
+
+    def fake_main(argv):
+        (tmp_path / "m.json").write_text(json.dumps({"a": 0.5}))
+        return 0
+
+    monkeypatch.setattr(rag.cli, "main", fake_main)
+    matrix = tmp_path / "m.yaml"
+    spec = ("conditions:\n  c:\n    description: d\n    steps: [\"score --out x\"]\n"
+            f"    metrics_file: \"{tmp_path / 'm.json'}\"\n    expected: {{a: 0.45}}\n")
+    matrix.write_text(spec)
+    assert not check(matrix=matrix)[0]["pass"]
+    matrix.write_text(spec + "    tolerance: 0.08\n")
+    assert check(matrix=matrix)[0]["pass"]
+    assert check(matrix=matrix, tolerance=0.001)[0]["tolerance"] == 0.08, "a stricter --tolerance does not undercut it"
