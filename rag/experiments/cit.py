@@ -116,17 +116,26 @@ class Plan:
     """What one experiment mode trains on and evaluates: question files, eval sets, substitutions."""
     train_path: Path
     question_files: dict[str, Path]          # name -> KILT file whose questions are retrieved for
-    sets: dict[str, tuple[str, list[dict[str, Any]], bool]]  # set -> (question file, rows, counterfactual?)
+    sets: dict[str, tuple[list[dict[str, Any]], bool]]  # set -> (rows, counterfactual?)
     substitutions: dict[str, list[tuple[str, str]]]
     stats: dict[str, Any]
 
 
-def _counterfactual(corpus_rows, rows, seed, subs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _eval_sets(corpus_rows, seed: int, groups) -> tuple[dict[str, Any], dict[str, list[tuple[str, str]]], list]:
+    """Each (label, counterfactual label, rows) gives two eval sets: the rows as they are, and the rows whose
+    answer could be substituted in their evidence documents. Returns (sets, doc id -> substitutions of all
+    groups, counterfactual stats per group)."""
     from rag.transforms import counterfactual_substitute, substitution_map
-    _, cf_rows, stats = counterfactual_substitute(corpus_rows, rows, seed=seed)
-    for doc, pairs in substitution_map(stats).items():
-        subs.setdefault(doc, []).extend(pairs)
-    return cf_rows, stats
+    sets: dict[str, tuple[list[dict[str, Any]], bool]] = {}
+    subs: dict[str, list[tuple[str, str]]] = {}
+    stats = []
+    for label, cf_label, rows in groups:
+        _, cf_rows, group_stats = counterfactual_substitute(corpus_rows, rows, seed=seed)
+        for doc, pairs in substitution_map(group_stats).items():
+            subs.setdefault(doc, []).extend(pairs)
+        sets[label], sets[cf_label] = (rows, False), (cf_rows, True)
+        stats.append(group_stats)
+    return sets, subs, stats
 
 
 def _public(stats: dict[str, Any]) -> dict[str, Any]:
@@ -147,14 +156,11 @@ def plan_fanoutqa(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
     docs = [r for r in corpus_rows if str(r.get("id")) not in used]
     random.Random(cfg.seed).shuffle(docs)
     cloze_rows, cloze_stats = cloze_questions(docs, seed=cfg.seed, max_questions=cfg.cloze_eval)
-    subs: dict[str, list[tuple[str, str]]] = {}
-    cf_dev, dev_stats = _counterfactual(corpus_rows, dev_rows, cfg.seed, subs)
-    cf_cloze, cloze_cf_stats = _counterfactual(corpus_rows, cloze_rows, cfg.seed, subs)
+    sets, subs, (dev_stats, cloze_cf_stats) = _eval_sets(corpus_rows, cfg.seed, [
+        ("dev (vital10k)", "dev counterfactual", dev_rows), ("cloze (vital10k)", "cloze counterfactual", cloze_rows)])
     files = {"dev": out / "questions" / "dev.jsonl", "cloze": out / "questions" / "cloze.jsonl"}
     write_jsonl(files["dev"], dev_rows)
     write_jsonl(files["cloze"], cloze_rows)
-    sets = {"dev (vital10k)": ("dev", dev_rows, False), "dev counterfactual": ("dev", cf_dev, True),
-            "cloze (vital10k)": ("cloze", cloze_rows, False), "cloze counterfactual": ("cloze", cf_cloze, True)}
     return Plan(train_path, files, sets, subs, {
         "counterfactual": dev_stats, "cloze_counterfactual": cloze_cf_stats, "cloze_generation": cloze_stats})
 
@@ -188,16 +194,12 @@ def plan_cloze_topics(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
                                               domains=set(train_topics))
     held_rows, held_stats = cloze_questions(docs, seed=cfg.seed, max_questions=cfg.cloze_eval, domains=set(held))
     seen_rows = train_rows[:cfg.cloze_eval]
-    subs: dict[str, list[tuple[str, str]]] = {}
-    cf_seen, seen_cf_stats = _counterfactual(corpus_rows, seen_rows, cfg.seed, subs)
-    cf_held, held_cf_stats = _counterfactual(corpus_rows, held_rows, cfg.seed, subs)
+    sets, subs, (seen_cf_stats, held_cf_stats) = _eval_sets(corpus_rows, cfg.seed, [
+        ("seen cloze (train topics)", "seen cloze counterfactual", seen_rows),
+        ("held-out topics cloze", "held-out topics counterfactual", held_rows)])
     files = {"train": out / "questions" / "cloze_train.jsonl", "heldout": out / "questions" / "cloze_heldout.jsonl"}
     write_jsonl(files["train"], train_rows)
     write_jsonl(files["heldout"], held_rows)
-    sets = {"seen cloze (train topics)": ("train", seen_rows, False),
-            "seen cloze counterfactual": ("train", cf_seen, True),
-            "held-out topics cloze": ("heldout", held_rows, False),
-            "held-out topics counterfactual": ("heldout", cf_held, True)}
     return Plan(files["train"], files, sets, subs, {
         "topics": {"train": train_topics, "heldout": held}, "counterfactual": seen_cf_stats,
         "cloze_counterfactual": held_cf_stats, "cloze_generation": {"train": train_stats, "heldout": held_stats}})
@@ -227,7 +229,7 @@ def run_experiment(cfg: CITExperimentConfig, overwrite: bool = False) -> dict[st
     cf_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(cf_dir / "corpus.jsonl",
                 (dict(r, text=_rewrite_text(r, subs)) if str(r.get("id")) in subs else r for r in corpus_rows))
-    for name, (_, rows, is_cf) in plan.sets.items():
+    for name, (rows, is_cf) in plan.sets.items():
         if is_cf:
             write_jsonl(cf_dir / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".jsonl"), rows)
     write_json(cf_dir / "stats.json", plan.stats)
@@ -243,7 +245,7 @@ def run_experiment(cfg: CITExperimentConfig, overwrite: bool = False) -> dict[st
     retrieval_s = time.perf_counter() - t0
     sets = {name: ([dataclasses.replace(e, passages=_rewrite(e.passages, subs)) for e in
                     _examples_with_passages(rows, passages)] if is_cf else _examples_with_passages(rows, passages),
-                   is_cf) for name, (_, rows, is_cf) in plan.sets.items()}
+                   is_cf) for name, (rows, is_cf) in plan.sets.items()}
     weights = [float(w) for w in cfg.weights.split(",") if w.strip()]
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "counts": {name: len(s[0]) for name, s in sets.items()},
                                **{k: _public(v) if isinstance(v, dict) else v for k, v in plan.stats.items()},
