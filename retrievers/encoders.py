@@ -90,12 +90,17 @@ class DenseEncoder:
 
     def _encode_fast(self, texts: list[str], domains: Sequence[str | None] | None, batch_size: int | None = None,
                      show_progress: bool = False, **kwargs: Any) -> np.ndarray:
-        """Passages in token-count order (one encode call per batch, so the batches stay ours), renormalised."""
+        """Passages through the passage model, renormalised in float32. With token_sort, one encode call per
+        batch in token-count order (so the batches stay ours); without, one call for all (sentence-transformers
+        then sorts the whole list by length itself)."""
         model, size = self.passage_model(), batch_size or self.batch_size
-        order = self._token_order(texts) if self.token_sort else np.arange(len(texts))
+        if self.token_sort:
+            order = self._token_order(texts)
+            groups = [order[start:start + size] for start in range(0, len(texts), size)]
+        else:
+            groups = [np.arange(len(texts))]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), size):
-            idx = order[start:start + size]
+        for idx in groups:
             extra = self._domains([domains[i] for i in idx]) if domains is not None else {}
             emb = model.encode([texts[i] for i in idx], batch_size=size, convert_to_numpy=False,
                                convert_to_tensor=True, normalize_embeddings=False, show_progress_bar=False,
