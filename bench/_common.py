@@ -123,6 +123,19 @@ def versions(*dists: str) -> dict[str, str]:
     return out
 
 
+def vmhwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM: per address space, so unlike ru_maxrss it does not
+    inherit the parent's peak across fork+exec); ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -47,15 +47,6 @@ VARIANTS: dict[str, tuple[str, str, float, bool]] = {
 BATCH, K, PASSAGE_TOKENS, ANSWER_TOKENS = 4, 3, 64, 16
 
 
-def vmhwm_mb() -> float:
-    """Peak RSS of this process (VmHWM, not inherited across exec like ru_maxrss can be)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return C.peak_rss_mb()
-
-
 def training_batches(n_batches: int, seed: int = 0) -> list[tuple[list[str], list[list[Any]], list[str]]]:
     """FanOutQA train questions with their gold page + 2 random vital10k pages as passages."""
     from rag.io import read_jsonl
@@ -105,7 +96,7 @@ def worker(variant: str, steps: int, warmup: int, threads: int) -> dict[str, Any
     opt = torch.optim.AdamW(params, lr=1e-4)
     reader.model.train()
     times, losses = [], []
-    after_load = vmhwm_mb()
+    after_load = C.vmhwm_mb()
     for step, (qs, ps, ans) in enumerate(training_batches(warmup + steps)):
         start = time.perf_counter()
         loss, logs = objective(qs, ps, ans)
@@ -117,7 +108,7 @@ def worker(variant: str, steps: int, warmup: int, threads: int) -> dict[str, Any
         losses.append(float(loss.detach()))
     return {"variant": variant, "kind": kind, "peft": peft, "cit_weight": weight, "full_logits": full_logits,
             "trainable_params": sum(p.numel() for p in params), "total_params": total, "load_s": load_s,
-            "step_s": times, "median_step_s": statistics.median(times), "peak_rss_mb": vmhwm_mb(),
+            "step_s": times, "median_step_s": statistics.median(times), "peak_rss_mb": C.vmhwm_mb(),
             "rss_after_load_mb": after_load, "losses": losses}
 
 

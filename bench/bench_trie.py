@@ -32,7 +32,6 @@ import os
 import pickle  # only for the GENRE-style baseline's on-disk size; the compact trie never pickles
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,21 +44,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import vmhwm_mb as rss_mb  # noqa: E402  (peak RSS of this process, VmHWM)
 
 CLS, SEP = 101, 102
-
-
-def rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM: per address space, so unlike ru_maxrss it does not
-    inherit the parent's peak across fork+exec)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def current_rss_mb() -> float:
