@@ -137,11 +137,12 @@ def check(only: list[str] | None = None, tolerance: float = 0.005, fast: bool = 
             error = None
         except Exception as exc:  # noqa: BLE001 - a failing condition is a row, not a crash
             got, error = {}, f"{type(exc).__name__}: {exc}"
+        allowed = max(tolerance, cond.tolerance)
         for key, expected in cond.expected.items():
             value = got.get(key)
             rows.append({"condition": cond.name, "metric": key, "expected": expected, "got": value,
-                         "pass": value is not None and abs(value - expected) <= max(tolerance, cond.tolerance),
-                         "tolerance": max(tolerance, cond.tolerance), "error": error,
+                         "pass": value is not None and abs(value - expected) <= allowed,
+                         "tolerance": allowed, "error": error,
                          "seconds": round(time.perf_counter() - start, 1)})
     return rows
 
