@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 def data_dir() -> Path:
     """Where prepared benchmark data lives (RAG_BENCH_DATA, default $RAG_HOME/bench-data)."""
-    from rag.models import rag_home
+    from core.models import rag_home
     return Path(os.environ.get("RAG_BENCH_DATA", rag_home() / "bench-data")).expanduser()
 
 

@@ -64,7 +64,7 @@ K1, B = 0.9, 0.4
 # ------------------------------------------------------------------ corpus
 
 def write_corpus(path: Path, n_passages: int, seed: int = 0) -> dict[str, Any]:
-    from rag.corpus import Corpus, split_passages
+    from core.corpus import Corpus, split_passages
     docs = Corpus.load(C.vital10k()).documents
     n_real = sum(1 for _ in split_passages(docs))
     sentences: list[tuple[int, str]] = []
@@ -132,7 +132,7 @@ def _doc_rankings(index_dir: Path, pids: np.ndarray, scores: np.ndarray, k_docs:
 
 def _rprec(index_dir: Path, pids: np.ndarray, scores: np.ndarray, questions: list[dict]) -> float:
     from eval.kilt import evaluate_kilt
-    from rag.tasks import Query, guess_rows
+    from core.tasks import Query, guess_rows
     rankings = _doc_rankings(index_dir, pids, scores)
     queries = [Query(str(q["id"]), q["input"]) for q in questions]
     return evaluate_kilt(guess_rows(queries, rankings), questions, ks=(1, 10))["retrieval"]["Rprec"]

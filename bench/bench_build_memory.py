@@ -77,7 +77,7 @@ def fake_encoder():
 def vocabulary() -> tuple[np.ndarray, np.ndarray]:
     from collections import Counter
 
-    from rag.corpus import iter_documents
+    from core.corpus import iter_documents
     counts: Counter[str] = Counter()
     for _, doc in iter_documents(C.vital10k()):
         counts.update(doc.text.split())
@@ -134,7 +134,7 @@ class RssSampler:
 
 
 def worker_baseline() -> dict[str, Any]:
-    from index.dense_build import build_dense_index  # noqa: F401  (same imports as a build)
+    from retrievers.dense_build import build_dense_index  # noqa: F401  (same imports as a build)
     from retrievers.dense import DenseRetriever  # noqa: F401
     fake_encoder().fingerprint()
     return {"peak_rss_mb": C.peak_rss_mb(), "rss_mb": C.current_rss_mb()}
@@ -146,12 +146,12 @@ def growing_codes() -> None:
     Faiss grows `codes` (a std::vector) geometrically while adding shard by shard, so the old and new
     buffers coexist at each growth; the toolkit now sizes it once before the adds (FaissIndex.reserve).
     """
-    import index.dense_build as db
+    import retrievers.dense_build as db
     db.FaissIndex.reserve = lambda self, n: False
 
 
 def worker_build(corpus: str, out: str, factory: str, presize: str = "0") -> dict[str, Any]:
-    import index.dense_build as db
+    import retrievers.dense_build as db
     marks: dict[str, float] = {}
     if presize == "1":
         growing_codes()

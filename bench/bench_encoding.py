@@ -58,7 +58,7 @@ warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rag.corpus import Corpus, split_passages  # noqa: E402
+from core.corpus import Corpus, split_passages  # noqa: E402
 
 NAME = "encoding"
 DEFAULT_THREADS = torch.get_num_threads()
@@ -105,7 +105,7 @@ def token_stats(model, texts: list[str], batch_size: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ part A: toolkit vs plain
 
 def part_a(enc, n_passages: int, round_passages: int, batch_size: int, seed: int) -> dict[str, Any]:
-    from index.dense_build import DenseBuildConfig, build_dense_index
+    from retrievers.dense_build import DenseBuildConfig, build_dense_index
     docs = list(Corpus.load(C.vital10k()))
     order = np.random.default_rng(seed).permutation(len(docs))
     rounds: list[list] = []
@@ -397,7 +397,7 @@ def quality(emb: np.ndarray, passages, doc_rows: np.ndarray, docs, q_emb: np.nda
     import faiss
 
     from eval.kilt import evaluate_kilt
-    from rag.tasks import Query, guess_rows
+    from core.tasks import Query, guess_rows
     from retrievers.base import Hit
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(np.ascontiguousarray(emb, dtype=np.float32))

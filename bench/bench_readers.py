@@ -49,7 +49,7 @@ BATCH, K, PASSAGE_TOKENS, ANSWER_TOKENS = 4, 3, 64, 16
 
 def training_batches(n_batches: int, seed: int = 0) -> list[tuple[list[str], list[list[Any]], list[str]]]:
     """FanOutQA train questions with their gold page + 2 random vital10k pages as passages."""
-    from rag.io import read_jsonl
+    from core.io import read_jsonl
     from readers.base import ReaderPassage
 
     docs = {str(d["id"]): d for d in read_jsonl(C.vital10k() / "corpus.jsonl")}
@@ -86,7 +86,7 @@ def worker(variant: str, steps: int, warmup: int, threads: int) -> dict[str, Any
     load_s = time.perf_counter() - t0
     reference = ReferenceNLL(reader, None)
     if peft != "full":
-        from rag.peft import apply_peft
+        from core.peft import apply_peft
         reader.model = apply_peft(reader.model, peft)
     if full_logits:
         reader._keeps_logits = False

@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ratios"] = ratios(results)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    from rag.io import write_json
+    from core.io import write_json
     write_json(out_json, results)
     print_table(results)
     print(f"[bench_trie] wrote {out_json}")

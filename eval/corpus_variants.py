@@ -4,7 +4,7 @@ Every transform has the same shape, so the `rag data derive` CLI and the corpus-
 
     transform(corpus, out_dir, *, tasks=(), seed=0, **options) -> manifest dict
 
-* `corpus`: a corpus folder (with corpus.jsonl) or file in any format `rag.corpus` reads;
+* `corpus`: a corpus folder (with corpus.jsonl) or file in any format `core.corpus` reads;
 * `tasks`: KILT task files tied to that corpus, a list of paths (each keeps its file stem as name) or a
   mapping name -> path; each transform rewrites them for the new corpus (filtered, updated or copied);
 * `out_dir`: written atomically (nothing appears there unless the transform finishes), holding one
@@ -51,9 +51,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rag.corpus import file_checksum, iter_documents, resolve_corpus_path
-from rag.errors import InputError, RagError
-from rag.io import atomic_dir, iter_jsonl, read_json, write_json, write_jsonl
+from core.corpus import file_checksum, iter_documents, resolve_corpus_path
+from core.errors import InputError, RagError
+from core.io import atomic_dir, iter_jsonl, read_json, write_json, write_jsonl
 
 __all__ = [
     "DERIVE_MANIFEST", "DEFAULT_PART", "VARIANT_TRANSFORMS", "derive", "topic_holdout", "new_domain", "perturb",
@@ -423,7 +423,7 @@ def derive_from_rows(transform: str, fn: Callable[..., Any], corpus: str | Path,
     (by id), so a transform that keeps only the questions it changed yields smaller task files. None: the
     task files are copied unchanged.
     """
-    from rag.io import read_jsonl
+    from core.io import read_jsonl
 
     named = _task_map(tasks)
     corpus_path = resolve_corpus_path(corpus)

@@ -18,8 +18,8 @@ from typing import Any
 
 from rouge import Rouge
 
-from rag.errors import InputError
-from rag.io import iter_jsonl
+from core.errors import InputError
+from core.io import iter_jsonl
 
 Record = Mapping[str, Any]
 Source = str | Path | Sequence[Record]

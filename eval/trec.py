@@ -5,8 +5,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rag.errors import InputError
-from rag.io import atomic_file
+from core.errors import InputError
+from core.io import atomic_file
 
 
 def write_trec(path: str | Path, query_ids: Sequence[str], rankings: Sequence[Sequence[Any]], tag: str = "rag") -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rag.errors import RagError
+from core.errors import RagError
 
 INDEX_FILE = "index.faiss"
 

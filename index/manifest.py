@@ -7,8 +7,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rag.errors import ManifestMismatch, RagError
-from rag.io import read_json, write_json
+from core.errors import ManifestMismatch, RagError
+from core.io import read_json, write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.corpus import Passage
-from rag.io import atomic_file, read_json, write_json
+from core.corpus import Passage
+from core.io import atomic_file, read_json, write_json
 
 PASSAGES, OFFSETS, PASSAGE_DOCS, DOCS = "passages.jsonl", "passage_offsets.npy", "passage_docs.npy", "docs.json"
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from rag.errors import InputError, ManifestMismatch, RagError
-from rag.io import atomic_dir, atomic_file, read_json, write_json
+from core.errors import InputError, ManifestMismatch, RagError
+from core.io import atomic_dir, atomic_file, read_json, write_json
 
 log = logging.getLogger(__name__)
 

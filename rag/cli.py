@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rag.errors import RagError
+from core.errors import RagError
 
 COMMANDS = ["rag.commands.data", "rag.commands.index", "rag.commands.retrieve", "rag.commands.answer",
             "rag.commands.eval", "rag.commands.train", "rag.commands.experiment", "rag.commands.demo", "rag.repro"]

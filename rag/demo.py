@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from index.manifest import MANIFEST
-from rag.io import atomic_file, write_json
-from rag.runinfo import RunRecord
+from core.io import atomic_file, write_json
+from core.runinfo import RunRecord
 
 log = logging.getLogger("rag.demo")
 
@@ -54,7 +54,7 @@ def _build_bm25(corpus_dir: Path, index_dir: Path, config: DemoConfig) -> None:
 
 
 def _build_dense(corpus_dir: Path, index_dir: Path, config: DemoConfig) -> None:
-    from index.dense_build import DenseBuildConfig, build_dense_index
+    from retrievers.dense_build import DenseBuildConfig, build_dense_index
     build_dense_index(corpus_dir, index_dir, DenseBuildConfig(encoder=config.encoder, faiss=config.faiss,
                                                               batch_size=config.batch_size), overwrite=True)
 
@@ -86,12 +86,12 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from eval.kilt import evaluate_kilt
     from eval.trec import write_trec
     from rag.commands.retrieve import retrieve_queries
-    from rag.tasks import load_queries, write_guesses
+    from core.tasks import load_queries, write_guesses
     from retrievers import open_retriever
 
     unknown = [k for k in config.retrievers if k not in DEMO_BUILDERS]
     if unknown:
-        from rag.errors import RagError
+        from core.errors import RagError
         raise RagError(f"unknown demo retriever(s) {unknown}; choose from {', '.join(DEMO_BUILDERS)}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     report = format_report(results, corpus_dir, gold)
     swap_rows: list[dict[str, Any]] = []
     if config.swap:
-        from eval.corpus_swap import format_swap_table, run_swap
+        from rag.corpus_swap import format_swap_table, run_swap
         with record.timed("swap_s"):
             swap_rows = run_swap(config.swap, out / "swap", workers=config.swap_workers)
         report += ("\n## Original vs swapped corpora\n\n"

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from rag.errors import RagError
-from rag.io import atomic_file, read_jsonl, write_jsonl
+from core.errors import RagError
+from core.io import atomic_file, read_jsonl, write_jsonl
 
 MATRIX = Path(__file__).resolve().parent.parent / "repro" / "matrix.yaml"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -219,7 +219,7 @@ def _run_check(args: argparse.Namespace) -> int:
     rows = check(args.only.split(",") if args.only else None, args.tolerance, args.fast, args.work, args.matrix)
     print(format_check(rows))
     if args.json:
-        from rag.io import write_json
+        from core.io import write_json
         write_json(args.json, rows)
     return 0 if rows and all(r["pass"] for r in rows) else 1
 

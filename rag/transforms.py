@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag.errors import RagError
+from core.errors import RagError
 
 Rows = list[dict[str, Any]]
 
@@ -234,9 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rag.corpus import resolve_corpus_path
-    from rag.io import atomic_dir, read_jsonl, write_json, write_jsonl
-    from rag.runinfo import RunRecord
+    from core.corpus import resolve_corpus_path
+    from core.io import atomic_dir, read_jsonl, write_json, write_jsonl
+    from core.runinfo import RunRecord
 
     if args.transform not in TRANSFORMS:
         raise RagError(f"unknown transform {args.transform!r}; choose one of {', '.join(TRANSFORMS)}")

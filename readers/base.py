@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from rag.errors import RagError
+from core.errors import RagError
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def load_base_model(kind: str, name: str | None) -> tuple[torch.nn.Module, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BASE_SEED)
         if kind == "fid":
-            from rag.models import load_seq2seq
+            from core.models import load_seq2seq
             return load_seq2seq(name)
         if kind == "causal":
             from readers.causal import load_causal
@@ -245,7 +245,7 @@ def save_reader(reader: BaseReader, folder: str | Path, base_model: str | None, 
     meta = {"kind": reader.kind, "base_model": base_model or DEFAULT_MODELS[reader.kind],
             "peft": peft or "full", "config": dataclasses.asdict(reader.config)}
     if peft and peft != "full":
-        from rag.peft import save_peft
+        from core.peft import save_peft
         save_peft(reader.model, folder / "peft", name=peft)
     else:
         save_model(reader.model, str(folder / MODEL_WEIGHTS))
@@ -266,7 +266,7 @@ def load_reader(kind: str | None = None, model: str | None = None, config: Reade
         kind = meta["kind"]
         base, tokenizer = load_base_model(kind, meta["base_model"] if meta["base_model"] != DEFAULT_MODELS[kind] else None)
         if meta.get("peft", "full") != "full":
-            from rag.peft import load_peft
+            from core.peft import load_peft
             base = load_peft(base, folder / "peft")
         else:
             from safetensors.torch import load_model
@@ -280,7 +280,7 @@ def load_reader(kind: str | None = None, model: str | None = None, config: Reade
     if config_overrides:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in config_overrides.items() if v is not None})
     reader = reader_class(kind)(base, tokenizer, cfg)
-    from rag.training.loop import pick_device
+    from core.training.loop import pick_device
     reader.to(pick_device(device))
     reader.eval()
     return reader

@@ -31,7 +31,7 @@ def load_causal(name: str | None = None, trust_remote_code: bool = False) -> tup
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from readers.gemma import GEMMA_ALIAS, gemma_path
-    from rag.models import resolve_model
+    from core.models import resolve_model
 
     name = name or GEMMA_ALIAS
     path = gemma_path() if name == GEMMA_ALIAS else resolve_model(name)

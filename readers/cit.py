@@ -76,7 +76,7 @@ class ReferenceNLL:
         return torch.tensor([self.values[p.key] for p in passages], dtype=torch.float32)
 
     def save(self, path: str | Path | None = None) -> None:
-        from rag.io import write_json
+        from core.io import write_json
         target = Path(path) if path is not None else self.path
         if target is not None:
             write_json(target, {"signature": self.signature, "nll": self.values})

@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rag.corpus import resolve_corpus_path
-    from rag.io import iter_jsonl, write_json, write_jsonl
+    from core.corpus import resolve_corpus_path
+    from core.io import iter_jsonl, write_json, write_jsonl
 
     domains = {d.strip() for d in args.domains.split(",")} if args.domains else None
     docs = (row for _, row in iter_jsonl(resolve_corpus_path(args.corpus)))

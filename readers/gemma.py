@@ -13,7 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from rag.errors import RagError
+from core.errors import RagError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _drop_quantizer(model) -> None:
 
 
 def gemma_cache_dir() -> Path:
-    from rag.models import rag_home
+    from core.models import rag_home
     return rag_home() / "models" / CACHE_NAME
 
 
@@ -64,7 +64,7 @@ def gemma_path() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rag.io import atomic_dir
+    from core.io import atomic_dir
 
     log.info("converting the packaged Gemma-3-270M GGUF to %s (once, about a minute)", target)
     target.parent.mkdir(parents=True, exist_ok=True)

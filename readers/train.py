@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rag.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
+from core.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ReaderTrainConfig(TrainConfig):
     train: str = field(default="", metadata={"help": "KILT training questions"})
     dev: str | None = field(default=None, metadata={"help": "KILT dev questions (EM/F1 during training)"})
     k: int = field(default=5, metadata={"help": "passages per question"})
-    peft: str = field(default="full", metadata={"help": "full | iaa | lora | ... (rag.peft methods)"})
+    peft: str = field(default="full", metadata={"help": "full | iaa | lora | ... (core.peft methods)"})
     cit_weight: float = field(default=0.0, metadata={"help": "λ of the CIT term (0 = plain training)"})
     cit_margin: float = field(default=0.0, metadata={"help": "m: ℓθ may fall to ℓ0 - m without penalty"})
     max_passage_tokens: int = field(default=128, metadata={"help": "tokens per passage"})
@@ -64,9 +64,9 @@ def _answers(row: dict[str, Any]) -> list[str]:
 def retrieve_cached(folder: Path, name: str, queries_path: str | Path, index: str | Path, k: int,
                     retriever: Any = None) -> tuple[list[Example], Any]:
     """Examples with their top-k passages; retrieval runs once and is cached as JSONL in `folder`."""
-    from rag.corpus import file_checksum
-    from rag.io import read_json, read_jsonl, write_json, write_jsonl
-    from rag.tasks import load_queries
+    from core.corpus import file_checksum
+    from core.io import read_json, read_jsonl, write_json, write_jsonl
+    from core.tasks import load_queries
     from readers.base import ReaderPassage
 
     rows = read_jsonl(queries_path)
@@ -114,9 +114,9 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     """Train one reader into `out`; returns the metrics written to metrics.json."""
     import torch
 
-    from rag.errors import RagError
-    from rag.training import RunFolder, TrainLoop
-    from rag.training.loop import EpochSampler, pick_device
+    from core.errors import RagError
+    from core.training import RunFolder, TrainLoop
+    from core.training.loop import EpochSampler, pick_device
     from readers.base import ReaderConfig, load_reader, save_reader
     from readers.cit import REFERENCE_FILE, CITConfig, CITObjective, ReferenceNLL
 
@@ -139,7 +139,7 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=cfg.device)
     reference = ReferenceNLL(reader, run.path / REFERENCE_FILE)  # frozen copy of the initial reader
     if cfg.peft != "full":
-        from rag.peft import apply_peft
+        from core.peft import apply_peft
         reader.model = apply_peft(reader.model, cfg.peft)
     reader.to(pick_device(cfg.device))
     objective = CITObjective(reader, reference, CITConfig(cfg.cit_weight, cfg.cit_margin))
@@ -166,7 +166,7 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
                      save_final=save_final, resume=resume)
     metrics = loop.fit()
     if dev_set:  # predictions of the final reader, for inspection
-        from rag.io import write_jsonl
+        from core.io import write_jsonl
         preds = answer_examples(reader, dev_set, cfg.eval_batch_size)
         write_jsonl(run.path / "dev_predictions.jsonl", guess_rows(dev_set, preds))
     log.info("reader %s: %s", cfg.kind, json.dumps(metrics.get("dev", {})))
@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ReaderTrainConfig:
-    from rag.config import build_config, load_config_file
+    from core.config import build_config, load_config_file
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else {}
     cfg = build_config(ReaderTrainConfig, file_cfg, own_flags(ReaderTrainConfig, args), train_overrides(args),

@@ -9,7 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from index.manifest import read_manifest
-from rag.errors import RagError
+from core.errors import RagError
 
 
 @dataclass(frozen=True)

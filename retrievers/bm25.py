@@ -15,9 +15,9 @@ import numpy as np
 
 from index.manifest import read_manifest, write_manifest
 from index.passages import PassageStore, write_passage_store
-from rag.corpus import Passage, file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
-from rag.errors import RagError
-from rag.io import atomic_dir
+from core.corpus import Passage, file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
+from core.errors import RagError
+from core.io import atomic_dir
 from retrievers.base import Hit, aggregate_passages, register_index_kind
 
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from index.dense_build import DenseBuildConfig, build_dense_index
+from retrievers.dense_build import DenseBuildConfig, build_dense_index
 from index.faiss_index import FaissIndex
 from index.manifest import check_expected, read_manifest
 from index.passages import PassageStore
-from rag.errors import ManifestMismatch
+from core.errors import ManifestMismatch
 from retrievers.base import Hit, aggregate_passages, register_index_kind
 from retrievers.encoders import DenseEncoder, encoder_id, load_encoder
 
@@ -44,7 +44,7 @@ class DenseRetriever:
         if gpu:
             self.index = self.index.to_gpu()
         self.store = PassageStore(index_dir)
-        defaults = self.manifest.get("search_defaults") or {}  # set at build time (index/dense_build.py)
+        defaults = self.manifest.get("search_defaults") or {}  # set at build time (retrievers/dense_build.py)
         self.nprobe = nprobe if nprobe is not None else defaults.get("nprobe")
         self.ef_search = ef_search if ef_search is not None else defaults.get("ef_search")
         self.k_factor = k_factor

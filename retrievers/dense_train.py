@@ -7,12 +7,12 @@
 * Loss: sentence-transformers' ``MultipleNegativesRankingLoss`` over (query, positive, BM25 hard
   negative): in-batch negatives plus one hard negative per example. Examples that would make another
   example's gold page an in-batch negative are dropped from that batch (duplicate gold pages).
-* PEFT through rag.peft (iaa, adapter, lora, prefix, bitfit, full); with ``--moe-experts N`` expert
+* PEFT through core.peft (iaa, adapter, lora, prefix, bitfit, full); with ``--moe-experts N`` expert
   heads per domain (retrievers/moe.py) and domain-homogeneous batches.
-* The loop, checkpoints, resume, curves and metrics are rag.training's.
+* The loop, checkpoints, resume, curves and metrics are core.training's.
 
 The run folder holds config.json, ``dense_run.json`` (base model reference, method, max sequence
-length, MoE config), ``peft/`` (rag.peft's config + safetensors of the trained parameters),
+length, MoE config), ``peft/`` (core.peft's config + safetensors of the trained parameters),
 ``moe.safetensors`` (heads, router), metrics.json, curves.csv and PNG curves. Any encoder argument
 (`rag index build --encoder RUN`, `rag retrieve --encoder RUN`) accepts the folder: base + trained parts.
 
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from rag.errors import RagError
-from rag.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
+from core.errors import RagError
+from core.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class DenseTrainConfig(TrainConfig):
 def load_base(encoder: str, device: str | None, max_seq_length: int | None):
     from sentence_transformers import SentenceTransformer
 
-    from rag.models import resolve_model
+    from core.models import resolve_model
 
     st = SentenceTransformer(resolve_model(encoder), device=device, trust_remote_code=False)
     if max_seq_length:
@@ -112,8 +112,8 @@ def load_dense_run(path: str | Path, device: str | None = None, **_: Any):
     """Base model + trained parts of a run folder: a SentenceTransformer, or a MoEEncoder."""
     from safetensors.torch import load_file
 
-    from rag.io import read_json
-    from rag.peft import load_peft
+    from core.io import read_json
+    from core.peft import load_peft
     from retrievers.encoders import DenseEncoder
     from retrievers.moe import MoEConfig, MoEEncoder
 
@@ -162,8 +162,8 @@ class DevEvaluator:
     def __init__(self, corpus, dev_path: str | Path, eval_docs: int = 1500, seed: int = 0,
                  words_per_passage: int = 100, domain_field: str = "domain", batch_size: int = 64,
                  ks: Sequence[int] = EVAL_KS, bm25_index: str | Path | None = None, bm25_docs: int = 0) -> None:
-        from rag.corpus import split_passages
-        from rag.io import read_jsonl
+        from core.corpus import split_passages
+        from core.io import read_jsonl
         from retrievers.training_pairs import _gold_ids, doc_domain
 
         self.corpus, self.ks, self.batch_size = corpus, tuple(ks), batch_size
@@ -263,7 +263,7 @@ def _bm25_index_for(config: DenseTrainConfig, corpus) -> Path:
         if not (path / "manifest.json").exists():
             raise RagError(f"--bm25-index {path}: not an index folder (no manifest.json)")
         return path
-    from rag.models import rag_home
+    from core.models import rag_home
     from retrievers.bm25 import build_bm25_index
 
     path = rag_home() / "cache" / f"bm25-{corpus.checksum.split(':')[-1][:16]}"
@@ -316,8 +316,8 @@ def _trainable_state(model) -> dict:
 def save_run_weights(model, st, config: DenseTrainConfig, out: Path, base_fingerprint: list[float]) -> None:
     from safetensors.torch import save_file
 
-    from rag.io import write_json
-    from rag.peft import peft_config, save_peft
+    from core.io import write_json
+    from core.peft import peft_config, save_peft
     from retrievers.moe import MoEEncoder
 
     overrides = {} if config.rank is None else {"rank": config.rank}
@@ -339,8 +339,8 @@ def train_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False,
 
 def build_model(config: DenseTrainConfig, domains: list[str], device: str):
     """(model to train, its SentenceTransformer, base parameter count, base fingerprint), seeded by config.seed."""
-    from rag.peft import apply_peft, peft_config
-    from rag.training.loop import seed_everything
+    from core.peft import apply_peft, peft_config
+    from core.training.loop import seed_everything
     from retrievers.encoders import DenseEncoder
     from retrievers.moe import MoEEncoder
 
@@ -362,10 +362,10 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
     from sentence_transformers.base.losses.merged_forward import embed_columns
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from rag.corpus import Corpus
-    from rag.peft import peft_config
-    from rag.training import RunFolder, TrainLoop
-    from rag.training.loop import EpochSampler, pick_device
+    from core.corpus import Corpus
+    from core.peft import peft_config
+    from core.training import RunFolder, TrainLoop
+    from core.training.loop import EpochSampler, pick_device
     from retrievers.encoders import DenseEncoder
     from retrievers.moe import EXPERT_IDS, router_loss
     from retrievers.training_pairs import DomainBatchSampler, dedupe_batch

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.models import resolve_model
+from core.models import resolve_model
 
 PROBE_TEXT = "rag-toolkit encoder fingerprint probe: the quick brown fox."
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rag.errors import RagError
+from core.errors import RagError
 
 EXPERT_IDS = "expert_ids"  # per-row LongTensor in a features dict; -1 = unknown domain
 
@@ -116,8 +116,8 @@ class ExpertFFN(nn.Module):
 
 
 def _middle_layer(st: nn.Module, index: int | None) -> nn.Module:
-    from rag.peft import find_layer_stacks
-    from rag.peft.wrapping import inner_model
+    from core.peft import find_layer_stacks
+    from core.peft.wrapping import inner_model
 
     stacks = find_layer_stacks(inner_model(st))
     if not stacks:

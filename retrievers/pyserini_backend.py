@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.errors import RagError
+from core.errors import RagError
 
 _DROPPED_JVM_OPTIONS = {"--add-modules=jdk.incubator.vector"}
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from rag.corpus import Corpus, Document
-from rag.errors import InputError, RagError
-from rag.io import iter_jsonl
+from core.corpus import Corpus, Document
+from core.errors import InputError, RagError
+from core.io import iter_jsonl
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 

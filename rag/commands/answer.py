@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rag.runinfo import RunRecord, record_path_for
+from core.runinfo import RunRecord, record_path_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_answer(args: argparse.Namespace) -> int:
     from rag.commands.retrieve import retrieve_queries
-    from rag.io import write_jsonl
-    from rag.tasks import guess_rows, load_queries
+    from core.io import write_jsonl
+    from core.tasks import guess_rows, load_queries
     from readers.base import ReaderPassage, load_reader
     from retrievers import open_retriever
 

@@ -5,9 +5,9 @@ import argparse
 import json
 from pathlib import Path
 
-from rag.errors import RagError
-from rag.io import prepare_output_dir
-from rag.runinfo import RunRecord
+from core.errors import RagError
+from core.io import prepare_output_dir
+from core.runinfo import RunRecord
 
 
 def register(sub: argparse._SubParsersAction) -> None:

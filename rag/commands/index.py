@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rag.config import build_config, load_config_file
-from rag.errors import RagError
-from rag.runinfo import RunRecord
+from core.config import build_config, load_config_file
+from core.errors import RagError
+from core.runinfo import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def _build_bm25(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[Any
 
 
 def _build_dense(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from index.dense_build import DenseBuildConfig, build_dense_index
+    from retrievers.dense_build import DenseBuildConfig, build_dense_index
     config = build_config(DenseBuildConfig, file_cfg, {
         "encoder": args.encoder, "faiss": args.faiss, "batch_size": args.batch_size, "shard_size": args.shard_size,
         "words_per_passage": args.words_per_passage, "stride": args.stride, "device": args.device,
@@ -34,7 +34,7 @@ def _build_dense(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[An
     encode_shards = None
     address, workers, gpus = (getattr(args, k, None) for k in ("address", "workers", "gpus_per_worker"))
     if getattr(args, "ray", False):
-        from index.ray_build import ray_encode_shards
+        from retrievers.ray_build import ray_encode_shards
         encode_shards = ray_encode_shards(workers=2 if workers is None else workers, gpus_per_worker=gpus or 0,
                                           address=address, batch_size=config.batch_size)
     elif address or workers is not None or gpus:

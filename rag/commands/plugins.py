@@ -9,7 +9,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-from rag.errors import RagError
+from core.errors import RagError
 
 TRAINERS: dict[str, str] = {
     "retriever:dense": "retrievers.dense_train",

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rag.runinfo import RunRecord, record_path_for
+from core.runinfo import RunRecord, record_path_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def retrieve_queries(retriever: Any, texts: list[str], k: int, batch_size: int =
 
 def run_retrieve(args: argparse.Namespace) -> int:
     from eval.trec import write_trec
-    from rag.tasks import load_queries, write_guesses
+    from core.tasks import load_queries, write_guesses
     from retrievers import open_retriever
 
     record = RunRecord("retrieve", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from rag.commands.plugins import TRAINERS, dispatch
-from rag.errors import RagError
+from core.errors import RagError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

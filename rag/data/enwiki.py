@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.data.preparers import package_source, progress, write_corpus, write_stats
-from rag.errors import InputError
+from core.errors import InputError
 
 DISTRIBUTION = "gensim"
 DATA_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from rag.data.preparers import CORPUS_FILE, package_source, progress, write_stats
-from rag.errors import InputError, RagError
-from rag.io import iter_jsonl, write_jsonl
+from core.errors import InputError, RagError
+from core.io import iter_jsonl, write_jsonl
 
 DISTRIBUTION = "fanoutqa"
 DATA_FILE = "fanoutqa/data/fanout-final-dev.json"

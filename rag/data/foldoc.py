@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from rag.data.preparers import file_sha256, progress, stable_id, write_corpus, write_stats
-from rag.errors import InputError, RagError
-from rag.io import read_json, write_json
+from core.errors import InputError, RagError
+from core.io import read_json, write_json
 
 PACKAGE = "dict-foldoc"
 INDEX_NAME = "foldoc.index"

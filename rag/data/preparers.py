@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from rag.errors import RagError
-from rag.io import write_json, write_jsonl
+from core.errors import RagError
+from core.io import write_json, write_jsonl
 
 __all__ = [
     "PREPARERS", "prepare", "locate_package_file", "package_source", "file_sha256", "progress",

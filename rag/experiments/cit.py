@@ -75,7 +75,7 @@ SMALL = dict(max_steps=2, batch_size=2, k=2, max_passage_tokens=32, max_answer_t
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
-    from rag.io import read_jsonl
+    from core.io import read_jsonl
     return read_jsonl(path)
 
 
@@ -144,7 +144,7 @@ def _public(stats: dict[str, Any]) -> dict[str, Any]:
 
 def plan_fanoutqa(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
     """Train on FanOutQA train; evaluate on dev (original and counterfactual) plus cloze questions."""
-    from rag.io import write_jsonl
+    from core.io import write_jsonl
     from rag.transforms import _evidence_ids
     from readers.cloze import cloze_questions
 
@@ -167,7 +167,7 @@ def plan_fanoutqa(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
 
 def heldout_topics(cfg: CITExperimentConfig, corpus_rows) -> tuple[list[str], list[str]]:
     """(train topics, held-out topics): --heldout-topics, or every fourth topic in sorted order."""
-    from rag.errors import RagError
+    from core.errors import RagError
     topics = sorted({str(r.get("domain")) for r in corpus_rows if r.get("domain")})
     if len(topics) < 2:
         raise RagError(f"{cfg.corpus}: a topic split needs documents with at least two `domain` values")
@@ -184,7 +184,7 @@ def plan_cloze_topics(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
     The seen questions with their answer substituted in the passage are the sharpest memorisation test:
     the reader was trained to give the old answer to exactly that question, and reading gives the new one.
     """
-    from rag.io import write_jsonl
+    from core.io import write_jsonl
     from readers.cloze import cloze_questions
 
     train_topics, held = heldout_topics(cfg, corpus_rows)
@@ -209,9 +209,9 @@ PLANS = {"fanoutqa": plan_fanoutqa, "cloze-topics": plan_cloze_topics}
 
 
 def run_experiment(cfg: CITExperimentConfig, overwrite: bool = False) -> dict[str, Any]:
-    from rag.corpus import resolve_corpus_path
-    from rag.errors import RagError
-    from rag.io import write_json, write_jsonl
+    from core.corpus import resolve_corpus_path
+    from core.errors import RagError
+    from core.io import write_json, write_jsonl
     from readers.base import load_reader
     from readers.train import ReaderTrainConfig, retrieve_cached, train_reader
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag.errors import RagError
-from rag.io import read_json, write_json
+from core.errors import RagError
+from core.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _config(args, preset: Preset, method: str, stage: str, init: Path | None, fr
 
 
 def _train(config, out: Path, args, corpus) -> dict[str, Any]:
-    from rag.training.run import config_dict
+    from core.training.run import config_dict
     from retrievers.generative.train import train_generative
 
     done = out / "metrics.json"
@@ -164,7 +164,7 @@ def baselines(args, corpus, rows: list[dict[str, Any]], out: Path) -> dict[str, 
         build_bm25_index(corpus.path, bm25, overwrite=True)
     results["bm25"] = _baseline("bm25", bm25, rows)
     if not args.no_dense:
-        from index.dense_build import build_dense_index
+        from retrievers.dense_build import build_dense_index
         dense = args.dense_index or out / "dense"
         if not (dense / "manifest.json").exists():
             build_dense_index(corpus.path, dense, overwrite=True)
@@ -220,7 +220,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- driver
 
 def run(args: argparse.Namespace) -> int:
-    from rag.corpus import Corpus
+    from core.corpus import Corpus
     from retrievers.generative.pretrain_tasks import PretrainConfig, build_pairs, finetune_pairs, write_pairs
     from retrievers.generative.train import dev_rows
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag.errors import RagError
-from rag.io import read_json, write_json
+from core.errors import RagError
+from core.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def plot(results: dict[str, dict[str, Any]], out: Path, threshold: float | None)
 # ---------------------------------------------------------------------------------------------- driver
 
 def run(args: argparse.Namespace) -> int:
-    from rag.corpus import Corpus
+    from core.corpus import Corpus
     from retrievers.bm25 import build_bm25_index
     from retrievers.dense_train import corpus_domains
 

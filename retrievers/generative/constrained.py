@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from index.trie import TitleTrie
-from rag.errors import InputError
+from core.errors import InputError
 
 try:  # transformers is a dependency, but keep this module importable without it for the trie-only path
     from transformers import LogitsProcessor, LogitsProcessorList

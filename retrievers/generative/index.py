@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag.errors import RagError
-from rag.io import read_json, write_json
+from core.errors import RagError
+from core.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def corpus_trie(corpus, tokenizer, start_token_id: int, eos_token_id: int):
 def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuildConfig | None = None,
                      overwrite: bool = False) -> dict[str, Any]:
     """Build the trie index folder (atomically: staged beside ``out``, renamed into place)."""
-    from rag.corpus import Corpus
-    from rag.io import prepare_output_dir, write_jsonl
+    from core.corpus import Corpus
+    from core.io import prepare_output_dir, write_jsonl
     from retrievers.generative.model import DEFAULT_MODEL, load_tokenizer_and_ids
 
     config = config or TrieBuildConfig()
@@ -105,7 +105,7 @@ def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuild
 
 def read_docs(index_dir: str | Path) -> tuple[list[str], list[str] | None]:
     """Doc ids (and texts when stored) aligned with the trie's title ids."""
-    from rag.io import iter_jsonl
+    from core.io import iter_jsonl
 
     ids, texts = [], []
     for _, row in iter_jsonl(Path(index_dir) / DOCS_FILE):
@@ -115,7 +115,7 @@ def read_docs(index_dir: str | Path) -> tuple[list[str], list[str] | None]:
 
 
 def build_trie_from_cli(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[TrieBuildConfig, dict[str, Any]]:
-    from rag.config import build_config
+    from core.config import build_config
 
     config = build_config(TrieBuildConfig, file_cfg, {"model": getattr(args, "model", None)})
     manifest = build_trie_index(args.corpus, args.out, config, overwrite=bool(getattr(args, "overwrite", False)))

@@ -8,7 +8,7 @@
   it as its base gets back exactly the base it was trained on;
 * any HF seq2seq folder or hub id (BART, T5, an EncoderDecoderModel folder);
 * a generative run folder (``generative_run.json``): a full run (``model/``: save_pretrained, safetensors)
-  or a PEFT run (``peft/``: rag.peft's config + only the trained parameters, on top of the base named
+  or a PEFT run (``peft/``: core.peft's config + only the trained parameters, on top of the base named
   in the run's meta, whose fingerprint is checked).
 
 A run folder also holds ``tokenizer/`` so the trie can be built from it without loading weights.
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from rag.errors import ManifestMismatch, RagError
-from rag.io import read_json, write_json
+from core.errors import ManifestMismatch, RagError
+from core.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ def is_generative_run(spec: str | Path | None) -> bool:
 
 def default_base_path() -> Path:
     """The warm-started MiniLM bert2bert, materialised once with a fixed seed (see the module doc)."""
-    from rag.io import atomic_dir
-    from rag.models import rag_home, warm_start_bert2bert, _minilm_path
+    from core.io import atomic_dir
+    from core.models import rag_home, warm_start_bert2bert, _minilm_path
 
     path = rag_home() / "models" / f"{DEFAULT_MODEL}-seed{_WARM_START_SEED}"
     if (path / "config.json").exists():
@@ -103,7 +103,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def load_base(spec: str | Path | None):
     """(model, tokenizer) of a plain seq2seq model (default: the warm-started MiniLM bert2bert)."""
-    from rag.models import load_seq2seq
+    from core.models import load_seq2seq
     return load_seq2seq(resolve_base(spec))
 
 
@@ -137,8 +137,8 @@ def _load_tokenizer(path: Path):
 def load_run(path: str | Path, trainable: bool = False):
     """(model, tokenizer) of a run folder; with ``trainable`` the run's trained parameters keep
     requires_grad (to continue training them), else everything is frozen."""
-    from rag.models import load_seq2seq
-    from rag.peft import load_peft
+    from core.models import load_seq2seq
+    from core.peft import load_peft
 
     path = Path(path)
     meta = read_run_meta(path)
@@ -192,7 +192,7 @@ def load_tokenizer_and_ids(spec: str | Path | None) -> tuple[Any, int, int]:
         if tok_dir.exists() and meta.get("decoder_start_token_id") is not None:
             return _load_tokenizer(tok_dir), int(meta["decoder_start_token_id"]), int(meta["eos_token_id"])
     if spec is None or str(spec) == DEFAULT_MODEL:
-        from rag.models import _minilm_path
+        from core.models import _minilm_path
         tokenizer = _load_tokenizer(Path(_minilm_path()))
         return tokenizer, int(tokenizer.cls_token_id), int(tokenizer.sep_token_id)
     model, tokenizer = load_generative(spec)
@@ -212,7 +212,7 @@ def save_run_model(model: Any, tokenizer: Any, out: str | Path, *, method: str, 
                    base_fingerprint: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the weights (full: ``model/``; PEFT: ``peft/``), ``tokenizer/`` and ``generative_run.json``."""
     from index.trie import tokenizer_info
-    from rag.peft import save_peft
+    from core.peft import save_peft
 
     out = Path(out)
     if method == "full":

@@ -54,8 +54,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rag.corpus import Corpus, Document
-from rag.errors import InputError, RagError
+from core.corpus import Corpus, Document
+from core.errors import InputError, RagError
 
 logger = logging.getLogger(__name__)
 
@@ -414,12 +414,12 @@ def build_pairs(corpus: Corpus, config: PretrainConfig | None = None,
 
 
 def write_pairs(path: str | Path, pairs: Iterable[Pair]) -> int:
-    from rag.io import write_jsonl
+    from core.io import write_jsonl
     return write_jsonl(path, (p.to_json() for p in pairs))
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
-    from rag.io import iter_jsonl
+    from core.io import iter_jsonl
     pairs = [Pair.from_json(row, path, line) for line, row in iter_jsonl(path)]
     if not pairs:
         raise InputError("no pairs", path)
@@ -455,7 +455,7 @@ def finetune_pairs(path: str | Path, corpus: Corpus, require: bool = True) -> tu
     A gold page is found by its ``wikipedia_id`` in the corpus, else by its ``title``. Gold pages not
     in the corpus are dropped (counted); an example left with none is skipped (counted).
     """
-    from rag.io import iter_jsonl
+    from core.io import iter_jsonl
 
     by_id = {d.id: d.title for d in corpus.documents}
     titles = {d.title for d in corpus.documents}

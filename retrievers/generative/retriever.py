@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rag.errors import ManifestMismatch
+from core.errors import ManifestMismatch
 from retrievers.base import Hit, register_index_kind
 
 

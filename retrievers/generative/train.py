@@ -11,10 +11,10 @@
   separator tokens of " |" and closed by EOS, so every target is a path of the title trie (with
   restarts after the separator); the decoder input is the decoder start token + labels[:-1].
   (BERT: "A |B" and "A | B" tokenise the same; a BPE tokenizer would not, hence per-title encoding.)
-* PEFT through rag.peft: full, iaa, adapter, lora, bitfit (prefix tuning does not fit EncoderDecoderModel).
+* PEFT through core.peft: full, iaa, adapter, lora, bitfit (prefix tuning does not fit EncoderDecoderModel).
   ``--init RUN`` continues the run's own adapters (same method), or puts a new method on a full run.
 * The loop, progress, checkpoints, ``--resume`` (refused with a different config), curves and metrics
-  are rag.training's. Dev evaluation decodes the dev questions with beam ``--eval-beams`` under the trie
+  are core.training's. Dev evaluation decodes the dev questions with beam ``--eval-beams`` under the trie
   of the whole corpus: KILT Rprec, recall@5/10, and queries per second.
 
 The run folder: config.json, metrics.json, curves.csv, curves-*.png, checkpoints/, generative_run.json,
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag.errors import RagError
-from rag.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
+from core.errors import RagError
+from core.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
 from retrievers.generative.model import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def seq2seq_loss(model: Any, batch: dict[str, Any]):
 
 def dev_rows(corpus, dev_path: str | Path, limit: int = 0, with_report: bool = False):
     """The KILT dev rows with a gold page in the corpus (the first ``limit`` of them when limit > 0)."""
-    from rag.io import read_jsonl
+    from core.io import read_jsonl
     from retrievers.generative.pretrain_tasks import finetune_pairs
 
     pairs, report = finetune_pairs(dev_path, corpus, require=True)
@@ -245,8 +245,8 @@ def training_pairs(config: GenerativeTrainConfig, corpus) -> tuple[list[Any], di
 
 def build_model(config: GenerativeTrainConfig):
     """(model ready to train, tokenizer, base reference, base fingerprint) seeded by config.seed."""
-    from rag.peft import apply_peft, peft_config
-    from rag.training.loop import seed_everything
+    from core.peft import apply_peft, peft_config
+    from core.training.loop import seed_everything
     from retrievers.generative.model import (base_reference, fingerprint, load_generative, load_run,
                                              read_run_meta)
 
@@ -280,9 +280,9 @@ def build_model(config: GenerativeTrainConfig):
 def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                      corpus=None) -> dict[str, Any]:
     """Train and write the run folder; returns metrics.json's content."""
-    from rag.corpus import Corpus
-    from rag.training import RunFolder, TrainLoop
-    from rag.training.loop import EpochSampler, pick_device
+    from core.corpus import Corpus
+    from core.training import RunFolder, TrainLoop
+    from core.training.loop import EpochSampler, pick_device
     from retrievers.generative.model import decoder_ids, save_run_model
 
     if config.stage not in STAGES:

@@ -7,7 +7,7 @@ import pytest
 from rouge import Rouge
 
 from eval.kilt import evaluate_kilt, evaluate_kilt_files, format_kilt_table
-from rag.errors import InputError
+from core.errors import InputError
 
 
 def page(wid, title=None, text=None):

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from index.dense_build import DenseBuildConfig, build_dense_index, shard_path, staging_dir
+from retrievers.dense_build import DenseBuildConfig, build_dense_index, shard_path, staging_dir
 from index.faiss_index import FaissIndex
 from index.manifest import read_manifest
-from rag.errors import InputError, ManifestMismatch, RagError
+from core.errors import InputError, ManifestMismatch, RagError
 from retrievers import DenseRetriever, open_retriever
 from retrievers.encoders import DenseEncoder
 from tests.conftest import SMALL_DOCS, write_jsonl
@@ -103,7 +103,7 @@ def test_resume_reuses_finished_shards(small_corpus, tmp_path):
     calls = {"n": 0}
 
     def dying_encode(staging, cfg):
-        from index.dense_build import encode_missing_shards
+        from retrievers.dense_build import encode_missing_shards
 
         def on_shard(shard):
             calls["n"] += 1

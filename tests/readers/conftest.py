@@ -16,7 +16,7 @@ WIDTH = 32
 
 @pytest.fixture(scope="session")
 def bert_tokenizer():
-    from rag.models import _minilm_path
+    from core.models import _minilm_path
     return AutoTokenizer.from_pretrained(_minilm_path())
 
 

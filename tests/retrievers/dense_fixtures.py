@@ -55,7 +55,7 @@ def build_tiny_st(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from rag.models import resolve_model
+    from core.models import resolve_model
 
     torch.manual_seed(seed)
     hf = out.parent / (out.name + "-hf")

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from index.trie import TitleTrie  # noqa: E402
-from rag.errors import InputError  # noqa: E402
+from core.errors import InputError  # noqa: E402
 from retrievers.generative.constrained import (  # noqa: E402
     TrieConstraint,
     decode_titles,

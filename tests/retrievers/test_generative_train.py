@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rag.errors import ManifestMismatch, RagError  # noqa: E402
+from core.errors import ManifestMismatch, RagError  # noqa: E402
 
 TINY = ("bert2bert", "bart", "t5")
 CORPUS_TITLES = ["Paris", "Berlin", "Cat", "Dog", "Python (programming language)", "Photosynthesis"]

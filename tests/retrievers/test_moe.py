@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rag.errors import RagError
+from core.errors import RagError
 from retrievers.moe import EXPERT_IDS, MoEConfig, MoEEncoder, router_loss
 from retrievers.training_pairs import DomainBatchSampler
 from tests.retrievers.dense_fixtures import build_tiny_st

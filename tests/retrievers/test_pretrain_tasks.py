@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rag.corpus import Corpus, Document
+from core.corpus import Corpus, Document
 from retrievers.generative.pretrain_tasks import (Pair, PretrainConfig, TitleMatcher, build_pairs, document_pairs,
                                                   document_units, finetune_pairs, read_pairs)
 

@@ -1,0 +1,53 @@
+"""KILT task files: read queries and golds with precise errors, write guesses."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+from core.io import iter_jsonl, write_jsonl
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    text: str
+    domain: str | None = None
+
+
+def load_queries(path: str | Path) -> list[Query]:
+    """Read `id` and `input` from a KILT file (the outputs, if any, are the evaluator's business)."""
+    queries, seen = [], set()
+    for line, obj in iter_jsonl(path):
+        if "id" not in obj:
+            raise InputError("missing", path, line, "id")
+        if not isinstance(obj.get("input"), str) or not obj["input"].strip():
+            raise InputError("missing or empty", path, line, "input")
+        qid = str(obj["id"]).strip()
+        if qid in seen:
+            raise InputError(f"duplicate id {qid!r}", path, line, "id")
+        seen.add(qid)
+        domain = (obj.get("meta") or {}).get("domain") if isinstance(obj.get("meta"), dict) else None
+        queries.append(Query(qid, obj["input"], domain))
+    if not queries:
+        raise InputError("no queries", path)
+    return queries
+
+
+def guess_rows(queries: Sequence[Query], rankings: Sequence[Sequence[Any]],
+               answers: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+    """KILT guesses: one output per query holding the ranked provenance (and the answer if any)."""
+    rows = []
+    for i, (query, hits) in enumerate(zip(queries, rankings)):
+        output: dict[str, Any] = {"provenance": [hit.provenance() for hit in hits]}
+        if answers is not None:
+            output["answer"] = answers[i]
+        rows.append({"id": query.id, "input": query.text, "output": [output]})
+    return rows
+
+
+def write_guesses(path: str | Path, queries: Sequence[Query], rankings: Sequence[Sequence[Any]],
+                  answers: Sequence[str | None] | None = None) -> int:
+    return write_jsonl(path, guess_rows(queries, rankings, answers))
