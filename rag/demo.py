@@ -119,7 +119,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     report = format_report(results, corpus_dir, gold)
     swap_rows: list[dict[str, Any]] = []
     if config.swap:
-        from rag.corpus_swap import format_swap_table, run_swap
+        from rag.swap import format_swap_table, run_swap
         with record.timed("swap_s"):
             swap_rows = run_swap(config.swap, out / "swap", workers=config.swap_workers)
         report += ("\n## Original vs swapped corpora\n\n"

@@ -16,13 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     kilt.add_argument("--json", action="store_true", help="print JSON instead of a table")
     kilt.set_defaults(func=run_kilt)
     swap = ev.add_parser("corpus-swap", help="model x corpus-variant x task matrix on Ray: original vs swapped corpora")
-    from rag.corpus_swap import add_arguments as add_swap_arguments  # light: stdlib and core.config only
+    from rag.swap.cli import add_arguments as add_swap_arguments  # light: stdlib and core.config only
     add_swap_arguments(swap)
     swap.set_defaults(func=run_corpus_swap)
 
 
 def run_corpus_swap(args: argparse.Namespace) -> int:
-    from rag.corpus_swap import run
+    from rag.swap.cli import run
     return run(args)
 
 

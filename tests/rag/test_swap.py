@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from rag import corpus_swap as cs  # noqa: E402
+from rag import swap as cs  # noqa: E402
 from core.errors import RagError  # noqa: E402
 from tests.conftest import SMALL_DOCS, SMALL_QUERIES, write_jsonl  # noqa: E402
 

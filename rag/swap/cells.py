@@ -1,0 +1,461 @@
+"""Cells: data materialisation (prepare, derive, resolve), planning (the cells and the indexes they share), index
+building, the cell kinds (retrieval, reader) and running one cell."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import RagError
+from rag.swap.config import CorpusSpec, ModelSpec, SwapConfig, TaskSpec, _derive_order
+from rag.swap.kinds import CELL_KINDS, CellKind, CellUnavailable
+
+log = logging.getLogger("rag.swap")
+
+STATUS_OK, STATUS_FAILED, STATUS_UNAVAILABLE = "ok", "failed", "unavailable"
+
+
+# --------------------------------------------------------------------------- plan: cells and indexes
+
+@dataclass
+class IndexSpec:
+    kind: str                  # an INDEX_BUILDERS key
+    corpus: str                # corpus file
+    dir: str                   # where the index goes
+    encoder: str | None = None # dense: the encoder; trie: the generative model (run folder) whose tokenizer it uses
+    batch_size: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class CellSpec:
+    key: str                   # model|corpus|task
+    spec_hash: str             # changes when the model, data or settings change: a rerun redoes the cell
+    model: ModelSpec
+    corpus: str
+    corpus_label: str
+    corpus_path: str
+    baseline: str | None
+    task: str
+    task_path: str
+    pseudo: bool
+    k: int
+    ks: list[int]
+    workdir: str
+    index_dir: str | None = None
+    retriever_model: ModelSpec | None = None
+    unavailable: str | None = None      # set when the corpus itself could not be made (optional transform)
+
+
+@dataclass
+class CorpusState:
+    spec: CorpusSpec
+    corpus: Path | None = None
+    tasks: dict[str, Path] = field(default_factory=dict)
+    pseudo: bool = False
+    unavailable: str | None = None
+
+
+@dataclass
+class SwapPlan:
+    config: SwapConfig
+    out: Path
+    corpora: dict[str, CorpusState]
+    cells: list[CellSpec]
+    indexes: dict[str, IndexSpec]      # by dir
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
+
+
+def _hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:n]
+
+
+_CHECKSUMS: dict[tuple[str, float, int], str] = {}
+
+
+def _checksum(path: Path) -> str:
+    from core.corpus import file_checksum
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime, stat.st_size)
+    if key not in _CHECKSUMS:
+        _CHECKSUMS[key] = file_checksum(path)
+    return _CHECKSUMS[key]
+
+
+def _limited(path: Path, limit: int | None, out: Path) -> Path:
+    if limit is None:
+        return path
+    from core.io import atomic_file
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
+    target = out / f"{path.stem}.first{limit}.jsonl"
+    if not target.exists() or target.read_text(encoding="utf-8") != "\n".join(lines) + "\n":
+        with atomic_file(target) as fh:
+            fh.write("\n".join(lines) + "\n")
+    return target
+
+
+def _transform(name: str) -> Callable[..., Any] | None:
+    """This module's transforms first, then those registered in rag/transforms.py (e.g. counterfactual)."""
+    from eval.corpus_variants import VARIANT_TRANSFORMS
+    if name in VARIANT_TRANSFORMS:
+        return VARIANT_TRANSFORMS[name]
+    try:
+        import rag.transforms as extra
+    except ImportError:
+        return None
+    entry = (getattr(extra, "TRANSFORMS", None) or {}).get(name)
+    if entry is None:
+        return None
+    if getattr(entry, "derive", None) is not None:  # a file-level transform (this module's signature)
+        return entry.derive
+    # rag/transforms.py registers Transform(fn(corpus_rows, qa_rows, seed) -> (corpus_rows, qa_rows, stats), ...)
+    from functools import partial
+
+    from eval.corpus_variants import derive_from_rows
+    return partial(derive_from_rows, name, getattr(entry, "fn", entry))
+
+
+def _call_transform(fn: Callable[..., Any], corpus: Path, out: Path, tasks: Mapping[str, Path],
+                    options: Mapping[str, Any]) -> None:
+    """Call a transform with the shared signature `(corpus, out_dir, *, tasks=..., **options)`."""
+    fn(corpus, out, tasks=dict(tasks), **options)
+
+
+def materialize_data(config: SwapConfig, out: Path) -> dict[str, CorpusState]:
+    """Prepare, derive (cached by content) and resolve every corpus and its tasks, in dependency order."""
+    from eval.corpus_variants import resolve_part
+    from rag.data.preparers import PREPARERS
+
+    data_dir = Path(config.data_dir) if config.data_dir else out / "data"
+    states: dict[str, CorpusState] = {}
+    tasks_by_corpus: dict[str, list[TaskSpec]] = {}
+    for t in config.tasks:
+        tasks_by_corpus.setdefault(t.corpus, []).append(t)
+
+    for spec in _derive_order(config):
+        state = CorpusState(spec)
+        states[spec.name] = state
+        if spec.prepare:
+            if spec.prepare not in PREPARERS:
+                raise RagError(f"corpus {spec.name!r}: unknown preparer {spec.prepare!r}; known: {sorted(PREPARERS)}")
+            folder = data_dir / "corpora" / spec.name
+            if not (folder / "corpus.jsonl").exists():
+                log.info("preparing %s (%s)", spec.name, spec.prepare)
+                PREPARERS[spec.prepare](folder)
+            state.corpus = folder / "corpus.jsonl"
+        elif spec.path:
+            resolved = resolve_part(spec.path, spec.part)
+            state.corpus, state.tasks, state.pseudo = resolved["corpus"], dict(resolved["tasks"]), resolved["pseudo"]
+        else:
+            source = states[spec.derive["from"]]
+            if source.unavailable:
+                state.unavailable = f"its source corpus {source.spec.name!r} is unavailable"
+                state.tasks = dict(source.tasks)
+                continue
+            name = spec.derive["transform"]
+            options = {k: v for k, v in spec.derive.items() if k not in ("from", "transform")}
+            fn = _transform(name)
+            if fn is None:
+                reason = f"transform {name!r} is not in this build (rag/transforms.py or eval/corpus_variants.py)"
+                if not spec.optional:
+                    raise RagError(f"corpus {spec.name!r}: {reason}")
+                log.warning("corpus %s skipped: %s", spec.name, reason)
+                state.unavailable, state.tasks = reason, dict(source.tasks)
+                continue
+            key = {"transform": name, "options": options, "corpus": _checksum(source.corpus),
+                   "tasks": {n: _checksum(p) for n, p in sorted(source.tasks.items())}}
+            folder = data_dir / "derived" / f"{_slug(name)}-{_hash(key)}"
+            if not folder.exists():
+                log.info("deriving %s: %s from %s", spec.name, name, source.spec.name)
+                try:
+                    _call_transform(fn, source.corpus, folder, source.tasks, options)
+                except Exception as exc:
+                    if not spec.optional:
+                        raise
+                    log.warning("corpus %s skipped: transform %s failed: %s", spec.name, name, exc)
+                    state.unavailable, state.tasks = f"transform {name!r} failed: {exc}", dict(source.tasks)
+                    continue
+            resolved = resolve_part(folder, spec.part)
+            state.corpus, state.tasks, state.pseudo = resolved["corpus"], dict(resolved["tasks"]), resolved["pseudo"]
+        for t in tasks_by_corpus.get(spec.name, []):
+            if t.path:
+                path = Path(t.path)
+            else:
+                folder = data_dir / "tasks" / t.name
+                if not (folder / f"{t.split}.jsonl").exists():
+                    if t.prepare not in PREPARERS:
+                        raise RagError(f"task {t.name!r}: unknown preparer {t.prepare!r}")
+                    log.info("preparing task %s (%s over %s)", t.name, t.prepare, spec.name)
+                    PREPARERS[t.prepare](folder, corpus_dir=state.corpus)
+                path = folder / f"{t.split}.jsonl"
+            state.tasks[t.name] = _limited(path, t.limit, data_dir / "tasks" / t.name)
+    return states
+
+
+def _index_request(model: ModelSpec, models: Mapping[str, ModelSpec]) -> tuple[str, ModelSpec] | None:
+    """(index kind, the model that defines it) a model's cells need, if any."""
+    kind = CELL_KINDS[model.kind]
+    if kind.index is not None:
+        return kind.index, model
+    if model.retriever is not None:
+        return _index_request(models[model.retriever], models)
+    return None
+
+
+def _settings(model: ModelSpec | None) -> dict[str, Any] | None:
+    """A model's non-default settings (a field added later with a default does not invalidate old results)."""
+    if model is None:
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in defaults or v != defaults[k]}
+
+
+def plan_swap(config: SwapConfig, out: str | Path) -> SwapPlan:
+    out = Path(out)
+    states = materialize_data(config, out)
+    index_root = Path(config.index_dir) if config.index_dir else out / "indexes"
+    models = {m.name: m for m in config.models}
+    no_cells = {t.name for t in config.tasks if not t.evaluate}
+    cells: list[CellSpec] = []
+    indexes: dict[str, IndexSpec] = {}
+    for state in states.values():
+        spec = state.spec
+        if not spec.evaluate:
+            continue
+        task_names = [n for n in state.tasks if n not in no_cells and (spec.tasks is None or n in spec.tasks)]
+        for model in config.models:
+            request = _index_request(model, models)
+            for task in task_names:
+                cell_id = f"{model.name}|{spec.name}|{task}"
+                workdir = out / "cells" / f"{_slug(model.name)}--{_slug(spec.name)}--{_slug(task)}"
+                k = model.k or config.k
+                cell = CellSpec(key=cell_id, spec_hash="", model=model, corpus=spec.name,
+                                corpus_label=spec.label or spec.name, corpus_path=str(state.corpus or ""),
+                                baseline=spec.baseline, task=task, task_path=str(state.tasks[task]),
+                                pseudo=state.pseudo, k=k, ks=list(config.ks), workdir=str(workdir),
+                                retriever_model=models.get(model.retriever) if model.retriever else None,
+                                unavailable=state.unavailable)
+                if cell.unavailable is None and CELL_KINDS[model.kind].available is not None:
+                    cell.unavailable = CELL_KINDS[model.kind].available()
+                if cell.unavailable is None:
+                    if request is not None:
+                        index_kind, owner = request
+                        encoder = {"dense": owner.encoder, "trie": owner.run}.get(index_kind)
+                        ident = {"kind": index_kind, "encoder": encoder, "corpus": _checksum(state.corpus)}
+                        tag = f"{index_kind}-{_slug(Path(encoder).name) + '-' if encoder else ''}{_hash(ident, 8)}"
+                        index_dir = str(index_root / _slug(spec.name) / tag)
+                        indexes.setdefault(index_dir, IndexSpec(index_kind, str(state.corpus), index_dir, encoder,
+                                                                owner.batch_size, owner.num_cpus, owner.num_gpus))
+                        cell.index_dir = index_dir
+                    cell.spec_hash = _hash({
+                        "model": _settings(model), "retriever": _settings(cell.retriever_model),
+                        "corpus": _checksum(state.corpus), "task": _checksum(Path(cell.task_path)),
+                        "k": k, "ks": cell.ks})
+                cells.append(cell)
+    return SwapPlan(config, out, states, cells, indexes)
+
+
+# --------------------------------------------------------------------------- index builders
+
+def _build_bm25(spec: IndexSpec) -> None:
+    from retrievers.bm25 import build_bm25_index
+    build_bm25_index(spec.corpus, spec.dir, overwrite=True)
+
+
+def _build_dense(spec: IndexSpec) -> None:
+    from retrievers.dense_build import DenseBuildConfig, build_dense_index
+    build_dense_index(spec.corpus, spec.dir, DenseBuildConfig(encoder=spec.encoder, batch_size=spec.batch_size),
+                      overwrite=True)
+
+
+def _build_trie(spec: IndexSpec) -> None:
+    from retrievers.generative.index import TrieBuildConfig, build_trie_index
+    build_trie_index(spec.corpus, spec.dir, TrieBuildConfig(model=spec.encoder), overwrite=True)
+
+
+INDEX_BUILDERS: dict[str, Callable[[IndexSpec], None]] = {"bm25": _build_bm25, "dense": _build_dense,
+                                                          "trie": _build_trie}
+
+
+def index_ready(index_dir: str | Path) -> bool:
+    from index.manifest import MANIFEST
+    return (Path(index_dir) / MANIFEST).exists()
+
+
+def build_index(spec: IndexSpec) -> str:
+    """Build one index unless a finished one is there; returns its folder."""
+    if not index_ready(spec.dir):
+        start = time.perf_counter()
+        INDEX_BUILDERS[spec.kind](spec)
+        log.info("built %s index %s in %.1fs", spec.kind, spec.dir, time.perf_counter() - start)
+    return spec.dir
+
+
+# --------------------------------------------------------------------------- cell kinds
+
+def _retrieve(cell: CellSpec, workdir: Path, index_dir: str, model: ModelSpec):
+    from rag.commands.retrieve import retrieve_queries
+    from core.tasks import load_queries
+    from retrievers import open_retriever
+
+    queries = load_queries(cell.task_path)
+    retriever = open_retriever(index_dir, **model.options)
+    rankings = retrieve_queries(retriever, [q.text for q in queries], cell.k, model.batch_size)
+    return queries, rankings
+
+
+def _flatten(result: Mapping[str, Any]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"n": result["n"]}
+    for section in ("retrieval", "downstream", "kilt"):
+        metrics.update(result.get(section) or {})
+    return metrics
+
+
+def _score(cell: CellSpec, workdir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from eval.kilt import evaluate_kilt
+    from core.io import write_jsonl
+
+    write_jsonl(workdir / "guesses.jsonl", rows)
+    return _flatten(evaluate_kilt(rows, cell.task_path, ks=cell.ks))
+
+
+def retrieval_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
+    """bm25 / dense: retrieve top-k from the cell's index, score with the official KILT metrics."""
+    from core.tasks import guess_rows
+    queries, rankings = _retrieve(cell, workdir, cell.index_dir, cell.model)
+    return _score(cell, workdir, guess_rows(queries, rankings))
+
+
+def _module_missing(*modules: str) -> str | None:
+    """None when every module imports; else why not (a kind whose modules are absent is "unavailable")."""
+    import importlib
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"{module} is not in this build ({exc})"
+    return None
+
+
+def _generative_available() -> str | None:
+    return _module_missing("retrievers.generative.index", "retrievers.generative.retriever")
+
+
+def _reader_available() -> str | None:
+    missing = _module_missing("readers.base")
+    if missing:
+        return missing
+    import importlib
+    base = importlib.import_module("readers.base")
+    return None if hasattr(base, "load_reader") and hasattr(base, "ReaderPassage") else \
+        "readers.base has no load_reader / ReaderPassage"
+
+
+def reader_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
+    """A trained reader (`reader: RUN_DIR`) over the rankings of its `retriever` model on this corpus variant:
+    KILT retrieval metrics of the ranking, plus em / f1 / KILT-* of the answers. The reader reads the top
+    `options.passages` (default 5) passages; other options (max_passage_tokens, num_beams, ...) override its
+    ReaderConfig; options.kind (fid | causal) is read from the run folder when not given."""
+    reason = _reader_available()
+    if reason:
+        raise CellUnavailable(reason)
+    from readers.base import ReaderPassage, load_reader
+    from core.tasks import guess_rows
+
+    run_dir = cell.model.reader or cell.model.run
+    if not run_dir:
+        raise RagError(f"model {cell.model.name!r}: a reader cell needs reader: RUN_DIR")
+    if cell.retriever_model is None or cell.index_dir is None:
+        raise RagError(f"model {cell.model.name!r}: a reader cell needs retriever: MODEL (bm25 or dense)")
+    options = dict(cell.model.options)
+    n_passages = int(options.pop("passages", 5))
+    kind, device = options.pop("kind", None), options.pop("device", None)
+    batch_size = int(options.pop("batch_size", 8))
+    queries, rankings = _retrieve(cell, workdir, cell.index_dir, cell.retriever_model)
+    reader = load_reader(kind, run_dir, device=device, config_overrides=options or None)
+    passages = [[ReaderPassage.from_hit(h) for h in hits[:n_passages]] for hits in rankings]
+    answers = [a for a, _ in reader.answer_with_meta([q.text for q in queries], passages, batch_size)]
+    return _score(cell, workdir, guess_rows(queries, rankings, answers))
+
+
+CELL_KINDS.update({
+    "bm25": CellKind(retrieval_cell, "bm25", None, "BM25 (bm25s) over the corpus variant; no model"),
+    "dense": CellKind(retrieval_cell, "dense", None,
+                      "bi-encoder (alias or `rag train retriever --kind dense` run) + Faiss over the variant"),
+    "generative": CellKind(retrieval_cell, "trie", _generative_available,
+                           "CorpusBrain run folder (`run:`); title trie of the corpus variant"),
+    "reader": CellKind(reader_cell, None, _reader_available,
+                       "reader run folder (`reader:`; fid / causal, e.g. CIT) over a `retriever:` model"),
+})
+
+
+# --------------------------------------------------------------------------- running one cell
+
+def _attempts_path(cell: CellSpec) -> Path:
+    return Path(cell.workdir) / "attempts.log"
+
+
+def _base_row(cell: CellSpec) -> dict[str, Any]:
+    return {"cell": cell.key, "spec_hash": cell.spec_hash, "model": cell.model.name, "kind": cell.model.kind,
+            "method": cell.model.method, "corpus": cell.corpus, "corpus_label": cell.corpus_label,
+            "baseline": cell.baseline, "task": cell.task, "pseudo": cell.pseudo, "task_path": cell.task_path,
+            "workdir": cell.workdir}
+
+
+def run_cell(cell: CellSpec, *_index_ready: Any) -> dict[str, Any]:
+    """One attempt at one cell -> its row. Raises on failure (the caller retries); unavailable is a row."""
+    workdir = Path(cell.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(_attempts_path(cell), "a", encoding="utf-8") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()}\n")
+    row = _base_row(cell)
+    start = time.perf_counter()
+    try:
+        if cell.unavailable:
+            raise CellUnavailable(cell.unavailable)
+        metrics = CELL_KINDS[cell.model.kind].run(cell, workdir)
+    except CellUnavailable as exc:
+        return {**row, "status": STATUS_UNAVAILABLE, "reason": str(exc), "metrics": {}, "seconds": 0.0,
+                "attempts": 1, "finished_at": _now()}
+    seconds = round(time.perf_counter() - start, 3)
+    return {**row, "status": STATUS_OK, "metrics": metrics, "seconds": seconds,
+            "attempts": _count_attempts(cell), "finished_at": _now()}
+
+
+def _count_attempts(cell: CellSpec) -> int:
+    try:
+        return sum(1 for line in _attempts_path(cell).read_text(encoding="utf-8").splitlines() if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _failed_row(cell: CellSpec, exc: BaseException) -> dict[str, Any]:
+    cause = getattr(exc, "cause", None) or exc
+    attempts = _count_attempts(cell)
+    message = f"{type(cause).__name__}: {cause}".strip().splitlines()
+    error = message[-1] if message else type(cause).__name__
+    if attempts == 0:
+        error = f"its index could not be built: {error}"
+    Path(cell.workdir).mkdir(parents=True, exist_ok=True)
+    (Path(cell.workdir) / "error.txt").write_text(
+        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
+    return {**_base_row(cell), "status": STATUS_FAILED, "error": error[:500], "metrics": {}, "seconds": None,
+            "attempts": attempts, "finished_at": _now()}
+
