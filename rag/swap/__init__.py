@@ -26,6 +26,8 @@ On a multi-node cluster, OUT must be on a filesystem every node sees.
 Modules: config (the swap config: dataclasses, loading, validation), kinds (the CELL_KINDS registry), cells (data,
 planning, index builds, the cell kinds, one cell), runner (results file, retries, local and Ray execution,
 run_plan, run_swap), report (CRP, table, plots, summary.json), cli (`rag eval corpus-swap`).
+
+The swap-config schema (every key, its type, default and meaning, and a full example): docs/swap-config.md.
 """
 from rag.swap.cells import (INDEX_BUILDERS, STATUS_FAILED, STATUS_OK, STATUS_UNAVAILABLE, CellSpec, CorpusState,
                             IndexSpec, SwapPlan, build_index, index_ready, materialize_data, plan_swap, reader_cell,
