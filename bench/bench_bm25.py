@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
 import os  # noqa: E402
+
+import _common as C  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -131,8 +131,8 @@ def _doc_rankings(index_dir: Path, pids: np.ndarray, scores: np.ndarray, k_docs:
 
 
 def _rprec(index_dir: Path, pids: np.ndarray, scores: np.ndarray, questions: list[dict]) -> float:
-    from eval.kilt import evaluate_kilt
     from core.tasks import Query, guess_rows
+    from eval.kilt import evaluate_kilt
     rankings = _doc_rankings(index_dir, pids, scores)
     queries = [Query(str(q["id"]), q["input"]) for q in questions]
     return evaluate_kilt(guess_rows(queries, rankings), questions, ks=(1, 10))["retrieval"]["Rprec"]

@@ -120,7 +120,7 @@ class RssSampler:
             self.samples.append((time.perf_counter(), C.current_rss_mb()))
             self._stop.wait(self.every)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._t.start()
         return self
 
@@ -134,8 +134,8 @@ class RssSampler:
 
 
 def worker_baseline() -> dict[str, Any]:
-    from retrievers.dense_build import build_dense_index  # noqa: F401  (same imports as a build)
     from retrievers.dense import DenseRetriever  # noqa: F401
+    from retrievers.dense_build import build_dense_index  # noqa: F401  (same imports as a build)
     fake_encoder().fingerprint()
     return {"peak_rss_mb": C.peak_rss_mb(), "rss_mb": C.current_rss_mb()}
 

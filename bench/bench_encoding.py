@@ -396,8 +396,8 @@ def quality(emb: np.ndarray, passages, doc_rows: np.ndarray, docs, q_emb: np.nda
             questions: list[dict]) -> tuple[dict[str, float], np.ndarray]:
     import faiss
 
-    from eval.kilt import evaluate_kilt
     from core.tasks import Query, guess_rows
+    from eval.kilt import evaluate_kilt
     from retrievers.base import Hit
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(np.ascontiguousarray(emb, dtype=np.float32))

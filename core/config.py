@@ -43,3 +43,8 @@ def build_config(cls: type[T], *layers: dict[str, Any] | None) -> T:
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def opt(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field with its help text (shown by every CLI flag made from it) and optional `choices`."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})

@@ -132,7 +132,7 @@ class Corpus:
         self._by_id = {d.id: i for i, d in enumerate(documents)}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Corpus":
+    def load(cls, path: str | Path) -> Corpus:
         """Load and validate: bad rows, duplicate ids and an empty corpus raise InputError."""
         path = resolve_corpus_path(path)
         docs: list[Document] = []

@@ -6,11 +6,14 @@ reachable; with HF_HUB_OFFLINE=1 it fails fast with a clear message).
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import RagError
+
+log = logging.getLogger(__name__)
 
 
 def rag_home() -> Path:
@@ -60,9 +63,19 @@ def warm_start_bert2bert(path: str):
     The decoder starts from [CLS] and stops at [SEP]; labels hold the target tokens and [SEP].
     """
     from transformers import AutoTokenizer, EncoderDecoderModel
+    from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+    # transformers prints a long load report here (the decoder's cross-attention and LM head are new, as
+    # intended for a warm start); one line says it instead.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+    finally:
+        hf_logging.set_verbosity(level)
+    log.info("warm-started bert2bert from %s: cross-attention and decoder LM head are newly initialised "
+             "(expected; a smoke-test model, see DESIGN.md)", Path(path).name)
     for cfg in (model.config, model.generation_config):
         cfg.decoder_start_token_id = tokenizer.cls_token_id
         cfg.eos_token_id = tokenizer.sep_token_id

@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from index.manifest import package_versions
 from core.config import to_dict
 from core.io import write_json
+from core.versions import package_versions
 
 
 class RunRecord:

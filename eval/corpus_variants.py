@@ -36,7 +36,7 @@ Transforms here (registered in VARIANT_TRANSFORMS):
 * `subsample`: the gold documents of the task files plus a fixed random sample of the others (used to keep
   demos small; the tasks are copied unchanged, every gold document is kept).
 
-`counterfactual` (answers swapped for other entities of the same type) lives in rag/transforms.py.
+`counterfactual` (answers swapped for other entities of the same type) lives in eval/transforms.py, the registry of every transform.
 """
 from __future__ import annotations
 
@@ -417,7 +417,7 @@ def perturb(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None, s
 def derive_from_rows(transform: str, fn: Callable[..., Any], corpus: str | Path, out_dir: str | Path, *,
                      tasks: TaskArg = None, seed: int = 0, overwrite: bool = False, **options: Any) -> dict[str, Any]:
     """Run a row-level transform `fn(corpus_rows, qa_rows, seed=..., **options) -> (corpus_rows, qa_rows | None,
-    stats)` (the shape of rag/transforms.py, e.g. counterfactual) with this module's file layout.
+    stats)` (the shape of eval/transforms.py's row-level transforms, e.g. counterfactual) with this module's file layout.
 
     The task files are passed as one list of rows; the rows it returns go back to the task they came from
     (by id), so a transform that keeps only the questions it changed yields smaller task files. None: the
@@ -467,7 +467,7 @@ VARIANT_TRANSFORMS: dict[str, Transform] = {
 
 def derive(name: str, corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None,
            **options: Any) -> dict[str, Any]:
-    """Run the transform `name` (these, or any registered in rag.transforms.TRANSFORMS)."""
+    """Run the transform `name` (these, or any registered in eval.transforms.TRANSFORMS)."""
     transform = VARIANT_TRANSFORMS.get(name)
     if transform is None:
         raise RagError(f"unknown corpus transform {name!r}; known: {', '.join(sorted(VARIANT_TRANSFORMS))}")

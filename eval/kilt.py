@@ -369,14 +369,22 @@ def evaluate_kilt_files(guess_path: str | Path, gold_path: str | Path, **kw: Any
     return evaluate_kilt(guess_path, gold_path, **kw)
 
 
-def format_kilt_table(result: Mapping[str, Any]) -> str:
-    """Plain-text two-column table (metric, value to 4 decimals), one section per group."""
+COMPACT_PREFIXES = ("Rprec", "precision@1", "recall@", "success_rate@", "em", "f1", "accuracy", "KILT-em", "KILT-f1")
+
+
+def format_kilt_table(result: Mapping[str, Any], full: bool = True) -> str:
+    """Plain-text two-column table (metric, value to 4 decimals), one section per group.
+
+    `full=False` keeps the headline metrics (R-precision, precision@1, recall and success rate at each k,
+    EM/F1/accuracy and KILT-EM/F1 where answers were scored) and drops the context and entity diagnostics.
+    """
     rows: list[tuple[str, str]] = []
     if "n" in result:
         rows.append(("n", str(result["n"])))
     for section in ("retrieval", "downstream", "kilt"):
         for name, value in (result.get(section) or {}).items():
-            rows.append((f"{section}/{name}", f"{value:.4f}"))
+            if full or name == "precision@1" or (name.startswith(COMPACT_PREFIXES) and not name.startswith("precision")):
+                rows.append((f"{section}/{name}", f"{value:.4f}"))
     width = max([len("metric")] + [len(name) for name, _ in rows])
     vwidth = max([len("value")] + [len(v) for _, v in rows])
     lines = [f"{'metric':<{width}}  {'value':>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]

@@ -23,7 +23,7 @@ class FaissIndex:
         self.factory = factory
 
     @classmethod
-    def create(cls, dim: int, factory: str = "Flat") -> "FaissIndex":
+    def create(cls, dim: int, factory: str = "Flat") -> FaissIndex:
         try:
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
@@ -78,7 +78,7 @@ class FaissIndex:
             params.set_index_parameter(self.index, "k_factor_rf", k_factor)
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
-    def to_gpu(self, device: int = 0) -> "FaissIndex":
+    def to_gpu(self, device: int = 0) -> FaissIndex:
         """Move to a GPU when faiss-gpu is installed; a no-op otherwise."""
         if not faiss_has_gpu():
             return self
@@ -90,6 +90,6 @@ class FaissIndex:
         faiss.write_index(index, str(Path(folder) / INDEX_FILE))
 
     @classmethod
-    def load(cls, folder: str | Path, factory: str, mmap: bool = False) -> "FaissIndex":
+    def load(cls, folder: str | Path, factory: str, mmap: bool = False) -> FaissIndex:
         flags = faiss.IO_FLAG_MMAP if mmap else 0
         return cls(faiss.read_index(str(Path(folder) / INDEX_FILE), flags), factory)

@@ -1,29 +1,16 @@
 """Manifests: every index and model folder says what built it, and loading checks it."""
 from __future__ import annotations
 
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from core.errors import ManifestMismatch, RagError
 from core.io import read_json, write_json
+from core.versions import package_versions
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-_TRACKED = ("rag-toolkit", "torch", "transformers", "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12",
-            "bm25s", "numpy", "peft", "ray", "pyserini")
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _TRACKED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def write_manifest(folder: str | Path, kind: str, **fields: Any) -> dict[str, Any]:

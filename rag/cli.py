@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from core.errors import RagError
+from rag.flags import document_defaults
 
 COMMANDS = ["rag.commands.data", "rag.commands.index", "rag.commands.retrieve", "rag.commands.answer",
             "rag.commands.eval", "rag.commands.train", "rag.commands.experiment", "rag.commands.demo", "rag.repro"]
@@ -16,8 +17,10 @@ COMMANDS = ["rag.commands.data", "rag.commands.index", "rag.commands.retrieve", 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="rag", description="Retrieval and RAG adaptation toolkit.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser = argparse.ArgumentParser(prog="rag", description="Retrieval and RAG adaptation toolkit. "
+                                     "`rag COMMAND --help` lists a command's flags.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and full tracebacks (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         try:
@@ -25,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise  # a verb not built yet is simply absent; any other import error is a bug
-    return parser
+    return document_defaults(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         result = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of our output went away (`rag ... | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except RagError as exc:
         if args.verbose:
             raise

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from index.manifest import MANIFEST
 from core.io import atomic_file, write_json
 from core.runinfo import RunRecord
+from index.manifest import MANIFEST
+from retrievers.index_kinds import build_index, index_config
 
 log = logging.getLogger("rag.demo")
 
@@ -48,18 +49,11 @@ def _ensure_data(out: Path) -> tuple[Path, Path]:
     return corpus_dir, qa_dir
 
 
-def _build_bm25(corpus_dir: Path, index_dir: Path, config: DemoConfig) -> None:
-    from retrievers.bm25 import build_bm25_index
-    build_bm25_index(corpus_dir, index_dir, overwrite=True)
+DEMO_KINDS = ("bm25", "dense")  # index kinds the demo builds and searches (no model training needed)
 
 
-def _build_dense(corpus_dir: Path, index_dir: Path, config: DemoConfig) -> None:
-    from retrievers.dense_build import DenseBuildConfig, build_dense_index
-    build_dense_index(corpus_dir, index_dir, DenseBuildConfig(encoder=config.encoder, faiss=config.faiss,
-                                                              batch_size=config.batch_size), overwrite=True)
-
-
-DEMO_BUILDERS = {"bm25": _build_bm25, "dense": _build_dense}
+def _index_options(kind: str, config: DemoConfig) -> dict[str, Any]:
+    return {"encoder": config.encoder, "faiss": config.faiss, "batch_size": config.batch_size} if kind == "dense" else {}
 
 
 def _ensure_index(kind: str, corpus_dir: Path, index_dir: Path, config: DemoConfig) -> float:
@@ -67,7 +61,7 @@ def _ensure_index(kind: str, corpus_dir: Path, index_dir: Path, config: DemoConf
     if (index_dir / MANIFEST).exists():
         return 0.0
     start = time.perf_counter()
-    DEMO_BUILDERS[kind](corpus_dir, index_dir, config)
+    build_index(kind, corpus_dir, index_dir, index_config(kind, _index_options(kind, config)), overwrite=True)
     return time.perf_counter() - start
 
 
@@ -83,16 +77,16 @@ def _limited_gold(qa_dir: Path, out: Path, limit: int | None) -> Path:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
+    from core.tasks import load_queries, write_guesses
     from eval.kilt import evaluate_kilt
     from eval.trec import write_trec
-    from rag.commands.retrieve import retrieve_queries
-    from core.tasks import load_queries, write_guesses
-    from retrievers import open_retriever
+    from retrievers.base import retrieve_queries
+    from retrievers.index_kinds import open_retriever
 
-    unknown = [k for k in config.retrievers if k not in DEMO_BUILDERS]
+    unknown = [k for k in config.retrievers if k not in DEMO_KINDS]
     if unknown:
         from core.errors import RagError
-        raise RagError(f"unknown demo retriever(s) {unknown}; choose from {', '.join(DEMO_BUILDERS)}")
+        raise RagError(f"unknown demo retriever(s) {unknown}; choose from {', '.join(DEMO_KINDS)}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     record = RunRecord("demo", config)

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from readers.base import BaseReader, ReaderConfig, ReaderPassage, model_max_positions
-from readers.fid import token_nll
+from readers.base import BaseReader, ReaderConfig, ReaderPassage, model_max_positions, token_nll
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +29,8 @@ def load_causal(name: str | None = None, trust_remote_code: bool = False) -> tup
     """(model, tokenizer): Gemma-3-270M by default (alias "gemma-3-270m"), or any HF causal LM id/path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from readers.gemma import GEMMA_ALIAS, gemma_path
     from core.models import resolve_model
+    from readers.gemma import GEMMA_ALIAS, gemma_path
 
     name = name or GEMMA_ALIAS
     path = gemma_path() if name == GEMMA_ALIAS else resolve_model(name)
@@ -42,6 +41,8 @@ def load_causal(name: str | None = None, trust_remote_code: bool = False) -> tup
 
 class CausalReader(BaseReader):
     kind = "causal"
+    default_model = "gemma-3-270m"
+    load_base = staticmethod(load_causal)
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: ReaderConfig | None = None) -> None:
         super().__init__(model, tokenizer, config)

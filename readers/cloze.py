@@ -7,13 +7,10 @@ holds the span type, the sentence and the document's domain). Deterministic for 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 BLANK = "____"
@@ -80,27 +77,3 @@ def cloze_questions(documents: Iterable[dict[str, Any]], seed: int = 0, per_doc:
             break
     stats["questions"] = len(rows)
     return rows, dict(stats)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", required=True, type=Path, help="corpus folder or JSONL")
-    parser.add_argument("--out", required=True, type=Path, help="KILT JSONL to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-doc", type=int, default=1, help="questions per document at most")
-    parser.add_argument("--max-questions", type=int, default=0, help="stop after N questions (0 = all)")
-    parser.add_argument("--types", default="year,number,name", help="span types to mask")
-    parser.add_argument("--domains", help="comma-separated: keep documents of these domains only (topic splits)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from core.corpus import resolve_corpus_path
-    from core.io import iter_jsonl, write_json, write_jsonl
-
-    domains = {d.strip() for d in args.domains.split(",")} if args.domains else None
-    docs = (row for _, row in iter_jsonl(resolve_corpus_path(args.corpus)))
-    rows, stats = cloze_questions(docs, args.seed, args.per_doc, args.max_questions,
-                                  tuple(t.strip() for t in args.types.split(",") if t.strip()), domains)
-    write_jsonl(args.out, rows)
-    write_json(Path(str(args.out) + ".stats.json"), stats)
-    print(json.dumps(stats, indent=2))
-    return 0

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from readers.base import BaseReader, ReaderConfig, ReaderPassage, model_max_positions, random_spans_mask, stable_seed
+from readers.base import (
+    BaseReader,
+    ReaderConfig,
+    ReaderPassage,
+    model_max_positions,
+    random_spans_mask,
+    stable_seed,
+    token_nll,
+)
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel warns on every call with labels that the loss moved into the wrapper (since 4.12).
@@ -45,6 +53,12 @@ def pick_sentinels(tokenizer: Any, n: int = 100) -> tuple[str, list[int], list[i
 
 class FiDReader(BaseReader):
     kind = "fid"
+    default_model = "minilm-bert2bert"
+
+    @staticmethod
+    def load_base(name: str | None) -> tuple[torch.nn.Module, Any]:
+        from core.models import load_seq2seq
+        return load_seq2seq(name)
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: ReaderConfig | None = None) -> None:
         super().__init__(model, tokenizer, config)
@@ -192,11 +206,3 @@ class FiDReader(BaseReader):
         labels = self._labels([t for _, t in pairs])
         logits = self.model(input_ids=ids, attention_mask=mask, labels=labels).logits
         return token_nll(logits, labels)
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL per row over positions whose label is not -100 (logits aligned with labels)."""
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
-                                            reduction="none")
-    valid = (labels != -100).float()
-    return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)

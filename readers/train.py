@@ -10,15 +10,13 @@ which `rag answer --model RUN_DIR` loads.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
+from core.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ def retrieve_cached(folder: Path, name: str, queries_path: str | Path, index: st
         if retriever is None:
             from retrievers import open_retriever
             retriever = open_retriever(index)
-        from rag.commands.retrieve import retrieve_queries
+        from retrievers.base import retrieve_queries
         hits = retrieve_queries(retriever, [r["input"] for r in rows], k)
         cached = {str(r["id"]).strip(): [ReaderPassage.from_hit(h) for h in hs] for r, hs in zip(rows, hits)}
         folder.mkdir(parents=True, exist_ok=True)
@@ -171,38 +169,3 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
         write_jsonl(run.path / "dev_predictions.jsonl", guess_rows(dev_set, preds))
     log.info("reader %s: %s", cfg.kind, json.dumps(metrics.get("dev", {})))
     return metrics
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = ReaderTrainConfig()
-    add_train_flags(parser, defaults)
-    parser.add_argument("--out", required=True, type=Path, help="run folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    parser.add_argument("--config", type=Path, help="JSON/YAML with ReaderTrainConfig fields (flags win)")
-    own = [f for f in dataclasses.fields(ReaderTrainConfig) if f.name not in
-           {g.name for g in dataclasses.fields(TrainConfig)} and f.name != "kind"]
-    for f in own:
-        kind: Any = {int: int, float: float}.get(type(f.default), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                            help=f"{f.metadata.get('help', '')} (default {f.default})")
-
-
-def config_from_args(args: argparse.Namespace) -> ReaderTrainConfig:
-    from core.config import build_config, load_config_file
-
-    file_cfg = load_config_file(args.config) if getattr(args, "config", None) else {}
-    cfg = build_config(ReaderTrainConfig, file_cfg, own_flags(ReaderTrainConfig, args), train_overrides(args),
-                       {"kind": args.kind})
-    lr_given = args.lr is not None or "lr" in file_cfg
-    if not lr_given and cfg.peft != "full":
-        cfg.lr = 1e-3  # adapters and low-rank updates want a larger step than full tuning
-    return cfg
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    metrics = train_reader(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({k: metrics.get(k) for k in ("dev", "seconds_per_step", "peak_rss_mb", "trainable_params",
-                                                   "total_params", "trainable_fraction", "reader_stats")},
-                     indent=2, default=str))
-    return 0

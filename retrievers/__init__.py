@@ -10,13 +10,13 @@ from typing import Any
 
 _EXPORTS = {
     "Hit": "retrievers.base", "Retriever": "retrievers.base", "aggregate_passages": "retrievers.base",
-    "open_retriever": "retrievers.base", "register_index_kind": "retrievers.base",
+    "open_retriever": "retrievers.index_kinds", "build_index": "retrievers.index_kinds",
+    "INDEX_KINDS": "retrievers.index_kinds",
+    "retrieve_queries": "retrievers.base",
     "BM25Retriever": "retrievers.bm25", "build_bm25_index": "retrievers.bm25",
     "DenseEncoder": "retrievers.encoders", "load_encoder": "retrievers.encoders",
     "DenseRetriever": "retrievers.dense", "build_dense_index": "retrievers.dense",
 }
-# Modules that register an index kind with `register_index_kind` when imported.
-INDEX_KIND_MODULES = ["retrievers.bm25", "retrievers.dense", "retrievers.generative.retriever"]
 
 __all__ = sorted(_EXPORTS)
 

@@ -1,15 +1,12 @@
-"""The Retriever protocol, document-level aggregation, and the registry that opens index folders."""
+"""The Retriever protocol, document-level aggregation, and batched retrieval with a progress bar."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from index.manifest import read_manifest
-from core.errors import RagError
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
@@ -49,27 +46,12 @@ def aggregate_passages(pids: np.ndarray, scores: np.ndarray, store, k: int) -> l
     return list(seen.values())
 
 
-Opener = Callable[..., Retriever]
-INDEX_KINDS: dict[str, Opener] = {}
-
-
-def register_index_kind(kind: str) -> Callable[[Opener], Opener]:
-    """Register the function that opens an index folder of this manifest kind."""
-    def deco(fn: Opener) -> Opener:
-        INDEX_KINDS[kind] = fn
-        return fn
-    return deco
-
-
-def open_retriever(index_dir: str | Path, **options: Any) -> Retriever:
-    """Open any index folder the toolkit built, dispatching on its manifest's `kind`."""
-    import importlib
-
-    from retrievers import INDEX_KIND_MODULES
-    for module in INDEX_KIND_MODULES:
-        importlib.import_module(module)
-    manifest = read_manifest(index_dir)
-    opener = INDEX_KINDS.get(manifest["kind"])
-    if opener is None:
-        raise RagError(f"{index_dir}: no retriever for index kind {manifest['kind']!r}; known: {sorted(INDEX_KINDS)}")
-    return opener(index_dir, **options)
+def retrieve_queries(retriever: Any, texts: list[str], k: int, batch_size: int = 64,
+                     domains: list[str | None] | None = None) -> list[list[Any]]:
+    """Retrieve in batches with a progress bar; known query domains are passed on (MoE routing)."""
+    rankings: list[list[Any]] = []
+    with_domains = domains is not None and any(d is not None for d in domains)
+    for start in tqdm(range(0, len(texts), batch_size), desc="retrieving", unit="batch", dynamic_ncols=True):
+        extra = {"domains": domains[start:start + batch_size]} if with_domains else {}
+        rankings.extend(retriever.retrieve(texts[start:start + batch_size], k=k, **extra))
+    return rankings

@@ -13,28 +13,29 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from index.manifest import read_manifest, write_manifest
-from index.passages import PassageStore, write_passage_store
+from core.config import opt
 from core.corpus import Passage, file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
 from core.errors import RagError
 from core.io import atomic_dir
-from retrievers.base import Hit, aggregate_passages, register_index_kind
+from index.manifest import read_manifest, write_manifest
+from index.passages import PassageStore, write_passage_store
+from retrievers.base import Hit, aggregate_passages
 
 
 @dataclass
 class BM25Config:
-    backend: str = "bm25s"          # bm25s | pyserini
-    k1: float = 0.9
-    b: float = 0.4
-    stemmer: str = "english"
-    stopwords: str = "en"
-    words_per_passage: int = 100
-    stride: int = 80
+    backend: str = opt("bm25s", "bm25s | pyserini")
+    k1: float = opt(0.9, "BM25 term-frequency saturation")
+    b: float = opt(0.4, "BM25 length normalisation")
+    stemmer: str = opt("english", "PyStemmer language ('' = none)")
+    stopwords: str = opt("en", "stopword list ('' = none)")
+    words_per_passage: int = opt(100, "words per passage")
+    stride: int = opt(80, "words between passage starts (< words per passage: overlap)")
 
 
 class BM25Backend(Protocol):
     def build(self, texts: Sequence[str], folder: Path, config: BM25Config) -> None: ...
-    def open(self, folder: Path, config: BM25Config) -> "BM25Searcher": ...
+    def open(self, folder: Path, config: BM25Config) -> BM25Searcher: ...
 
 
 class BM25Searcher(Protocol):
@@ -61,7 +62,7 @@ class Bm25sBackend:
         tokenizer.save_vocab(out)
         tokenizer.save_stopwords(out)
 
-    def open(self, folder: Path, config: BM25Config) -> "BM25Searcher":
+    def open(self, folder: Path, config: BM25Config) -> BM25Searcher:
         return _Bm25sSearcher(folder / "bm25s", self._tokenizer(config))
 
 
@@ -156,6 +157,5 @@ class BM25Retriever:
         return [aggregate_passages(p, s, self.store, k) for p, s in zip(pids, scores)]
 
 
-@register_index_kind("bm25")
-def _open_bm25(index_dir: str | Path, **_: Any) -> BM25Retriever:
+def open_bm25(index_dir: str | Path, **_: Any) -> BM25Retriever:
     return BM25Retriever(index_dir)

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from retrievers.dense_build import DenseBuildConfig, build_dense_index
+from core.errors import ManifestMismatch
 from index.faiss_index import FaissIndex
 from index.manifest import check_expected, read_manifest
 from index.passages import PassageStore
-from core.errors import ManifestMismatch
-from retrievers.base import Hit, aggregate_passages, register_index_kind
+from retrievers.base import Hit, aggregate_passages
+from retrievers.dense_build import DenseBuildConfig, build_dense_index
 from retrievers.encoders import DenseEncoder, encoder_id, load_encoder
 
 __all__ = ["DenseRetriever", "DenseEncoder", "build_dense_index", "DenseBuildConfig"]
@@ -66,7 +66,6 @@ class DenseRetriever:
         return [aggregate_passages(p, s, self.store, k) for p, s in zip(pids, scores)]
 
 
-@register_index_kind("dense")
-def _open_dense(index_dir: str | Path, encoder: str | None = None, **options: Any) -> DenseRetriever:
+def open_dense(index_dir: str | Path, encoder: str | None = None, **options: Any) -> DenseRetriever:
     known = {k: v for k, v in options.items() if k in ("device", "gpu", "nprobe", "ef_search", "batch_size", "k_factor")}
     return DenseRetriever(index_dir, encoder=encoder, **known)

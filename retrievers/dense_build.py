@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from index.faiss_index import FaissIndex
-from index.manifest import write_manifest
-from index.passages import PassageStore, write_passage_store
+from core.config import opt
 from core.corpus import file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
 from core.errors import RagError
 from core.io import prepare_output_dir, read_json, write_json
+from index.faiss_index import FaissIndex
+from index.manifest import write_manifest
+from index.passages import PassageStore, write_passage_store
 from retrievers.encoders import PASSAGE_PRECISIONS, DenseEncoder, encoder_id, load_encoder
 
 SHARDS = "embeddings"
@@ -34,19 +35,19 @@ PROGRESS_CHUNK = 1024  # passages per encode call within a shard (progress granu
 
 @dataclass
 class DenseBuildConfig:
-    encoder: str | None = None          # alias, folder, hub id or run folder; None = packaged MiniLM
-    faiss: str = "Flat"                 # any Faiss index-factory string
-    batch_size: int = 64
-    passage_precision: str = "float32"  # "bfloat16": passages encoded by a bf16 copy (queries stay float32)
-    token_sort: bool = False            # batch passages by token count (less padding)
-    nprobe: int | None = None           # IVF: lists searched by default (None: 16, recall@10 0.997 in bench_faiss)
-    ef_search: int | None = None        # HNSW: search depth by default (None: 128)
-    shard_size: int = 8192              # passages per embedding shard (the unit of resume)
-    words_per_passage: int = 100
-    stride: int = 80
-    max_train_vectors: int = 262_144    # sample size for IVF/PQ training
-    keep_embeddings: bool = False       # keep the shards next to the index (e.g. to rebuild other indexes)
-    device: str | None = None
+    encoder: str | None = opt(None, "alias, folder, hub id or run folder; None = packaged MiniLM")
+    faiss: str = opt("Flat", "any Faiss index-factory string")
+    batch_size: int = opt(64, "passages per encode batch")
+    passage_precision: str = opt("float32", "'bfloat16': passages encoded by a bf16 copy (queries stay float32)")
+    token_sort: bool = opt(False, "batch passages by token count (less padding)")
+    nprobe: int | None = opt(None, "IVF: lists searched by default (None: 16, recall@10 0.997 in bench_faiss)")
+    ef_search: int | None = opt(None, "HNSW: search depth by default (None: 128)")
+    shard_size: int = opt(8192, "passages per embedding shard (the unit of resume)")
+    words_per_passage: int = opt(100, "words per passage")
+    stride: int = opt(80, "words between passage starts (< words per passage: overlap)")
+    max_train_vectors: int = opt(262_144, "sample size for IVF/PQ training")
+    keep_embeddings: bool = opt(False, "keep the shards next to the index (e.g. to rebuild other indexes)")
+    device: str | None = opt(None, "torch device for encoding (auto: cuda if available)")
 
 
 def staging_dir(out: Path) -> Path:

@@ -23,8 +23,6 @@ corpus. Encoding all of vital10k takes minutes on a 2-core CPU, hence the pool. 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -34,59 +32,43 @@ from typing import Any
 
 import numpy as np
 
+from core.config import opt
 from core.errors import RagError
-from core.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
+from core.training.config import TrainConfig
+from retrievers.dense_run import FORMAT_VERSION, MOE_WEIGHTS, PEFT_DIR, RUN_META, load_base, load_dense_run  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-RUN_META = "dense_run.json"
-PEFT_DIR = "peft"
-MOE_WEIGHTS = "moe.safetensors"
-FORMAT_VERSION = 1
-# Peak learning rates when --lr is not given: whole-model tuning wants a small one, added modules a larger one.
-METHOD_LR: dict[str, float] = {"full": 2e-5, "bitfit": 5e-4, "lora": 5e-4, "prefix": 5e-3, "adapter": 1e-3,
-                               "iaa": 1e-3}
 EVAL_KS = (5, 20)
 
 
 @dataclass
 class DenseTrainConfig(TrainConfig):
-    corpus: str = ""
-    train: str = ""
-    dev: str | None = None
-    encoder: str = "minilm"
-    peft: str = "iaa"
-    rank: int | None = None
-    pseudo_queries: int = 0
-    hard_negatives: str = "bm25"          # bm25 | none
-    bm25_index: str | None = None         # an existing BM25 index folder of the corpus (else built and cached)
-    negative_depth: int = 20
-    max_seq_length: int = 128
-    words_per_passage: int = 100
-    scale: float = 20.0                   # MultipleNegativesRankingLoss scale (1 / temperature)
-    moe_experts: int = 0                  # 0 = no MoE; N = one head per domain (N = number of domains); 1 = shared head
-    domain_field: str = "domain"
-    moe_hidden: int = 64
-    moe_ffn: bool = False
-    router_weight: float = 1.0
-    eval_docs: int = 1500
-    eval_bm25_docs: int = 0               # also put each dev question's top-k BM25 documents in the dev pool
-    eval_seed: int = 0
-    eval_batch_size: int = 64
+    corpus: str = opt("", "corpus JSONL or a folder holding corpus.jsonl")
+    train: str = opt("", "KILT JSONL of training questions (gold pages in the corpus)")
+    dev: str | None = opt(None, "KILT JSONL evaluated every --eval-every steps (Rprec, recall@5/20)")
+    encoder: str = opt("minilm", "base sentence-transformers model (alias or folder)")
+    peft: str = opt("iaa", "PEFT method (core/peft registry)")
+    rank: int | None = opt(None, "bottleneck / LoRA rank, or prefix length (method default if unset)")
+    pseudo_queries: int = opt(0, "add N (sentence -> its document) pairs built from the corpus")
+    hard_negatives: str = opt("bm25", "bm25 | none")
+    bm25_index: str | None = opt(None, "an existing BM25 index folder of the corpus (else built and cached)")
+    negative_depth: int = opt(20, "BM25 hard negatives are drawn from this many top hits")
+    max_seq_length: int = opt(128, "tokens per query or passage")
+    words_per_passage: int = opt(100, "words of a page used as its positive passage")
+    scale: float = opt(20.0, "MultipleNegativesRankingLoss scale (1 / temperature)")
+    moe_experts: int = opt(0, "0 = no MoE; N = one head per domain (N = number of domains); 1 = shared head")
+    domain_field: str = opt("domain", "corpus field naming a document's domain")
+    moe_hidden: int = opt(64, "hidden width of each expert head")
+    moe_ffn: bool = opt(False, "also give each expert a copy of a middle-layer FFN")
+    router_weight: float = opt(1.0, "weight of the router's domain-label loss")
+    eval_docs: int = opt(1500, "dev pool: the dev gold pages plus this many sampled documents (0 = whole corpus)")
+    eval_bm25_docs: int = opt(0, "also put each dev question's top-k BM25 documents in the dev pool")
+    eval_seed: int = opt(0, "seed of the dev pool sample (independent of --seed)")
+    eval_batch_size: int = opt(64, "texts per dev encode batch")
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-def load_base(encoder: str, device: str | None, max_seq_length: int | None):
-    from sentence_transformers import SentenceTransformer
-
-    from core.models import resolve_model
-
-    st = SentenceTransformer(resolve_model(encoder), device=device, trust_remote_code=False)
-    if max_seq_length:
-        st.max_seq_length = max_seq_length
-    return st
-
 
 def corpus_domains(corpus, domain_field: str) -> list[str]:
     from retrievers.training_pairs import doc_domain
@@ -106,52 +88,6 @@ def moe_config_for(config: DenseTrainConfig, domains: list[str]):
                        f"or 1 (a single shared head)")
     return MoEConfig(domains=domains, hidden=config.moe_hidden, shared_head=config.moe_experts == 1,
                      expert_ffn=config.moe_ffn)
-
-
-def load_dense_run(path: str | Path, device: str | None = None, **_: Any):
-    """Base model + trained parts of a run folder: a SentenceTransformer, or a MoEEncoder."""
-    from safetensors.torch import load_file
-
-    from core.io import read_json
-    from core.peft import load_peft
-    from retrievers.encoders import DenseEncoder
-    from retrievers.moe import MoEConfig, MoEEncoder
-
-    path = Path(path)
-    meta = read_json(path / RUN_META)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RagError(f"{path / RUN_META}: unsupported format_version {meta.get('format_version')!r}")
-    if not (path / PEFT_DIR).exists():
-        raise RagError(f"{path}: the run has no trained weights yet ({PEFT_DIR}/ is missing); did training finish?")
-    st = load_base(meta["base_model"], device, meta.get("max_seq_length"))
-    expected = meta.get("base_fingerprint")
-    if expected is not None:
-        got = DenseEncoder(st, meta["base_model"]).fingerprint()
-        if not np.allclose(got, expected, atol=2e-3):
-            raise RagError(f"{path}: the base model {meta['base_model']!r} now embeds differently from the one this "
-                           f"run was trained on (fingerprint {got[:3]} vs {expected[:3]}); point the run at its base")
-    st = load_peft(st, path / PEFT_DIR)
-    model = st
-    if meta.get("moe"):
-        model = MoEEncoder(st, MoEConfig(**meta["moe"])).to(st.device)
-        model.load_moe_state_dict(load_file(str(path / MOE_WEIGHTS)))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def is_dense_run(path: str) -> bool:
-    return (Path(path) / RUN_META).is_file()
-
-
-def register_encoder_loader() -> None:
-    """Make every encoder argument accept a dense run folder (idempotent)."""
-    from retrievers.encoders import ENCODER_LOADERS
-    if not any(loader is load_dense_run for _, loader in ENCODER_LOADERS):
-        ENCODER_LOADERS.insert(0, (is_dense_run, load_dense_run))
-
-
-register_encoder_loader()
 
 
 # ---------------------------------------------------------------------------------------------- dev eval
@@ -284,8 +220,14 @@ class TrainingData:
 
 
 def build_training_data(config: DenseTrainConfig, corpus) -> TrainingData:
-    from retrievers.training_pairs import (doc_domain, document_text, mine_bm25_negatives, positive_of,
-                                           pseudo_query_pairs, question_pairs)
+    from retrievers.training_pairs import (
+        doc_domain,
+        document_text,
+        mine_bm25_negatives,
+        positive_of,
+        pseudo_query_pairs,
+        question_pairs,
+    )
 
     pairs, report = question_pairs(config.train, corpus, config.domain_field)
     logger.info(report.summary())
@@ -439,51 +381,3 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
     run.write_metrics(metrics)
     model.eval()
     return metrics, model
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", required=True, help="corpus JSONL or a folder holding corpus.jsonl")
-    parser.add_argument("--train", required=True, help="KILT JSONL of training questions (gold pages in the corpus)")
-    parser.add_argument("--dev", help="KILT JSONL evaluated every --eval-every steps (Rprec, recall@5/20)")
-    parser.add_argument("--encoder", default="minilm", help="base sentence-transformers model (alias or folder)")
-    parser.add_argument("--peft", default="iaa", help="iaa | adapter | lora | prefix | bitfit | full")
-    parser.add_argument("--rank", type=int, help="bottleneck / LoRA rank, or prefix length (method default if unset)")
-    parser.add_argument("--pseudo-queries", type=int, default=0,
-                        help="add N (sentence -> its document) pairs built from the corpus")
-    parser.add_argument("--hard-negatives", default="bm25", choices=["bm25", "none"])
-    parser.add_argument("--bm25-index", help="existing BM25 index of the corpus (default: built once and cached)")
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--moe-experts", type=int, default=0,
-                        help="expert heads: the number of domains (one per domain), or 1 (one shared head)")
-    parser.add_argument("--domain-field", default="domain", help="corpus field naming a document's domain")
-    parser.add_argument("--moe-hidden", type=int, default=64, help="hidden width of each expert head")
-    parser.add_argument("--moe-ffn", action="store_true", help="also give each expert a copy of a middle-layer FFN")
-    parser.add_argument("--eval-docs", type=int, default=1500,
-                        help="dev pool: the dev gold pages plus this many sampled documents (0 = whole corpus)")
-    parser.add_argument("--eval-bm25-docs", type=int, default=0,
-                        help="also add each dev question's top-k BM25 documents to the dev pool (harder, closer to "
-                             "whole-corpus search)")
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    add_train_flags(parser, DenseTrainConfig(lr=METHOD_LR["iaa"]))
-    parser._option_string_actions["--lr"].help = (
-        "peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()) + ")")
-
-
-def config_from_args(args: argparse.Namespace) -> DenseTrainConfig:
-    values = own_flags(DenseTrainConfig, args)
-    overrides = train_overrides(args)
-    overrides.setdefault("lr", METHOD_LR.get(values.get("peft", "iaa"), 1e-3))
-    return DenseTrainConfig(**values, **overrides)
-
-
-def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    metrics = train_dense(config, args.out, resume=args.resume, overwrite=args.overwrite)
-    summary = {k: metrics.get(k) for k in ("trainable_params", "total_params", "trainable_fraction",
-                                           "seconds_per_step", "peak_rss_mb", "dev")}
-    summary["final_loss"] = metrics.get("final_train", {}).get("loss")
-    print(json.dumps({"out": str(args.out), **summary}, indent=2))
-    return 0

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 
 from core.models import resolve_model
-
-PROBE_TEXT = "rag-toolkit encoder fingerprint probe: the quick brown fox."
-
+from retrievers.dense_run import is_dense_run, load_dense_run
+from retrievers.fingerprint import PROBE_TEXT, embedding_fingerprint  # noqa: F401
 
 PASSAGE_PRECISIONS = ("float32", "bfloat16")
 
@@ -113,7 +112,7 @@ class DenseEncoder:
 
     def fingerprint(self) -> list[float]:
         """A few embedding values of a fixed probe: tells two encoders apart even under one name."""
-        return [round(float(x), 5) for x in self.encode([PROBE_TEXT])[0][:8]]
+        return embedding_fingerprint(self.model)
 
 
 def _load_sentence_transformer(path: str, device: str | None, **_: Any) -> Any:
@@ -121,8 +120,9 @@ def _load_sentence_transformer(path: str, device: str | None, **_: Any) -> Any:
     return SentenceTransformer(path, device=device, trust_remote_code=False)
 
 
-# (predicate on the resolved path, loader). Later entries (e.g. run folders) are inserted first.
+# (predicate on the resolved path, loader): the first that accepts the path loads it.
 ENCODER_LOADERS: list[tuple[Callable[[str], bool], Callable[..., Any]]] = [
+    (is_dense_run, load_dense_run),
     (lambda path: True, _load_sentence_transformer),
 ]
 
@@ -130,8 +130,6 @@ ENCODER_LOADERS: list[tuple[Callable[[str], bool], Callable[..., Any]]] = [
 def load_encoder(name_or_path: str | None = None, device: str | None = None, batch_size: int = 64,
                  passage_precision: str = "float32", token_sort: bool = False, **options: Any) -> DenseEncoder:
     path = resolve_model(name_or_path)
-    if (Path(path) / "dense_run.json").is_file():
-        import retrievers.dense_train  # noqa: F401  (registers the run-folder loader in ENCODER_LOADERS)
     for accepts, loader in ENCODER_LOADERS:
         if accepts(path):
             model = loader(path, device, **options)

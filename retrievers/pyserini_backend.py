@@ -72,7 +72,7 @@ class PyseriniBackend:
             f.unlink()
         collection.rmdir()
 
-    def open(self, folder: Path, config) -> "_LuceneSearcher":
+    def open(self, folder: Path, config) -> _LuceneSearcher:
         return _LuceneSearcher(folder / "lucene", config)
 
 

@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 # retrievers first: importing retrievers.dense_build first hits the retrievers <-> dense_build import cycle
 # (retrievers/__init__ -> retrievers.dense -> retrievers.dense_build), e.g. in a fresh Ray worker.
 import retrievers  # noqa: F401,I001
+from core.errors import RagError
+from index.passages import PassageStore
 from retrievers import dense_build
 from retrievers.dense_build import DenseBuildConfig, save_shard, shard_path, shard_ranges
-from index.passages import PassageStore
-from core.errors import RagError
 
 logger = logging.getLogger(__name__)
 

@@ -4,14 +4,13 @@ Methods (see ``registry.PEFT_METHODS``): ``iaa`` (connected adapters), ``adapter
 bottlenecks without the chain), ``lora`` and ``prefix`` (through the peft library), ``bitfit``
 and ``full``.
 """
-from core.peft.api import (apply_peft, count_parameters, load_peft, peft_config, save_peft,
-                          trainable_state_dict)
+from core.peft.api import apply_peft, count_parameters, load_peft, peft_config, save_peft, trainable_state_dict
 from core.peft.config import PeftError, PeftMethodConfig
 from core.peft.layers import LayerStack, find_layer_stacks
-from core.peft.registry import PEFT_METHODS, PeftMethod
+from core.peft.registry import PEFT_METHODS, PeftMethod, method_lr, method_names
 
 __all__ = [
     "PEFT_METHODS", "PeftError", "PeftMethod", "PeftMethodConfig", "LayerStack", "apply_peft",
     "count_parameters", "find_layer_stacks", "load_peft", "peft_config", "save_peft",
-    "trainable_state_dict",
+    "trainable_state_dict", "method_lr", "method_names",
 ]

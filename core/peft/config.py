@@ -55,7 +55,7 @@ class PeftMethodConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PeftMethodConfig":
+    def from_dict(cls, values: dict[str, Any]) -> PeftMethodConfig:
         """Build from a dict, accepting ``rank`` as an alias and naming any unknown key."""
         values = dict(values)
         if "rank" in values and "rank" not in cls.field_names():
@@ -69,5 +69,5 @@ class PeftMethodConfig:
             raise PeftError(f"unknown field(s) {unknown} for {cls.__name__}; allowed: {cls.field_names()}")
         return cls(**values)
 
-    def replace(self, **overrides: Any) -> "PeftMethodConfig":
+    def replace(self, **overrides: Any) -> PeftMethodConfig:
         return type(self).from_dict({**self.to_dict(), **overrides})

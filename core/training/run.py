@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from index.manifest import package_versions
 from core.errors import RagError
 from core.io import read_json, write_json
+from core.versions import package_versions
 
 CONFIG, METRICS, CURVES, CHECKPOINTS = "config.json", "metrics.json", "curves.csv", "checkpoints"
 # Keys that may differ between a run and its resumption without changing the result.

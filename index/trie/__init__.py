@@ -15,8 +15,12 @@ class together):
 """
 from index.trie.build import BuildReport
 from index.trie.storage import FORMAT_VERSION, KIND, TitleTable
-from index.trie.tokens import _fast_encoder  # noqa: F401  (private; tests import it from here)
-from index.trie.tokens import encode_titles, tokenizer_fingerprint, tokenizer_info
+from index.trie.tokens import (
+    _fast_encoder,  # noqa: F401  (private; tests import it from here)
+    encode_titles,
+    tokenizer_fingerprint,
+    tokenizer_info,
+)
 from index.trie.trie import TitleTrie
 from index.trie.updates import UpdateReport
 

@@ -25,11 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_answer(args: argparse.Namespace) -> int:
-    from rag.commands.retrieve import retrieve_queries
     from core.io import write_jsonl
     from core.tasks import guess_rows, load_queries
     from readers.base import ReaderPassage, load_reader
     from retrievers import open_retriever
+    from retrievers.base import retrieve_queries
 
     record = RunRecord("answer", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                   if k != "func"})

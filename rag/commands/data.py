@@ -13,10 +13,10 @@ from core.runinfo import RunRecord
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare corpora and task data").add_subparsers(dest="data_cmd", required=True)
     prep = data.add_parser("prepare", help="vital10k | fanoutqa | foldoc | enwiki-mini")
-    prep.add_argument("name")
-    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument("name", help="data set: vital10k | fanoutqa | foldoc | enwiki-mini")
+    prep.add_argument("--out", required=True, type=Path, help="output folder (corpus.jsonl and/or task files)")
     prep.add_argument("--corpus", type=Path, help="corpus folder (fanoutqa: keep questions whose page is in it)")
-    prep.add_argument("--overwrite", action="store_true")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     prep.set_defaults(func=run_prepare)
     from rag.commands.plugins import DATA_VERBS
     for verb, module in DATA_VERBS.items():

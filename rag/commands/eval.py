@@ -9,11 +9,14 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate").add_subparsers(dest="eval_cmd", required=True)
     kilt = ev.add_parser("kilt", help="KILT retrieval, downstream and KILT-* scores")
-    kilt.add_argument("guess", type=Path)
-    kilt.add_argument("gold", type=Path)
+    kilt.add_argument("guess", type=Path, help="KILT guesses JSONL (from rag retrieve or rag answer)")
+    kilt.add_argument("gold", type=Path, help="KILT gold JSONL (id, input, output with provenance)")
     kilt.add_argument("--ks", default="1,5,10,20,100", help="comma-separated cut-offs")
-    kilt.add_argument("--rank-keys", default="wikipedia_id", choices=["wikipedia_id", "title"])
-    kilt.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    kilt.add_argument("--rank-keys", default="wikipedia_id", choices=["wikipedia_id", "title"],
+                      help="provenance field that identifies a page")
+    kilt.add_argument("--json", action="store_true", help="print JSON (every metric) instead of a table")
+    kilt.add_argument("--full", action="store_true",
+                      help="table of every metric (context and entity diagnostics included), not only the headline ones")
     kilt.set_defaults(func=run_kilt)
     swap = ev.add_parser("corpus-swap", help="model x corpus-variant x task matrix on Ray: original vs swapped corpora")
     from rag.swap.cli import add_arguments as add_swap_arguments  # light: stdlib and core.config only
@@ -31,5 +34,5 @@ def run_kilt(args: argparse.Namespace) -> int:
 
     ks = tuple(int(k) for k in args.ks.split(",") if k.strip())
     result = evaluate_kilt(args.guess, args.gold, ks=ks, rank_keys=(args.rank_keys,))
-    print(json.dumps(result, indent=2) if args.json else format_kilt_table(result))
+    print(json.dumps(result, indent=2) if args.json else format_kilt_table(result, full=args.full))
     return 0

@@ -1,4 +1,4 @@
-"""Late-bound sub-command modules: a trainer, experiment or data verb is added by one line here.
+"""Late-bound sub-command modules: an experiment or data verb is added by one line here.
 
 Each module named below provides `add_arguments(parser)` and `run(args) -> int`; it is imported only
 when its command runs (or `--help` is asked for it), so heavy imports stay off the CLI's start-up path.
@@ -11,13 +11,6 @@ from collections.abc import Sequence
 
 from core.errors import RagError
 
-TRAINERS: dict[str, str] = {
-    "retriever:dense": "retrievers.dense_train",
-    "retriever:generative": "retrievers.generative.train",
-    "reader:fid": "readers.train",
-    "reader:causal": "readers.train",
-}
-
 EXPERIMENTS: dict[str, str] = {
     "peft-retrieval": "rag.experiments.peft_retrieval",
     "generative": "rag.experiments.generative",
@@ -25,9 +18,9 @@ EXPERIMENTS: dict[str, str] = {
 }
 
 DATA_VERBS: dict[str, str] = {
-    "pretrain-pairs": "retrievers.generative.pretrain_tasks",
-    "cloze": "readers.cloze",
-    "derive": "rag.transforms",
+    "pretrain-pairs": "rag.commands.pretrain_pairs",
+    "cloze": "rag.commands.cloze",
+    "derive": "rag.commands.derive",
 }
 
 
@@ -40,13 +33,21 @@ def load_plugin(module: str, what: str):
         raise
 
 
-def dispatch(prog: str, module: str, what: str, argv: Sequence[str], extra: dict | None = None) -> int:
-    """Build the plugin's own parser under `prog`, parse the remaining argv, and run it."""
+def plugin_parser(prog: str, module: str, what: str) -> argparse.ArgumentParser:
+    """The plugin's own parser under `prog`, every default shown in its help."""
+    from rag.flags import document_defaults
+
     plugin = load_plugin(module, what)
     parser = argparse.ArgumentParser(prog=prog, description=(plugin.__doc__ or "").strip().splitlines()[0]
                                      if plugin.__doc__ else None)
     plugin.add_arguments(parser)
-    args = parser.parse_args(list(argv))
+    return document_defaults(parser)
+
+
+def dispatch(prog: str, module: str, what: str, argv: Sequence[str], extra: dict | None = None) -> int:
+    """Build the plugin's parser under `prog`, parse the remaining argv, and run it."""
+    plugin = load_plugin(module, what)
+    args = plugin_parser(prog, module, what).parse_args(list(argv))
     for key, value in (extra or {}).items():
         setattr(args, key, value)
     return int(plugin.run(args) or 0)

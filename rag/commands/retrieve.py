@@ -4,18 +4,16 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
-
-from tqdm.auto import tqdm
 
 from core.runinfo import RunRecord, record_path_for
+from retrievers.base import retrieve_queries
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrieve", help="retrieve documents for KILT queries")
-    p.add_argument("--index", required=True, type=Path)
+    p.add_argument("--index", required=True, type=Path, help="index folder from rag index build (any kind)")
     p.add_argument("--queries", required=True, type=Path, help="KILT JSONL (id, input)")
-    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--k", type=int, default=100, help="documents per query")
     p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL")
     p.add_argument("--trec", type=Path, help="also write a TREC run file")
     p.add_argument("--encoder", help="dense: override the encoder (checked against the manifest)")
@@ -29,20 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_retrieve)
 
 
-def retrieve_queries(retriever: Any, texts: list[str], k: int, batch_size: int = 64,
-                     domains: list[str | None] | None = None) -> list[list[Any]]:
-    """Retrieve in batches with a progress bar; known query domains are passed on (MoE routing)."""
-    rankings: list[list[Any]] = []
-    with_domains = domains is not None and any(d is not None for d in domains)
-    for start in tqdm(range(0, len(texts), batch_size), desc="retrieving", unit="batch", dynamic_ncols=True):
-        extra = {"domains": domains[start:start + batch_size]} if with_domains else {}
-        rankings.extend(retriever.retrieve(texts[start:start + batch_size], k=k, **extra))
-    return rankings
-
-
 def run_retrieve(args: argparse.Namespace) -> int:
-    from eval.trec import write_trec
     from core.tasks import load_queries, write_guesses
+    from eval.trec import write_trec
     from retrievers import open_retriever
 
     record = RunRecord("retrieve", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

@@ -1,18 +1,132 @@
-"""`rag train retriever --kind dense|generative ...` and `rag train reader --kind fid|causal ...`."""
+"""`rag train retriever --kind dense|generative ...` and `rag train reader --kind fid|causal ...`.
+
+Every trainer is one TRAINERS entry: its typed config (whose fields become the flags, through rag/flags.py),
+its train function, the fields it requires, and its full-tuning learning rate. The learning rate of the
+other PEFT methods comes from core/peft/registry.py. `--config FILE` fills any field; flags win.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from rag.commands.plugins import TRAINERS, dispatch
 from core.errors import RagError
+from rag.flags import add_config_file_flag, add_config_flags, flag_values
+
+
+@dataclass(frozen=True)
+class Trainer:
+    help: str
+    config: str                     # "module:ConfigClass"
+    train: str                      # "module:function(config, out, resume=, overwrite=) -> metrics"
+    full_lr: float                  # default peak learning rate of full tuning (other methods: the PEFT registry)
+    required: tuple[str, ...] = ()
+    fixed: dict[str, Any] = field(default_factory=dict)       # fields set by the kind itself
+    prepare: str | None = None      # "module:function(values) -> values": resolve run-folder references
+    seq2seq: bool = False           # only PEFT methods that fit encoder-decoder models
+    summary: tuple[str, ...] = ("trainable_params", "total_params", "trainable_fraction", "seconds_per_step",
+                                "peak_rss_mb", "dev")
+
+
+TRAINERS: dict[str, dict[str, Trainer]] = {
+    "retriever": {
+        "dense": Trainer("bi-encoder (sentence-transformers) with MNRL, BM25 hard negatives, PEFT, MoE heads",
+                         "retrievers.dense_train:DenseTrainConfig", "retrievers.dense_train:train_dense",
+                         full_lr=2e-5, required=("corpus", "train")),
+        "generative": Trainer("CorpusBrain generative retriever: --stage pretrain (ISS/LPS/HIP) or finetune",
+                              "retrievers.generative.train:GenerativeTrainConfig",
+                              "retrievers.generative.train:train_generative", full_lr=1e-4, required=("stage",),
+                              prepare="retrievers.generative.train:resolve_run_references", seq2seq=True,
+                              summary=("stage", "peft", "trainable_params", "total_params", "trainable_fraction",
+                                       "train_pairs", "seconds_per_step", "peak_rss_mb", "dev")),
+    },
+    "reader": {
+        "fid": Trainer("Fusion-in-Decoder seq2seq reader (optionally with CIT: --cit-weight)",
+                       "readers.train:ReaderTrainConfig", "readers.train:train_reader", full_lr=1e-4,
+                       required=("index", "train"), fixed={"kind": "fid"},
+                       summary=("dev", "seconds_per_step", "peak_rss_mb", "trainable_params", "total_params",
+                                "trainable_fraction", "reader_stats")),
+        "causal": Trainer("decoder-only reader (Gemma-3-270M by default; optionally with CIT)",
+                          "readers.train:ReaderTrainConfig", "readers.train:train_reader", full_lr=1e-4,
+                          required=("index", "train"), fixed={"kind": "causal"},
+                          summary=("dev", "seconds_per_step", "peak_rss_mb", "trainable_params", "total_params",
+                                   "trainable_fraction", "reader_stats")),
+    },
+}
+
+
+def _load(ref: str) -> Any:
+    import importlib
+
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def trainer_parser(what: str, kind: str) -> argparse.ArgumentParser:
+    from core.peft import PEFT_METHODS, method_names
+
+    spec = TRAINERS[what][kind]
+    cls = _load(spec.config)
+    parser = argparse.ArgumentParser(prog=f"rag train {what} --kind {kind}", description=spec.help)
+    parser.add_argument("--out", required=True, type=Path, help="run folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder (default: off)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run folder's last checkpoint (default: off)")
+    add_config_file_flag(parser, cls.__name__)
+    lrs = ", ".join(f"{m} {PEFT_METHODS[m].default_lr or spec.full_lr:g}" for m in method_names(spec.seq2seq))
+    add_config_flags(parser, cls, skip=spec.fixed, required=spec.required,
+                     help_overrides={"lr": f"peak learning rate (linear warm-up, then linear decay); per method: {lrs}"})
+    for action in parser._actions:
+        if action.dest == "peft":  # validated by the trainer, whose error names the allowed methods
+            action.help = f"{action.help}; one of: {', '.join(method_names(spec.seq2seq))}"
+    return parser
+
+
+def config_for(what: str, kind: str, args: argparse.Namespace) -> Any:
+    """The trainer's config from --config, the flags and the kind; lr from the PEFT registry when not given."""
+    from core.config import build_config, load_config_file
+    from core.peft import method_lr
+
+    spec = TRAINERS[what][kind]
+    cls = _load(spec.config)
+    file_cfg = load_config_file(args.config) if args.config else {}
+    values = {**file_cfg, **flag_values(cls, args), **spec.fixed}
+    missing = [n for n in spec.required if values.get(n) in (None, "")]
+    if missing:
+        raise RagError(f"rag train {what} --kind {kind}: missing required "
+                       + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if spec.prepare:
+        values = _load(spec.prepare)(values)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    if values.get("lr") is None:
+        values["lr"] = method_lr(values.get("peft") or defaults.get("peft") or "full", spec.full_lr)
+    return build_config(cls, values)
+
+
+def parse_trainer_argv(what: str, kind: str, argv: Sequence[str]) -> tuple[Any, argparse.Namespace]:
+    args = trainer_parser(what, kind).parse_args(list(argv))
+    return config_for(what, kind, args), args
+
+
+def _kinds_help(what: str) -> str:
+    lines = [f"usage: rag train {what} --kind KIND [flags]", "",
+             f"Train a {what}. `rag train {what} --kind KIND --help` lists the flags of a kind.", "", "kinds:"]
+    lines += [f"  {name:<12} {spec.help}" for name, spec in TRAINERS[what].items()]
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train retrievers and readers").add_subparsers(dest="train_what", required=True)
-    for what, kinds in (("retriever", "dense | generative"), ("reader", "fid | causal")):
-        # prefix_chars="+": every token after the verb goes to the plugin (argparse's REMAINDER refuses
-        # options it does not know when they come first); --kind is taken out of them in run().
-        p = train.add_parser(what, help=f"--kind {kinds}; `rag train {what} --kind K --help` lists its flags",
+    train = sub.add_parser("train", help="train retrievers and readers",
+                           description="Train retrievers and readers; every run writes a run folder.")
+    verbs = train.add_subparsers(dest="train_what", required=True, metavar="WHAT")
+    for what, kinds in TRAINERS.items():
+        # prefix_chars="+": every token after the verb goes to the kind's own parser; --kind is taken out in run().
+        p = verbs.add_parser(what, help=f"--kind {' | '.join(kinds)}; `rag train {what} --help` lists the kinds",
                              add_help=False, prefix_chars="+")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=run, train_what=what)
@@ -28,12 +142,21 @@ def _take_kind(rest: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.kind, args.rest = _take_kind(list(args.rest))
-    if args.kind is None:
-        raise RagError(f"rag train {args.train_what}: --kind is required")
-    key = f"{args.train_what}:{args.kind}"
-    if key not in TRAINERS:
-        kinds = sorted(k.split(":")[1] for k in TRAINERS if k.startswith(args.train_what + ":"))
-        raise RagError(f"unknown {args.train_what} kind {args.kind!r}; choose one of {', '.join(kinds)}")
-    return dispatch(f"rag train {args.train_what} --kind {args.kind}", TRAINERS[key],
-                    f"training a {args.kind} {args.train_what}", args.rest, {"kind": args.kind})
+    what = args.train_what
+    kind, rest = _take_kind(list(args.rest))
+    if kind is None:
+        if not rest or "-h" in rest or "--help" in rest:
+            print(_kinds_help(what))
+            return 0
+        raise RagError(f"rag train {what}: --kind is required; choose one of {', '.join(TRAINERS[what])}")
+    if kind not in TRAINERS[what]:
+        raise RagError(f"unknown {what} kind {kind!r}; choose one of {', '.join(TRAINERS[what])}")
+    config, ns = parse_trainer_argv(what, kind, rest)
+    spec = TRAINERS[what][kind]
+    metrics = _load(spec.train)(config, ns.out, resume=ns.resume, overwrite=ns.overwrite)
+    summary = {k: metrics.get(k) for k in spec.summary}
+    if "final_train" in metrics:
+        summary["final_loss"] = metrics["final_train"].get("loss")
+    json.dump({"out": str(ns.out), **summary}, sys.stdout, indent=2, default=str)
+    print()
+    return 0

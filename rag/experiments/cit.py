@@ -3,7 +3,7 @@
 Readers are trained on FanOutQA train (passages: top-k from the given index over vital10k) with
 λ ∈ {0, ...}, then evaluated on dev against
   (1) vital10k as trained: EM/F1 (and KILT-EM/F1);
-  (2) a counterfactual vital10k (rag.transforms.counterfactual_substitute): the answers of the dev
+  (2) a counterfactual vital10k (eval.transforms.counterfactual_substitute): the answers of the dev
       questions are replaced, in their evidence documents, by other answers of the same type (year,
       number, capitalised name), and the gold answers likewise. EM/F1 against the new answers, and the
       memorisation rate = fraction of predictions that still give the old answer (EM against it).
@@ -85,7 +85,7 @@ def _examples_with_passages(rows, passages_by_id):
 
 
 def _rewrite(passages, subs_by_doc):
-    from rag.transforms import apply_substitutions
+    from eval.transforms import apply_substitutions
     from readers.base import ReaderPassage
     return [ReaderPassage(p.key, p.title, apply_substitutions(p.text, subs_by_doc[p.doc_id]), p.doc_id, p.score)
             if p.doc_id in subs_by_doc else p for p in passages]
@@ -125,7 +125,7 @@ def _eval_sets(corpus_rows, seed: int, groups) -> tuple[dict[str, Any], dict[str
     """Each (label, counterfactual label, rows) gives two eval sets: the rows as they are, and the rows whose
     answer could be substituted in their evidence documents. Returns (sets, doc id -> substitutions of all
     groups, counterfactual stats per group)."""
-    from rag.transforms import counterfactual_substitute, substitution_map
+    from eval.transforms import counterfactual_substitute, substitution_map
     sets: dict[str, tuple[list[dict[str, Any]], bool]] = {}
     subs: dict[str, list[tuple[str, str]]] = {}
     stats = []
@@ -145,7 +145,7 @@ def _public(stats: dict[str, Any]) -> dict[str, Any]:
 def plan_fanoutqa(cfg: CITExperimentConfig, out: Path, corpus_rows) -> Plan:
     """Train on FanOutQA train; evaluate on dev (original and counterfactual) plus cloze questions."""
     from core.io import write_jsonl
-    from rag.transforms import _evidence_ids
+    from eval.transforms import _evidence_ids
     from readers.cloze import cloze_questions
 
     data = Path(cfg.data)
@@ -292,7 +292,7 @@ def run_experiment(cfg: CITExperimentConfig, overwrite: bool = False) -> dict[st
 
 
 def _rewrite_text(row: dict[str, Any], subs) -> str:
-    from rag.transforms import apply_substitutions
+    from eval.transforms import apply_substitutions
     return apply_substitutions(str(row.get("text", "")), subs[str(row.get("id"))])
 
 
@@ -361,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             required=f.name in ("corpus", "data", "index", "out"),
                             help=f"{f.metadata.get('help', '')} (default {getattr(defaults, f.name)})")
     parser.add_argument("--small", action="store_true", help=f"a seconds-long run for tests: {SMALL}")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing study folder")
 
 
 def run(args: argparse.Namespace) -> int:

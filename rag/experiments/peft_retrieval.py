@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, help="corpus (vital10k) JSONL or folder")
     parser.add_argument("--train", required=True, help="KILT training questions (FanOutQA train)")
     parser.add_argument("--dev", required=True, help="KILT dev questions (FanOutQA dev)")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--encoder", default="minilm")
+    parser.add_argument("--out", required=True, type=Path, help="study folder")
+    parser.add_argument("--encoder", default="minilm", help="base encoder (alias, folder or hub id)")
     parser.add_argument("--small", action="store_true", help="tiny preset for tests")
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(m.name for m in METHODS)}")
     for name in ("steps", "batch-size", "max-seq-length", "eval-docs", "eval-bm25-docs", "pseudo-queries",
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-threshold", type=float,
                         help="train loss for 'steps to reach' (default: halfway from the mean first-step loss "
                              "to the best final loss)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--rank", type=int, help="rank for every method that has one (method defaults otherwise)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="train each method in its own process (honest peak memory)")
@@ -128,14 +128,15 @@ def _methods(args: argparse.Namespace) -> list[Method]:
 
 def _train_argv(args: argparse.Namespace, preset: Preset, method: Method, bm25: Path, out: Path,
                 n_domains: int) -> list[str]:
-    from retrievers.dense_train import METHOD_LR
+    from core.peft import method_lr
+    from rag.commands.train import TRAINERS
 
     argv = ["--corpus", str(args.corpus), "--train", str(args.train), "--dev", str(args.dev),
             "--encoder", str(args.encoder), "--peft", method.peft, "--pseudo-queries", str(preset.pseudo_queries),
             "--bm25-index", str(bm25), "--max-seq-length", str(preset.max_seq_length),
             "--eval-docs", str(preset.eval_docs), "--eval-bm25-docs", str(preset.eval_bm25_docs),
             "--max-steps", str(preset.steps),
-            "--batch-size", str(preset.batch_size), "--lr", str(METHOD_LR[method.peft]), "--seed", str(args.seed),
+            "--batch-size", str(preset.batch_size), "--lr", str(method_lr(method.peft, TRAINERS["retriever"]["dense"].full_lr)), "--seed", str(args.seed),
             "--eval-every", str(preset.eval_every), "--save-every", "0", "--log-every", "1",
             "--out", str(out), "--overwrite"]
     if args.rank is not None and method.peft not in ("full", "bitfit"):
@@ -160,11 +161,10 @@ def _train(args: argparse.Namespace, preset: Preset, method: Method, bm25: Path,
         if code != 0:
             raise RagError(f"training {method.name} failed (exit {code}); see {log}")
     else:
-        from retrievers import dense_train
-        parser = argparse.ArgumentParser()
-        dense_train.add_arguments(parser)
-        ns = parser.parse_args(argv)
-        dense_train.train_dense(dense_train.config_from_args(ns), out, overwrite=True)
+        from rag.commands.train import parse_trainer_argv
+        from retrievers.dense_train import train_dense
+        config, _ = parse_trainer_argv("retriever", "dense", argv)
+        train_dense(config, out, overwrite=True)
     return read_json(out / "metrics.json")
 
 

@@ -1,7 +1,7 @@
 """Corpus-swap generalisation harness: `rag eval corpus-swap --config SWAP.yaml --out DIR [--address ADDR]`.
 
 A swap config names corpora (prepared, given by path, or derived from another with a transform of
-eval/corpus_variants.py or rag/transforms.py), task files tied to them, and models (bm25, dense encoders
+eval/transforms.py), task files tied to them, and models (bm25, dense encoders
 or run folders, generative retrievers, readers). The matrix is model x evaluated corpus x task; each cell
 (retrieve, read, evaluate with the official KILT metrics) is one Ray task:
 
@@ -29,18 +29,48 @@ run_plan, run_swap), report (CRP, table, plots, summary.json), cli (`rag eval co
 
 The swap-config schema (every key, its type, default and meaning, and a full example): docs/swap-config.md.
 """
-from rag.swap.cells import (INDEX_BUILDERS, STATUS_FAILED, STATUS_OK, STATUS_UNAVAILABLE, CellSpec, CorpusState,
-                            IndexSpec, SwapPlan, build_index, index_ready, materialize_data, plan_swap, reader_cell,
-                            retrieval_cell, run_cell)
-from rag.swap.config import (DEFAULT_METRICS, CorpusSpec, ModelSpec, SwapConfig, TaskSpec, load_swap_config,
-                             swap_config_from_dict, validate_config)
+from rag.swap.cells import (
+                            STATUS_FAILED,
+                            STATUS_OK,
+                            STATUS_UNAVAILABLE,
+                            CellSpec,
+                            CorpusState,
+                            IndexSpec,
+                            SwapPlan,
+                            build_index,
+                            index_ready,
+                            materialize_data,
+                            plan_swap,
+                            reader_cell,
+                            retrieval_cell,
+                            run_cell,
+)
+from rag.swap.config import (
+                            DEFAULT_METRICS,
+                            CorpusSpec,
+                            ModelSpec,
+                            SwapConfig,
+                            TaskSpec,
+                            load_swap_config,
+                            swap_config_from_dict,
+                            validate_config,
+)
 from rag.swap.kinds import CELL_KINDS, CellKind, CellUnavailable
-from rag.swap.report import (PLOTS, READER_METRICS, SUMMARY, TABLE, corpus_relative, format_swap_table,
-                             pair_baselines, write_plots, write_report)
+from rag.swap.report import (
+                            PLOTS,
+                            READER_METRICS,
+                            SUMMARY,
+                            TABLE,
+                            corpus_relative,
+                            format_swap_table,
+                            pair_baselines,
+                            write_plots,
+                            write_report,
+)
 from rag.swap.runner import RESULTS, append_row, read_results, run_plan, run_swap
 
 __all__ = [
-    "CELL_KINDS", "DEFAULT_METRICS", "INDEX_BUILDERS", "PLOTS", "READER_METRICS", "RESULTS", "STATUS_FAILED",
+    "CELL_KINDS", "DEFAULT_METRICS", "PLOTS", "READER_METRICS", "RESULTS", "STATUS_FAILED",
     "STATUS_OK", "STATUS_UNAVAILABLE", "SUMMARY", "TABLE", "CellKind", "CellSpec", "CellUnavailable", "CorpusSpec",
     "CorpusState", "IndexSpec", "ModelSpec", "SwapConfig", "SwapPlan", "TaskSpec", "append_row", "build_index",
     "corpus_relative", "format_swap_table", "index_ready", "load_swap_config", "materialize_data", "pair_baselines",

@@ -28,7 +28,7 @@ STATUS_OK, STATUS_FAILED, STATUS_UNAVAILABLE = "ok", "failed", "unavailable"
 
 @dataclass
 class IndexSpec:
-    kind: str                  # an INDEX_BUILDERS key
+    kind: str                  # an index kind of retrievers/index_kinds.py
     corpus: str                # corpus file
     dir: str                   # where the index goes
     encoder: str | None = None # dense: the encoder; trie: the generative model (run folder) whose tokenizer it uses
@@ -108,24 +108,18 @@ def _limited(path: Path, limit: int | None, out: Path) -> Path:
 
 
 def _transform(name: str) -> Callable[..., Any] | None:
-    """This module's transforms first, then those registered in rag/transforms.py (e.g. counterfactual)."""
-    from eval.corpus_variants import VARIANT_TRANSFORMS
-    if name in VARIANT_TRANSFORMS:
-        return VARIANT_TRANSFORMS[name]
-    try:
-        import rag.transforms as extra
-    except ImportError:
-        return None
-    entry = (getattr(extra, "TRANSFORMS", None) or {}).get(name)
+    """The transform of eval/transforms.py as a file-level function `(corpus, out_dir, *, tasks, **options)`."""
+    from eval.transforms import TRANSFORMS
+
+    entry = TRANSFORMS.get(name)
     if entry is None:
         return None
-    if getattr(entry, "derive", None) is not None:  # a file-level transform (this module's signature)
+    if entry.derive is not None:
         return entry.derive
-    # rag/transforms.py registers Transform(fn(corpus_rows, qa_rows, seed) -> (corpus_rows, qa_rows, stats), ...)
     from functools import partial
 
     from eval.corpus_variants import derive_from_rows
-    return partial(derive_from_rows, name, getattr(entry, "fn", entry))
+    return partial(derive_from_rows, name, entry.fn)
 
 
 def _call_transform(fn: Callable[..., Any], corpus: Path, out: Path, tasks: Mapping[str, Path],
@@ -169,7 +163,7 @@ def materialize_data(config: SwapConfig, out: Path) -> dict[str, CorpusState]:
             options = {k: v for k, v in spec.derive.items() if k not in ("from", "transform")}
             fn = _transform(name)
             if fn is None:
-                reason = f"transform {name!r} is not in this build (rag/transforms.py or eval/corpus_variants.py)"
+                reason = f"transform {name!r} is not in this build (eval/transforms.py)"
                 if not spec.optional:
                     raise RagError(f"corpus {spec.name!r}: {reason}")
                 log.warning("corpus %s skipped: %s", spec.name, reason)
@@ -270,24 +264,19 @@ def plan_swap(config: SwapConfig, out: str | Path) -> SwapPlan:
 
 # --------------------------------------------------------------------------- index builders
 
-def _build_bm25(spec: IndexSpec) -> None:
-    from retrievers.bm25 import build_bm25_index
-    build_bm25_index(spec.corpus, spec.dir, overwrite=True)
+def _index_options(spec: IndexSpec) -> dict[str, Any]:
+    """The swap config's model settings as options of the index kind's config (retrievers/index_kinds.py)."""
+    if spec.kind == "dense":
+        return {"encoder": spec.encoder, "batch_size": spec.batch_size}
+    if spec.kind == "trie":
+        return {"model": spec.encoder}
+    return {}
 
 
-def _build_dense(spec: IndexSpec) -> None:
-    from retrievers.dense_build import DenseBuildConfig, build_dense_index
-    build_dense_index(spec.corpus, spec.dir, DenseBuildConfig(encoder=spec.encoder, batch_size=spec.batch_size),
-                      overwrite=True)
-
-
-def _build_trie(spec: IndexSpec) -> None:
-    from retrievers.generative.index import TrieBuildConfig, build_trie_index
-    build_trie_index(spec.corpus, spec.dir, TrieBuildConfig(model=spec.encoder), overwrite=True)
-
-
-INDEX_BUILDERS: dict[str, Callable[[IndexSpec], None]] = {"bm25": _build_bm25, "dense": _build_dense,
-                                                          "trie": _build_trie}
+def _build_with_registry(spec: IndexSpec) -> None:
+    from retrievers.index_kinds import build_index as build_kind
+    from retrievers.index_kinds import index_config
+    build_kind(spec.kind, spec.corpus, spec.dir, index_config(spec.kind, _index_options(spec)), overwrite=True)
 
 
 def index_ready(index_dir: str | Path) -> bool:
@@ -299,7 +288,7 @@ def build_index(spec: IndexSpec) -> str:
     """Build one index unless a finished one is there; returns its folder."""
     if not index_ready(spec.dir):
         start = time.perf_counter()
-        INDEX_BUILDERS[spec.kind](spec)
+        _build_with_registry(spec)
         log.info("built %s index %s in %.1fs", spec.kind, spec.dir, time.perf_counter() - start)
     return spec.dir
 
@@ -307,9 +296,9 @@ def build_index(spec: IndexSpec) -> str:
 # --------------------------------------------------------------------------- cell kinds
 
 def _retrieve(cell: CellSpec, workdir: Path, index_dir: str, model: ModelSpec):
-    from rag.commands.retrieve import retrieve_queries
     from core.tasks import load_queries
-    from retrievers import open_retriever
+    from retrievers.base import retrieve_queries
+    from retrievers.index_kinds import open_retriever
 
     queries = load_queries(cell.task_path)
     retriever = open_retriever(index_dir, **model.options)
@@ -325,8 +314,8 @@ def _flatten(result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _score(cell: CellSpec, workdir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from eval.kilt import evaluate_kilt
     from core.io import write_jsonl
+    from eval.kilt import evaluate_kilt
 
     write_jsonl(workdir / "guesses.jsonl", rows)
     return _flatten(evaluate_kilt(rows, cell.task_path, ks=cell.ks))
@@ -372,8 +361,8 @@ def reader_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
     reason = _reader_available()
     if reason:
         raise CellUnavailable(reason)
-    from readers.base import ReaderPassage, load_reader
     from core.tasks import guess_rows
+    from readers.base import ReaderPassage, load_reader
 
     run_dir = cell.model.reader or cell.model.run
     if not run_dir:

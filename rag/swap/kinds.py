@@ -17,7 +17,7 @@ class CellUnavailable(RagError):
 
 @dataclass(frozen=True)
 class CellKind:
-    """run(cell, workdir) -> metrics. index: the INDEX_BUILDERS kind its cells read (None: none, or its retriever
+    """run(cell, workdir) -> metrics. index: the index kind (retrievers/index_kinds.py) its cells read (None: none, or its retriever
     model's); available() -> None, or why the kind is not in this build (its cells are then "unavailable")."""
     run: Callable[[Any, Path], dict[str, Any]]   # (CellSpec, workdir) -> metrics
     index: str | None = None

@@ -33,8 +33,8 @@ def pair_baselines(rows: Sequence[dict[str, Any]], ks: Sequence[int]) -> None:
     """Where a swapped cell asks a strict subset of its baseline's questions (same task; e.g. counterfactual
     keeps only the questions whose answer it changed), score the baseline's guesses on that subset too:
     row["baseline_metrics"], row["paired_n"]. CRP then compares the same questions."""
-    from eval.kilt import evaluate_kilt
     from core.io import read_jsonl
+    from eval.kilt import evaluate_kilt
 
     for row in rows:
         row.pop("baseline_metrics", None)

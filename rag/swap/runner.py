@@ -11,8 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import RagError
-from rag.swap.cells import (STATUS_OK, CellSpec, IndexSpec, SwapPlan, _attempts_path, _failed_row, build_index,
-                            index_ready, plan_swap, run_cell)
+from rag.swap.cells import (
+    STATUS_OK,
+    CellSpec,
+    IndexSpec,
+    SwapPlan,
+    _attempts_path,
+    _failed_row,
+    build_index,
+    index_ready,
+    plan_swap,
+    run_cell,
+)
 from rag.swap.config import SwapConfig, load_swap_config
 from rag.swap.report import TABLE, pair_baselines, write_report
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from index.trie import TitleTrie
 from core.errors import InputError
+from index.trie import TitleTrie
 
 try:  # transformers is a dependency, but keep this module importable without it for the trie-only path
     from transformers import LogitsProcessor, LogitsProcessorList

@@ -1,6 +1,6 @@
 """`rag index build --kind trie`: the corpus's title trie over a model's tokenizer, plus the id mapping.
 
-The folder is index/trie.py's saved trie (arrays, ``titles.jsonl``, ``manifest.json`` with kind "trie",
+The folder is index/trie/ (the saved trie) (arrays, ``titles.jsonl``, ``manifest.json`` with kind "trie",
 the tokenizer fingerprint and the decoder start / eos ids) plus:
 
 * ``docs.jsonl``: one row per trie title, in title-id order: ``{"wikipedia_id", "text"}`` (text only
@@ -13,8 +13,6 @@ the tokenizer fingerprint and the decoder start / eos ids) plus:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import shutil
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.config import opt
 from core.errors import RagError
 from core.io import read_json, write_json
 
@@ -33,8 +32,8 @@ DUPLICATES_FILE = "duplicates.json"
 
 @dataclass
 class TrieBuildConfig:
-    model: str | None = None         # model id/path or generative run folder (its tokenizer and start/eos ids)
-    store_text: bool = True          # keep document texts in docs.jsonl (for readers)
+    model: str | None = opt(None, "model id/path or generative run folder (its tokenizer and start/eos ids)")
+    store_text: bool = opt(True, "keep document texts in docs.jsonl (for readers)")
 
 
 def unique_titles(documents) -> tuple[list[str], list[Any], dict[str, list[str]]]:
@@ -112,18 +111,6 @@ def read_docs(index_dir: str | Path) -> tuple[list[str], list[str] | None]:
         ids.append(str(row["wikipedia_id"]))
         texts.append(row.get("text"))
     return ids, (texts if any(t is not None for t in texts) else None)
-
-
-def build_trie_from_cli(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[TrieBuildConfig, dict[str, Any]]:
-    from core.config import build_config
-
-    config = build_config(TrieBuildConfig, file_cfg, {"model": getattr(args, "model", None)})
-    manifest = build_trie_index(args.corpus, args.out, config, overwrite=bool(getattr(args, "overwrite", False)))
-    dups = manifest["generative"]["duplicate_titles"]
-    if dups["count"]:
-        print(json.dumps({"duplicate_titles": dups["count"], "documents_not_in_trie": dups["extra_docs"],
-                          "see": str(Path(args.out) / DUPLICATES_FILE)}))
-    return config, manifest
 
 
 def check_corpus(manifest: dict[str, Any]) -> None:

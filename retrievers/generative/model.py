@@ -45,7 +45,7 @@ def is_generative_run(spec: str | Path | None) -> bool:
 def default_base_path() -> Path:
     """The warm-started MiniLM bert2bert, materialised once with a fixed seed (see the module doc)."""
     from core.io import atomic_dir
-    from core.models import rag_home, warm_start_bert2bert, _minilm_path
+    from core.models import _minilm_path, rag_home, warm_start_bert2bert
 
     path = rag_home() / "models" / f"{DEFAULT_MODEL}-seed{_WARM_START_SEED}"
     if (path / "config.json").exists():
@@ -211,8 +211,8 @@ def base_reference(spec: str | Path | None) -> str:
 def save_run_model(model: Any, tokenizer: Any, out: str | Path, *, method: str, base: str | None,
                    base_fingerprint: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the weights (full: ``model/``; PEFT: ``peft/``), ``tokenizer/`` and ``generative_run.json``."""
-    from index.trie import tokenizer_info
     from core.peft import save_peft
+    from index.trie import tokenizer_info
 
     out = Path(out)
     if method == "full":

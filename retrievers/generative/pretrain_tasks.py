@@ -43,8 +43,6 @@ Everything is seeded per document (``seed`` + document id), so pairs do not depe
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import random
 import re
@@ -54,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import opt
 from core.corpus import Corpus, Document
 from core.errors import InputError, RagError
 
@@ -69,17 +68,17 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 
 @dataclass
 class PretrainConfig:
-    tasks: tuple[str, ...] = TASKS
-    min_words: int = 10                 # a paragraph / window must have MORE than this many words
-    max_random: int = 11                # ISS: random units sampled from units 2..n
-    anchor_weights: tuple[int, ...] = ANCHOR_WEIGHTS
-    hip_per_doc: int = 3
-    sentence_windows: str = "auto"      # auto | always | never
-    min_paragraphs: int = 3             # auto: fewer kept paragraphs -> sentence windows
-    match_titles: str = "auto"          # auto (only when no document has anchors) | always | never
-    all_anchor_targets: bool = False    # keep anchor targets that are not corpus titles
-    max_source_words: int | None = None  # cut sources to this many words (HIP: centred on the anchor)
-    seed: int = 0
+    tasks: tuple[str, ...] = opt(TASKS, "pre-training tasks, comma-separated: iss, lps, hip")
+    min_words: int = opt(10, "a paragraph / window must have MORE than this many words")
+    max_random: int = opt(11, "ISS: random units sampled from units 2..n")
+    anchor_weights: tuple[int, ...] = opt(ANCHOR_WEIGHTS, "weights of 0..4 anchor titles appended to ISS/LPS targets")
+    hip_per_doc: int = opt(3, "HIP: anchors used per document")
+    sentence_windows: str = opt("auto", "auto | always | never")
+    min_paragraphs: int = opt(3, "auto: fewer kept paragraphs -> sentence windows")
+    match_titles: str = opt("auto", "auto (only when no document has anchors) | always | never")
+    all_anchor_targets: bool = opt(False, "keep anchor targets that are not corpus titles")
+    max_source_words: int | None = opt(None, "cut sources to this many words (HIP: centred on the anchor)")
+    seed: int = opt(0, "seeds the sampling of units and anchors")
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -493,40 +492,3 @@ def finetune_pairs(path: str | Path, corpus: Corpus, require: bool = True) -> tu
         raise InputError(f"no usable examples: all {report.examples} were skipped because none of their gold "
                          f"pages is in the corpus", path)
     return pairs, report
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of iss,lps,hip")
-    parser.add_argument("--sentence-windows", default="auto", choices=["auto", "always", "never"],
-                        help="auto: documents with fewer than 3 kept paragraphs are split into sentence windows")
-    parser.add_argument("--match-titles", default="auto", choices=["auto", "always", "never"],
-                        help="anchors from exact title matches (auto: only when the corpus has no anchors)")
-    parser.add_argument("--all-anchor-targets", action="store_true",
-                        help="also use anchor titles that are not corpus titles as targets")
-    parser.add_argument("--max-source-words", type=int,
-                        help="cut sources to this many words (HIP: centred on the anchor)")
-    parser.add_argument("--hip-per-doc", type=int, default=3)
-
-
-def config_from_args(args: argparse.Namespace, seed: int = 0) -> PretrainConfig:
-    return PretrainConfig(tasks=parse_tasks(args.tasks), sentence_windows=args.sentence_windows,
-                          match_titles=args.match_titles, all_anchor_targets=bool(args.all_anchor_targets),
-                          max_source_words=args.max_source_words, hip_per_doc=args.hip_per_doc, seed=seed)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", required=True, help="corpus JSONL or a folder holding corpus.jsonl")
-    parser.add_argument("--out", required=True, type=Path, help="pairs JSONL (task, source, target, titles, doc_id)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit-docs", type=int, help="only the first N documents")
-    add_config_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    corpus = Corpus.load(args.corpus)
-    pairs, stats = build_pairs(corpus, config_from_args(args, args.seed), args.limit_docs)
-    n = write_pairs(args.out, pairs)
-    print(json.dumps({"out": str(args.out), "written": n, **stats.to_json()}, indent=2))
-    return 0

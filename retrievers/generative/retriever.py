@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ManifestMismatch
-from retrievers.base import Hit, register_index_kind
+from retrievers.base import Hit
 
 
 class GenerativeRetriever:
@@ -90,5 +90,3 @@ def open_generative(index_dir: str | Path, model: Any = None, beams: int | None 
     return GenerativeRetriever(net, tokenizer, trie, doc_ids, texts, beams=beams or 10, multi_title=multi_title,
                                batch_size=batch_size)
 
-
-register_index_kind("trie")(open_generative)

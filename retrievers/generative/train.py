@@ -23,8 +23,6 @@ the base reference in generative_run.json). `load_generative(RUN)` (model.py) re
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import random
 import time
@@ -33,42 +31,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.config import opt
 from core.errors import RagError
-from core.training.config import TrainConfig, add_train_flags, own_flags, train_overrides
+from core.peft import method_names
+from core.training.config import TrainConfig
 from retrievers.generative.model import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune")
-PEFT_CHOICES = ("full", "iaa", "adapter", "lora", "bitfit")
-METHOD_LR: dict[str, float] = {"full": 1e-4, "iaa": 1e-3, "adapter": 1e-3, "lora": 5e-4, "bitfit": 5e-4}
 EVAL_KS = (1, 5, 10)
 
 
 @dataclass
 class GenerativeTrainConfig(TrainConfig):
-    stage: str = "pretrain"
-    corpus: str = ""
-    train: str | None = None              # finetune: KILT JSONL
-    dev: str | None = None                # KILT JSONL evaluated with the trie
-    model: str = DEFAULT_MODEL            # base seq2seq model (ignored with init)
-    init: str | None = None               # a generative run folder to start from
-    peft: str = "full"
-    rank: int | None = None
-    tasks: str = "iss,lps,hip"
-    pairs: str | None = None              # pretrain: a pairs JSONL instead of building them
-    max_pairs: int = 0                    # pretrain: seeded random subset (0 = all)
-    sentence_windows: str = "auto"
-    match_titles: str = "auto"
-    all_anchor_targets: bool = False
-    max_source_words: int | None = None
-    hip_per_doc: int = 3
-    train_fraction: float = 1.0           # finetune: seeded fraction of the training questions
-    max_source_length: int = 128
-    max_target_length: int = 64
-    eval_beams: int = 10
-    dev_limit: int = 0                    # evaluate the first N usable dev questions (0 = all)
-    eval_batch_size: int = 8
+    stage: str = opt("pretrain", "pretrain (ISS/LPS/HIP pairs) or finetune (KILT questions)")
+    corpus: str = opt("", "corpus JSONL or folder (finetune: defaults to the --init run's corpus)")
+    train: str | None = opt(None, "finetune: KILT JSONL")
+    dev: str | None = opt(None, "KILT JSONL evaluated with the trie")
+    model: str = opt(DEFAULT_MODEL, "base seq2seq model (ignored with init)")
+    init: str | None = opt(None, "a generative run folder to start from")
+    peft: str = opt("full", "PEFT method (core/peft registry; prefix does not fit seq2seq models)")
+    rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)")
+    tasks: str = opt("iss,lps,hip", "pretrain: tasks, comma-separated (iss, lps, hip)")
+    pairs: str | None = opt(None, "pretrain: a pairs JSONL instead of building them")
+    max_pairs: int = opt(0, "pretrain: seeded random subset (0 = all)")
+    sentence_windows: str = opt("auto", "pretrain: sentence windows instead of paragraphs (auto | always | never)")
+    match_titles: str = opt("auto", "pretrain: anchors from exact title matches (auto | always | never)")
+    all_anchor_targets: bool = opt(False, "pretrain: keep anchor targets that are not corpus titles")
+    max_source_words: int | None = opt(None, "pretrain: cut sources to this many words")
+    hip_per_doc: int = opt(3, "pretrain: HIP anchors per document")
+    train_fraction: float = opt(1.0, "finetune: seeded fraction of the training questions")
+    max_source_length: int = opt(128, "source tokens")
+    max_target_length: int = opt(64, "target tokens")
+    eval_beams: int = opt(10, "beams for dev decoding")
+    dev_limit: int = opt(0, "evaluate the first N usable dev questions (0 = all)")
+    eval_batch_size: int = opt(8, "questions per dev decoding batch")
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -202,8 +200,13 @@ class GenerativeDevEvaluator:
 # ---------------------------------------------------------------------------------------------- data
 
 def training_pairs(config: GenerativeTrainConfig, corpus) -> tuple[list[Any], dict[str, Any]]:
-    from retrievers.generative.pretrain_tasks import (PretrainConfig, build_pairs, finetune_pairs, parse_tasks,
-                                                      read_pairs)
+    from retrievers.generative.pretrain_tasks import (
+        PretrainConfig,
+        build_pairs,
+        finetune_pairs,
+        parse_tasks,
+        read_pairs,
+    )
 
     if config.stage == "pretrain":
         tasks = parse_tasks(config.tasks)
@@ -247,8 +250,7 @@ def build_model(config: GenerativeTrainConfig):
     """(model ready to train, tokenizer, base reference, base fingerprint) seeded by config.seed."""
     from core.peft import apply_peft, peft_config
     from core.training.loop import seed_everything
-    from retrievers.generative.model import (base_reference, fingerprint, load_generative, load_run,
-                                             read_run_meta)
+    from retrievers.generative.model import base_reference, fingerprint, load_generative, load_run, read_run_meta
 
     overrides = {} if config.rank is None else {"rank": config.rank}
     peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before loading anything
@@ -287,9 +289,9 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
 
     if config.stage not in STAGES:
         raise RagError(f"--stage must be one of {', '.join(STAGES)}, not {config.stage!r}")
-    if config.peft not in PEFT_CHOICES:
+    if config.peft not in method_names(seq2seq=True):
         raise RagError(f"--peft {config.peft!r} is not supported for the generative retriever; choose one of "
-                       f"{', '.join(PEFT_CHOICES)}")
+                       f"{', '.join(method_names(seq2seq=True))}")
     if not config.corpus:
         raise RagError("--corpus is required (the titles the model learns to generate)")
     corpus = corpus or Corpus.load(config.corpus)
@@ -330,49 +332,21 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+def resolve_run_references(values: dict[str, Any]) -> dict[str, Any]:
+    """Options as given (flags or a config file) -> options that name runs and files by absolute path.
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from retrievers.generative.pretrain_tasks import add_config_arguments
-
-    parser.add_argument("--stage", required=True, choices=STAGES)
-    parser.add_argument("--corpus", help="corpus JSONL or folder (finetune: defaults to the --init run's corpus)")
-    parser.add_argument("--train", help="finetune: KILT JSONL (targets: gold titles joined with ' | ')")
-    parser.add_argument("--dev", help="KILT JSONL decoded under the corpus trie (Rprec, recall@5/10, queries/s)")
-    parser.add_argument("--model", help=f"base seq2seq model or run folder (default {DEFAULT_MODEL})")
-    parser.add_argument("--init", help="start from this generative run folder (e.g. a pretrain run)")
-    parser.add_argument("--peft", choices=PEFT_CHOICES,
-                        help="full | iaa | adapter | lora | bitfit (default: full; with --init, the run's method)")
-    parser.add_argument("--rank", type=int, help="bottleneck / LoRA rank (method default if unset)")
-    parser.add_argument("--pairs", help="pretrain: pairs JSONL from `rag data pretrain-pairs` (else built here)")
-    parser.add_argument("--max-pairs", type=int, help="pretrain: seeded random subset of the pairs (0 = all)")
-    parser.add_argument("--train-fraction", type=float, help="finetune: seeded fraction of the training questions")
-    parser.add_argument("--max-source-length", type=int, help="source tokens (default 128)")
-    parser.add_argument("--max-target-length", type=int, help="target tokens (default 64)")
-    parser.add_argument("--eval-beams", type=int, help="beams for dev decoding (default 10)")
-    parser.add_argument("--dev-limit", type=int, help="evaluate only the first N dev questions")
-    parser.add_argument("--eval-batch-size", type=int)
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    add_config_arguments(parser)
-    for action in parser._actions:  # pair-building flags: None = the config default
-        if action.dest in ("tasks", "sentence_windows", "match_titles", "hip_per_doc"):
-            action.default = None
-    add_train_flags(parser, GenerativeTrainConfig(lr=METHOD_LR["full"]))
-    parser._option_string_actions["--lr"].help = (
-        "peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()) + ")")
-
-
-def config_from_args(args: argparse.Namespace) -> GenerativeTrainConfig:
+    A generative run folder given as `model` starts from that run (`init`); with `init`, the method and
+    the corpus default to the run's own.
+    """
     from retrievers.generative.model import is_generative_run, read_run_meta
 
-    values = own_flags(GenerativeTrainConfig, args)
-    values["all_anchor_targets"] = bool(getattr(args, "all_anchor_targets", False))
+    values = dict(values)
     if values.get("model") and not values.get("init") and is_generative_run(values["model"]):
-        values["init"] = values.pop("model")  # a run folder given as --model starts from that run
+        values["init"] = values.pop("model")
     if values.get("init"):
         meta = read_run_meta(values["init"])
-        values.setdefault("peft", meta["peft"])
+        if not values.get("peft"):
+            values["peft"] = meta["peft"]
         if not values.get("corpus") and meta.get("corpus"):
             values["corpus"] = meta["corpus"]
         values.pop("model", None)
@@ -382,16 +356,4 @@ def config_from_args(args: argparse.Namespace) -> GenerativeTrainConfig:
     for key in ("corpus", "train", "dev", "pairs"):
         if values.get(key) and Path(values[key]).exists():
             values[key] = str(Path(values[key]).resolve())
-    overrides = train_overrides(args)
-    overrides.setdefault("lr", METHOD_LR.get(values.get("peft", "full"), 1e-4))
-    return GenerativeTrainConfig(**values, **overrides)
-
-
-def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    metrics = train_generative(config, args.out, resume=args.resume, overwrite=args.overwrite)
-    summary = {k: metrics.get(k) for k in ("stage", "peft", "trainable_params", "total_params", "trainable_fraction",
-                                           "train_pairs", "seconds_per_step", "peak_rss_mb", "dev")}
-    summary["final_loss"] = metrics.get("final_train", {}).get("loss")
-    print(json.dumps({"out": str(args.out), **summary}, indent=2))
-    return 0
+    return values

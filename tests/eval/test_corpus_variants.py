@@ -7,9 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from eval.corpus_variants import (DERIVE_MANIFEST, VARIANT_TRANSFORMS, derive, gold_doc_ids, new_domain, perturb,
-                                  resolve_part, split_sentences, subsample, topic_holdout)
 from core.errors import RagError
+from eval.corpus_variants import (
+    DERIVE_MANIFEST,
+    VARIANT_TRANSFORMS,
+    derive,
+    gold_doc_ids,
+    new_domain,
+    perturb,
+    resolve_part,
+    split_sentences,
+    subsample,
+    topic_holdout,
+)
 from tests.conftest import write_jsonl
 
 TOPICS = ["Geography", "Biology", "Technology", "History"]

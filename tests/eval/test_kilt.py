@@ -6,8 +6,8 @@ import json
 import pytest
 from rouge import Rouge
 
-from eval.kilt import evaluate_kilt, evaluate_kilt_files, format_kilt_table
 from core.errors import InputError
+from eval.kilt import evaluate_kilt, evaluate_kilt_files, format_kilt_table
 
 
 def page(wid, title=None, text=None):
@@ -244,3 +244,13 @@ def test_jsonl_files_and_table(tmp_path):
     guess_path.write_text(json.dumps(guesses[0]) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(InputError, match="line 2"):
         evaluate_kilt(guess_path, gold_path)
+
+
+def test_compact_table_keeps_headline_metrics_only():
+    result = {"n": 2, "retrieval": {"Rprec": 0.5, "precision@1": 0.5, "precision@5": 0.1, "recall@5": 1.0,
+                                    "success_rate@5": 1.0, "entity_in_input": 0.0, "answer_in_context@5": 0.5}}
+    compact = format_kilt_table(result, full=False)
+    full = format_kilt_table(result)
+    assert "retrieval/Rprec" in compact and "retrieval/recall@5" in compact and "retrieval/precision@1" in compact
+    assert "entity_in_input" not in compact and "answer_in_context" not in compact and "precision@5" not in compact
+    assert "entity_in_input" in full and "precision@5" in full

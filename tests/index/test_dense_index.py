@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from retrievers.dense_build import DenseBuildConfig, build_dense_index, shard_path, staging_dir
+from core.errors import InputError, ManifestMismatch, RagError
 from index.faiss_index import FaissIndex
 from index.manifest import read_manifest
-from core.errors import InputError, ManifestMismatch, RagError
 from retrievers import DenseRetriever, open_retriever
+from retrievers.dense_build import DenseBuildConfig, build_dense_index, shard_path, staging_dir
 from retrievers.encoders import DenseEncoder
 from tests.conftest import SMALL_DOCS, write_jsonl
 

@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from index.trie import TitleTrie, tokenizer_fingerprint  # noqa: E402
 from core.errors import InputError, ManifestMismatch, RagError  # noqa: E402
+from index.trie import TitleTrie, tokenizer_fingerprint  # noqa: E402
 
 CLS, SEP = 101, 102
 UNUSUAL = ["Zürich", "C++ (programming language)", "2001: A Space Odyssey", "AC/DC", "Beyoncé",

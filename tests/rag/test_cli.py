@@ -9,8 +9,9 @@ from rag.cli import main
 def test_bm25_and_dense_chain(small_corpus, small_queries, tmp_path, capsys):
     for kind in ("bm25", "dense"):
         index = tmp_path / kind
+        extra = ["--batch-size", "4"] if kind == "dense" else []
         assert main(["index", "build", "--corpus", str(small_corpus), "--out", str(index), "--kind", kind,
-                     "--batch-size", "4"]) == 0
+                     *extra]) == 0
         assert (index / "manifest.json").exists() and (index / "run.json").exists()
         guess, trec = tmp_path / f"{kind}.jsonl", tmp_path / f"{kind}.trec"
         assert main(["retrieve", "--index", str(index), "--queries", str(small_queries), "--k", "3",
@@ -44,3 +45,23 @@ def test_errors_are_one_clear_line(small_corpus, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["index", "build", "--corpus", str(small_corpus), "--out", str(tmp_path / "y"), "--kind", "nope"]) == 2
     assert "bm25" in capsys.readouterr().err
+
+
+def test_a_flag_of_another_index_kind_is_refused(small_corpus, tmp_path, capsys):
+    out = tmp_path / "bm25"
+    assert main(["index", "build", "--corpus", str(small_corpus), "--out", str(out), "--kind", "bm25",
+                 "--encoder", "minilm"]) == 2
+    assert "--kind bm25 does not take --encoder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_index_config_file_and_flags_layer(small_corpus, tmp_path):
+    import json
+
+    config = tmp_path / "bm25.yaml"
+    config.write_text("k1: 1.2\nwords_per_passage: 50\n", encoding="utf-8")
+    out = tmp_path / "bm25"
+    assert main(["index", "build", "--corpus", str(small_corpus), "--out", str(out), "--kind", "bm25",
+                 "--config", str(config), "--stride", "25"]) == 0
+    recorded = json.loads((out / "run.json").read_text())["config"]
+    assert recorded["k1"] == 1.2 and recorded["words_per_passage"] == 50 and recorded["stride"] == 25

@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from rag import swap as cs  # noqa: E402
 from core.errors import RagError  # noqa: E402
+from rag import swap as cs  # noqa: E402
 from tests.conftest import SMALL_DOCS, SMALL_QUERIES, write_jsonl  # noqa: E402
 
 
@@ -197,8 +197,8 @@ def test_shipped_configs_parse():
         assert config.models and config.corpora
 
 
-def test_counterfactual_from_rag_transforms_is_paired(tmp_path: Path):
-    pytest.importorskip("rag.transforms")
+def test_counterfactual_from_eval_transforms_is_paired(tmp_path: Path):
+    pytest.importorskip("eval.transforms")
     config = _config(tmp_path, models={"bm25": {"kind": "bm25"}}, corpora={
         "original": {"path": str(tmp_path / "data" / "original")},
         "counterfactual": {"derive": {"from": "original", "transform": "counterfactual"}, "baseline": "original"}})

@@ -3,9 +3,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, BartConfig, BartForConditionalGeneration, BertConfig, BertLMHeadModel,
-                          BertModel, EncoderDecoderModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          T5Config, T5ForConditionalGeneration)
+from transformers import (
+    AutoTokenizer,
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertLMHeadModel,
+    BertModel,
+    EncoderDecoderModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from transformers.utils import logging as hf_logging
 
 from readers.base import ReaderConfig, ReaderPassage

@@ -118,7 +118,7 @@ def test_cit_experiment_small(setup, tmp_path):
 
 def test_cit_experiment_cloze_topic_split(setup, tmp_path):
     """--train-on cloze-topics: trains on cloze questions of the train topics only; held-out topics stay unseen."""
-    from rag.transforms import occurs
+    from eval.transforms import occurs
     from retrievers.bm25 import build_bm25_index
     _, models = setup
     docs = [{"id": f"{topic[:3]}{i}", "title": f"{topic} item {i}", "domain": topic,

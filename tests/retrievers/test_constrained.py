@@ -12,8 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from index.trie import TitleTrie  # noqa: E402
 from core.errors import InputError  # noqa: E402
+from index.trie import TitleTrie  # noqa: E402
 from retrievers.generative.constrained import (  # noqa: E402
     TrieConstraint,
     decode_titles,
@@ -39,8 +39,15 @@ def tok():
 
 def tiny_models():
     """(name, model, decoder start id, eos id): untrained, MiniLM vocab ids, tiny hidden sizes."""
-    from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, EncoderDecoderConfig,
-                              EncoderDecoderModel, T5Config, T5ForConditionalGeneration)
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        EncoderDecoderConfig,
+        EncoderDecoderModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(BartConfig(
         vocab_size=30522, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rag.cli import main
 from core.corpus import Corpus
 from core.errors import InputError, RagError
+from rag.cli import main
 from retrievers.dense_train import DenseTrainConfig, build_model, fit_dense, load_dense_run, train_dense
 from retrievers.encoders import DenseEncoder, load_encoder
 from retrievers.training_pairs import dedupe_batch, mine_bm25_negatives, pseudo_query_pairs, question_pairs

@@ -22,8 +22,15 @@ def _minilm_tokenizer():
 
 def make_tiny_model(kind: str, folder: Path, tokenizer=None) -> Path:
     """A randomly initialised tiny seq2seq model over the MiniLM vocabulary, saved with the tokenizer."""
-    from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, EncoderDecoderConfig,
-                              EncoderDecoderModel, T5Config, T5ForConditionalGeneration)
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        EncoderDecoderConfig,
+        EncoderDecoderModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     tok = tokenizer or _minilm_tokenizer()
     vocab, cls, sep = len(tok), tok.cls_token_id, tok.sep_token_id
@@ -69,7 +76,7 @@ def _config(corpus, model, **kw):
 @pytest.mark.parametrize("kind", TINY)
 def test_tiny_models_train_and_retrieve_only_corpus_titles(kind, tiny, small_corpus, small_queries, tmp_path):
     from retrievers import open_retriever
-    from retrievers.generative.index import build_trie_index, TrieBuildConfig
+    from retrievers.generative.index import TrieBuildConfig, build_trie_index
     from retrievers.generative.train import train_generative
 
     run = tmp_path / "run"
@@ -101,8 +108,8 @@ def test_tiny_models_train_and_retrieve_only_corpus_titles(kind, tiny, small_cor
 
 def test_iaa_run_saves_only_adapters_and_reloads_exactly(tiny, small_corpus, tmp_path):
     from retrievers.generative.model import load_generative
-    from retrievers.generative.train import collate, TargetEncoder, train_generative
     from retrievers.generative.pretrain_tasks import Pair
+    from retrievers.generative.train import TargetEncoder, collate, train_generative
 
     run = tmp_path / "iaa"
     metrics = train_generative(_config(small_corpus, tiny["bert2bert"], peft="iaa", lr=1e-2), run)
@@ -160,7 +167,7 @@ def test_peft_run_refuses_a_different_base(tiny, small_corpus, tmp_path):
 
 def test_trie_tokenizer_mismatch_is_refused(tiny, small_corpus, tmp_path):
     from retrievers import open_retriever
-    from retrievers.generative.index import build_trie_index, TrieBuildConfig
+    from retrievers.generative.index import TrieBuildConfig, build_trie_index
 
     index = tmp_path / "trie"
     build_trie_index(small_corpus, index, TrieBuildConfig(model=str(tiny["bert2bert"])))
@@ -177,7 +184,7 @@ def test_trie_tokenizer_mismatch_is_refused(tiny, small_corpus, tmp_path):
 
 
 def test_duplicate_titles_are_reported_and_kept_once(tiny, tmp_path):
-    from retrievers.generative.index import build_trie_index, read_docs, TrieBuildConfig
+    from retrievers.generative.index import TrieBuildConfig, build_trie_index, read_docs
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"id": i, "title": t, "text": f"text {i}"}) + "\n"

@@ -6,8 +6,16 @@ import json
 import pytest
 
 from core.corpus import Corpus, Document
-from retrievers.generative.pretrain_tasks import (Pair, PretrainConfig, TitleMatcher, build_pairs, document_pairs,
-                                                  document_units, finetune_pairs, read_pairs)
+from retrievers.generative.pretrain_tasks import (
+    Pair,
+    PretrainConfig,
+    TitleMatcher,
+    build_pairs,
+    document_pairs,
+    document_units,
+    finetune_pairs,
+    read_pairs,
+)
 
 
 def para(tag: str, n: int = 12) -> str:

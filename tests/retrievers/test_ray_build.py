@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 import retrievers  # noqa: F401  (import order: retrievers before retrievers.dense_build)
-from retrievers.dense_build import DenseBuildConfig, build_dense_index, shard_path, shard_ranges, staging_dir
-from index.manifest import read_manifest
-from retrievers.ray_build import ray_encode_shards
 from core.errors import RagError
 from core.ray_runtime import make_temp_root
+from index.manifest import read_manifest
+from retrievers.dense_build import DenseBuildConfig, build_dense_index, shard_path, shard_ranges, staging_dir
 from retrievers.encoders import DenseEncoder
+from retrievers.ray_build import ray_encode_shards
 
 SHARD = 8
 DOCS = [{"id": f"d{i}", "title": f"Doc {i}", "text": f"passage number {i} about topic t{i % 7} with word w{i} "

@@ -6,8 +6,16 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
-from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertLMHeadModel, BertModel,
-                          EncoderDecoderModel, T5Config, T5ForConditionalGeneration)
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertLMHeadModel,
+    BertModel,
+    EncoderDecoderModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()

@@ -12,8 +12,16 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from core.peft import (PEFT_METHODS, apply_peft, count_parameters, find_layer_stacks, load_peft,
-                      peft_config, save_peft, trainable_state_dict)
+from core.peft import (
+    PEFT_METHODS,
+    apply_peft,
+    count_parameters,
+    find_layer_stacks,
+    load_peft,
+    peft_config,
+    save_peft,
+    trainable_state_dict,
+)
 from core.peft.iaa import ADAPTER_ATTR
 from tests.core.peft.conftest import BUILDERS, WIDTH, build_bert, build_bert2bert
 
@@ -94,7 +102,8 @@ def test_config_fields_aliases_and_validation():
         peft_config("bitfit", rank=2)
     with pytest.raises(ValueError, match="takes a IAAConfig"):
         apply_peft(build_bert(), "iaa", peft_config("adapter"))
-    for name, (config_cls, _) in PEFT_METHODS.items():
+    for name, method in PEFT_METHODS.items():
+        config_cls = method.config_cls
         assert all("help" in f.metadata for f in dataclasses.fields(config_cls)), name
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rag.data import enwiki, fanoutqa, foldoc, vital10k
-from rag.data.preparers import PREPARERS, locate_package_file, prepare
 from core.errors import RagError
 from core.io import read_jsonl
+from rag.data import enwiki, fanoutqa, foldoc, vital10k
+from rag.data.preparers import PREPARERS, locate_package_file, prepare
 
 TOPICS = {
     "Arts", "Biology and health sciences", "Everyday life", "Geography", "History", "Mathematics",

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
+from eval.transforms import TRANSFORMS, answer_type, apply_substitutions, counterfactual_substitute, substitution_map
 from rag.cli import main
-from rag.transforms import TRANSFORMS, answer_type, apply_substitutions, counterfactual_substitute, substitution_map
 from tests.conftest import write_jsonl
 
 CORPUS = [

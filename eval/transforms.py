@@ -1,6 +1,7 @@
 """Corpus transforms: derive a new corpus (and task data) from an existing one.
 
-`rag data derive --from CORPUS --transform NAME [--qa QA.jsonl] --out DIR` writes `DIR/corpus.jsonl`
+The one registry of transforms, row-level (`fn`: rows in, rows out) and file-level (`derive`: writes its
+own parts). `rag data derive --from CORPUS --transform NAME [--qa QA.jsonl] --out DIR` writes `DIR/corpus.jsonl`
 (plus `DIR/qa.jsonl` for transforms that rewrite task data), `DIR/stats.json` and `DIR/run.json`.
 A transform is added by writing one function and registering it in `TRANSFORMS`.
 
@@ -13,18 +14,15 @@ Transforms:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import random
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from core.errors import RagError
+from eval.corpus_variants import VARIANT_TRANSFORMS
 
 Rows = list[dict[str, Any]]
 
@@ -212,60 +210,6 @@ TRANSFORMS: dict[str, Transform] = {
 }
 
 
-def _register_file_level_variants() -> None:
-    """topic-holdout, new-domain, perturb, subsample live in eval/corpus_variants.py (file level)."""
-    from eval.corpus_variants import VARIANT_TRANSFORMS
-    for name, fn in VARIANT_TRANSFORMS.items():
-        TRANSFORMS.setdefault(name, Transform(None, (fn.__doc__ or name).strip().splitlines()[0], derive=fn))
-
-
-_register_file_level_variants()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source", required=True, type=Path, help="corpus folder or JSONL")
-    parser.add_argument("--transform", required=True, help=f"one of: {', '.join(TRANSFORMS)}")
-    parser.add_argument("--qa", type=Path, help="KILT task file (transforms that rewrite answers)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="transform option as YAML, e.g. held_out=[Geography,History] sample=2000 n_queries=200")
-
-
-def run(args: argparse.Namespace) -> int:
-    from core.corpus import resolve_corpus_path
-    from core.io import atomic_dir, read_jsonl, write_json, write_jsonl
-    from core.runinfo import RunRecord
-
-    if args.transform not in TRANSFORMS:
-        raise RagError(f"unknown transform {args.transform!r}; choose one of {', '.join(TRANSFORMS)}")
-    transform = TRANSFORMS[args.transform]
-    if transform.needs_qa and args.qa is None:
-        raise RagError(f"transform {args.transform!r} needs --qa QA.jsonl")
-    if transform.derive is not None:
-        import yaml
-
-        from eval.corpus_variants import describe
-        try:
-            options = {k.replace("-", "_"): yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
-        except ValueError:
-            raise RagError("--option takes KEY=VALUE") from None
-        print(describe(transform.derive(args.source, args.out, tasks=[args.qa] if args.qa else [],
-                                        seed=args.seed, overwrite=args.overwrite, **options)))
-        return 0
-    record = RunRecord(f"data derive {args.transform}", {k: (str(v) if isinstance(v, Path) else v)
-                                                        for k, v in vars(args).items()})
-    corpus_rows = read_jsonl(resolve_corpus_path(args.source))
-    qa_rows = read_jsonl(args.qa) if args.qa is not None else []
-    with record.timed("transform_s"):
-        new_corpus, new_qa, stats = transform.fn(corpus_rows, qa_rows, seed=args.seed)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        write_jsonl(tmp / "corpus.jsonl", new_corpus)
-        if new_qa is not None and args.qa is not None:
-            write_jsonl(tmp / "qa.jsonl", new_qa)
-        write_json(tmp / "stats.json", stats)
-        record.extra["stats"] = {k: v for k, v in stats.items() if k != "substitutions"}
-        record.write(tmp / "run.json")
-    print(json.dumps(record.extra["stats"], indent=2))
-    return 0
+# The file-level transforms (topic-holdout, new-domain, perturb, subsample) live in eval/corpus_variants.py.
+TRANSFORMS.update({name: Transform(None, (fn.__doc__ or name).strip().splitlines()[0], derive=fn)
+                   for name, fn in VARIANT_TRANSFORMS.items() if name not in TRANSFORMS})
