@@ -52,6 +52,17 @@ def _ensure_data(out: Path) -> tuple[Path, Path]:
 DEMO_KINDS = ("bm25", "dense")  # index kinds the demo builds and searches (no model training needed)
 
 
+def _shown(path: str | Path) -> str:
+    """A path as committed reports show it: relative to the repository or the working folder, never absolute."""
+    path = Path(path).resolve()
+    for base in (SWAP_DEMO.parent.parent, Path.cwd()):
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            continue
+    return path.name
+
+
 def _index_options(kind: str, config: DemoConfig) -> dict[str, Any]:
     return {"encoder": config.encoder, "faiss": config.faiss, "batch_size": config.batch_size} if kind == "dense" else {}
 
@@ -117,7 +128,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         with record.timed("swap_s"):
             swap_rows = run_swap(config.swap, out / "swap", workers=config.swap_workers)
         report += ("\n## Original vs swapped corpora\n\n"
-                   f"`rag eval corpus-swap --config {config.swap}` (tables, plots and results.jsonl in "
+                   f"`rag eval corpus-swap --config {_shown(config.swap)}` (tables, plots and results.jsonl in "
                    f"`{out / 'swap'}`).\n\n" + format_swap_table(swap_rows) + "\n")
     write_json(out / "metrics.json", {"dev_questions": len(queries), "results": results, "swap": swap_rows})
     with atomic_file(out / "report.md") as fh:

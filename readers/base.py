@@ -28,15 +28,12 @@ import numpy as np
 import torch
 
 from core.errors import RagError
+from readers.kinds import READER_KINDS
 
 log = logging.getLogger(__name__)
 
 READER_FILE = "reader.json"
 MODEL_WEIGHTS = "model.safetensors"
-# The one registry of reader kinds: kind -> "module:Class", imported only when used. A reader class names its
-# `default_model` and loads its base with `load_base(name) -> (model, tokenizer)`: adding a kind is one module
-# plus one line here.
-READER_KINDS: dict[str, str] = {"fid": "readers.fid:FiDReader", "causal": "readers.causal:CausalReader"}
 BASE_SEED = 0  # seeds random parts of a base model (bert2bert cross-attention) so a PEFT run can rebuild it
 
 

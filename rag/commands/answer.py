@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from core.runinfo import RunRecord, record_path_for
+from readers.kinds import READER_KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, type=Path, help="any index folder (bm25, dense, ...)")
     p.add_argument("--queries", required=True, type=Path, help="KILT JSONL (id, input)")
     p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL (answer + provenance used)")
-    p.add_argument("--kind", choices=["fid", "causal"], help="reader kind (default: from --model's run folder, else fid)")
+    p.add_argument("--kind", choices=list(READER_KINDS), help="reader kind (default: from --model's run folder, else fid)")
     p.add_argument("--model", help="a trained reader (run folder of `rag train reader`) or a base model "
                                    "(default: minilm-bert2bert for fid, gemma-3-270m for causal)")
     p.add_argument("--k", type=int, default=5, help="passages per question")

@@ -17,6 +17,7 @@ from typing import Any
 
 from core.errors import RagError
 from rag.flags import add_config_file_flag, add_config_flags, flag_values
+from readers.kinds import READER_KINDS
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,13 @@ TRAINERS: dict[str, dict[str, Trainer]] = {
                               summary=("stage", "peft", "trainable_params", "total_params", "trainable_fraction",
                                        "train_pairs", "seconds_per_step", "peak_rss_mb", "dev")),
     },
-    "reader": {
-        "fid": Trainer("Fusion-in-Decoder seq2seq reader (optionally with CIT: --cit-weight)",
-                       "readers.train:ReaderTrainConfig", "readers.train:train_reader", full_lr=1e-4,
-                       required=("index", "train"), fixed={"kind": "fid"},
-                       summary=("dev", "seconds_per_step", "peak_rss_mb", "trainable_params", "total_params",
-                                "trainable_fraction", "reader_stats")),
-        "causal": Trainer("decoder-only reader (Gemma-3-270M by default; optionally with CIT)",
-                          "readers.train:ReaderTrainConfig", "readers.train:train_reader", full_lr=1e-4,
-                          required=("index", "train"), fixed={"kind": "causal"},
-                          summary=("dev", "seconds_per_step", "peak_rss_mb", "trainable_params", "total_params",
-                                   "trainable_fraction", "reader_stats")),
-    },
+    # One entry per reader kind of readers/base.py READER_KINDS: a new reader kind trains with no edit here.
+    "reader": {kind: Trainer(f"{kind} reader ({ref.partition(':')[2]}), optionally with CIT (--cit-weight)",
+                             "readers.train:ReaderTrainConfig", "readers.train:train_reader", full_lr=1e-4,
+                             required=("index", "train"), fixed={"kind": kind},
+                             summary=("dev", "seconds_per_step", "peak_rss_mb", "trainable_params", "total_params",
+                                      "trainable_fraction", "reader_stats"))
+               for kind, ref in READER_KINDS.items()},
 }
 
 
