@@ -31,6 +31,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/python .ci/mypy_baseline.py
 	$(BIN)/python -m pytest tests
 
 # Style, import layers and types (mypy errors per file may only shrink: mypy-baseline.txt).
