@@ -46,6 +46,14 @@ TRAINERS: dict[str, dict[str, Trainer]] = {
                               summary=("stage", "peft", "trainable_params", "total_params", "trainable_fraction",
                                        "train_pairs", "seconds_per_step", "peak_rss_mb", "dev")),
     },
+    "reranker": {
+        "cross-encoder": Trainer("cross-encoder re-ranker (sentence-transformers CrossEncoderTrainer): BM25 hard "
+                                 "negatives, pointwise (bce) or listwise (listnet) loss, any PEFT method",
+                                 "retrievers.rerank:RerankerTrainConfig", "retrievers.rerank:train_reranker",
+                                 full_lr=2e-5, required=("corpus", "train"),
+                                 summary=("peft", "loss", "trainable_params", "examples", "seconds_per_step",
+                                          "train_loss", "dev_step0", "dev")),
+    },
     # One entry per reader kind of readers/base.py READER_KINDS: a new reader kind trains with no edit here.
     "reader": {kind: Trainer(f"{kind} reader ({ref.partition(':')[2]}), optionally with CIT (--cit-weight)",
                              "readers.train:ReaderTrainConfig", "readers.train:train_reader", full_lr=1e-4,
@@ -140,6 +148,8 @@ def _take_kind(rest: list[str]) -> tuple[str | None, list[str]]:
 def run(args: argparse.Namespace) -> int:
     what = args.train_what
     kind, rest = _take_kind(list(args.rest))
+    if kind is None and len(TRAINERS[what]) == 1 and rest and "-h" not in rest and "--help" not in rest:
+        kind = next(iter(TRAINERS[what]))  # one kind: --kind may be left out
     if kind is None:
         if not rest or "-h" in rest or "--help" in rest:
             print(_kinds_help(what))

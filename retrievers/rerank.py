@@ -1,0 +1,368 @@
+"""Re-ranking: a cross-encoder scores (question, passage) pairs of a first-stage run and reorders them.
+
+The model is a sentence-transformers `CrossEncoder` (any HF encoder id or folder; by default the packaged
+MiniLM with a new one-logit scoring head). Training (`rag train reranker`) runs on sentence-transformers'
+`CrossEncoderTrainer` with a pointwise loss (binary cross-entropy over the gold passage and BM25 hard
+negatives) or a listwise one (ListNet over the gold passage and its negatives as one list). Full tuning
+saves a plain CrossEncoder folder (`CrossEncoder(path)` loads it anywhere); a PEFT method (core/peft)
+saves its trained parameters in `peft/` on top of the named base, as the dense retriever does.
+
+Candidates are scored on `title: text` of the passage each hit carries (the provenance text of a KILT
+guess), so a run from any index kind can be re-ranked without reopening the index.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.config import opt
+from core.errors import InputError, RagError
+from core.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+RUN_META = "reranker_run.json"
+PEFT_DIR = "peft"
+HEAD_WEIGHTS = "head.safetensors"
+FORMAT_VERSION = 1
+LOSSES = ("bce", "listnet")
+
+
+@dataclass
+class RerankerTrainConfig(TrainConfig):
+    corpus: str = opt("", "corpus JSONL or a folder holding corpus.jsonl")
+    train: str = opt("", "KILT JSONL of training questions (gold pages in the corpus)")
+    dev: str | None = opt(None, "KILT JSONL: BM25 top --rerank-depth re-ranked before and after training (Rprec, recall@5, success@1, success@10)")
+    base: str = opt("minilm", "encoder to start from (alias, folder or hub id); a new scoring head is added")
+    peft: str = opt("full", "PEFT method (core/peft registry)")
+    rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)")
+    loss: str = opt("bce", "bce (pointwise: gold vs each negative) or listnet (listwise over gold + negatives)",
+                    choices=LOSSES)
+    bm25_index: str | None = opt(None, "BM25 index of the corpus for negatives and dev candidates (built if unset)")
+    negatives: int = opt(7, "BM25 hard negatives per question (non-gold pages of its top --negative-depth)")
+    negative_depth: int = opt(30, "BM25 depth the negatives are drawn from")
+    rerank_depth: int = opt(50, "dev evaluation: re-rank this many BM25 candidates")
+    max_length: int = opt(256, "tokens per (question, passage) pair")
+    words_per_passage: int = opt(100, "words of a page used as its passage")
+    eval_batch_size: int = opt(64, "pairs per scoring batch")
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def _resolve_base(name: str) -> str:
+    from core.models import resolve_model
+    return resolve_model(name)
+
+
+def load_base_cross_encoder(base: str, max_length: int = 256, device: str | None = None) -> Any:
+    """A CrossEncoder with one output logit; a bi-encoder checkpoint gets a new (seeded) scoring head."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "MISSING classifier" load report is expected
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            ce = CrossEncoder(_resolve_base(base), num_labels=1, max_length=max_length, device=device,
+                              trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)
+    return ce
+
+
+def is_reranker_run(path: str | Path) -> bool:
+    return (Path(path) / RUN_META).is_file()
+
+
+def load_reranker(spec: str | Path, device: str | None = None, max_length: int | None = None) -> Any:
+    """A trained re-ranker run folder, or any CrossEncoder folder / hub id (used as is)."""
+    from sentence_transformers import CrossEncoder
+
+    path = Path(spec)
+    if not is_reranker_run(path):
+        if path.exists() and not (path / "config.json").exists():
+            raise RagError(f"{path} is neither a re-ranker run ({RUN_META}) nor a CrossEncoder folder (config.json)")
+        return CrossEncoder(str(spec) if path.exists() else _resolve_base(str(spec)), device=device,
+                            max_length=max_length, trust_remote_code=False)
+    meta = json.loads((path / RUN_META).read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise RagError(f"{path / RUN_META}: unsupported format_version {meta.get('format_version')!r}")
+    if meta["peft"] == "full":
+        return CrossEncoder(str(path), device=device, max_length=max_length or meta["max_length"],
+                            trust_remote_code=False)
+    from safetensors.torch import load_file
+
+    from core.peft import load_peft
+
+    ce = load_base_cross_encoder(meta["base"], max_length or meta["max_length"], device)
+    ce[0].model = load_peft(ce[0].model, path / PEFT_DIR)  # the HF model inside the CrossEncoder's module
+    head = load_file(str(path / HEAD_WEIGHTS))
+    ce[0].model.load_state_dict(head, strict=False)
+    return ce
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def passage_of(hit: dict[str, Any]) -> str:
+    """`title: text` of a KILT provenance entry (what the cross-encoder reads)."""
+    title, text = str(hit.get("title") or ""), str(hit.get("text") or "")
+    return f"{title}: {text}" if title and text else (title or text)
+
+
+def score_pairs(ce: Any, queries: Sequence[str], passages: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    if not queries:
+        return np.zeros(0, dtype=np.float32)
+    scores = ce.predict(list(zip(queries, passages)), batch_size=batch_size, show_progress_bar=False,
+                        convert_to_numpy=True)
+    return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+
+def rerank(ce: Any, questions: Sequence[str], candidates: Sequence[Sequence[dict[str, Any]]], k: int | None = None,
+           batch_size: int = 64) -> list[list[dict[str, Any]]]:
+    """Each question's candidates (KILT provenance dicts) reordered by cross-encoder score, best first.
+
+    The score replaces the first-stage `score`; ties keep the first-stage order (a stable sort). `k` keeps
+    the best k after re-ranking (None: all).
+    """
+    if k is not None and k < 1:
+        raise RagError("--k must be at least 1")
+    flat_q = [q for q, cands in zip(questions, candidates) for _ in cands]
+    flat_p = [passage_of(c) for cands in candidates for c in cands]
+    scores = score_pairs(ce, flat_q, flat_p, batch_size)
+    out, start = [], 0
+    for cands in candidates:
+        part = scores[start:start + len(cands)]
+        start += len(cands)
+        order = sorted(range(len(cands)), key=lambda i: -float(part[i]))
+        ranked = [{**cands[i], "score": float(part[i])} for i in order]
+        out.append(ranked[:k] if k else ranked)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@dataclass
+class RerankExample:
+    question: str
+    gold_ids: tuple[str, ...]
+    positive: str
+    negatives: list[str]
+
+
+def _bm25_index(config: RerankerTrainConfig, out: Path) -> Path:
+    if config.bm25_index:
+        return Path(config.bm25_index)
+    from retrievers.bm25 import build_bm25_index
+    from retrievers.index_kinds import index_config
+
+    cache = out / "bm25-index"
+    if not (cache / "manifest.json").exists():
+        build_bm25_index(config.corpus, cache, index_config("bm25", {"words_per_passage": config.words_per_passage,
+                                                             "stride": min(80, config.words_per_passage)}),
+                         overwrite=True)
+    return cache
+
+
+def training_examples(config: RerankerTrainConfig, corpus: Any, bm25_dir: Path) -> tuple[list[RerankExample], dict]:
+    """Each training question with its gold page's passage and BM25 hard negatives (non-gold pages)."""
+    from retrievers.bm25 import BM25Retriever
+    from retrievers.training_pairs import document_text, question_pairs
+
+    pairs, report = question_pairs(config.train, corpus)
+    retriever = BM25Retriever(bm25_dir)
+    rng = np.random.default_rng(config.seed)
+    examples: list[RerankExample] = []
+    random_fill = 0
+    for start in range(0, len(pairs), 256):
+        chunk = pairs[start:start + 256]
+        for pair, hits in zip(chunk, retriever.retrieve([p.query for p in chunk], k=config.negative_depth)):
+            barred = set(pair.gold_ids) | {pair.positive_id}
+            negs = [h.doc_id for h in hits if h.doc_id not in barred and h.doc_id in corpus][:config.negatives]
+            ids = [d.id for d in corpus.documents]
+            while len(negs) < config.negatives and len(ids) > len(barred) + len(negs):
+                pick = ids[int(rng.integers(len(ids)))]
+                if pick not in barred and pick not in negs:
+                    negs.append(pick)
+                    random_fill += 1
+            examples.append(RerankExample(pair.query, pair.gold_ids,
+                                          document_text(pair.positive_id, corpus, config.words_per_passage),
+                                          [document_text(n, corpus, config.words_per_passage) for n in negs]))
+    return examples, {"train_file": report.to_json(), "examples": len(examples), "random_negatives": random_fill}
+
+
+def _dataset(examples: Sequence[RerankExample], loss: str) -> Any:
+    from datasets import Dataset
+
+    if loss == "listnet":
+        return Dataset.from_dict({"query": [e.question for e in examples],
+                                  "docs": [[e.positive, *e.negatives] for e in examples],
+                                  "labels": [[1.0] + [0.0] * len(e.negatives) for e in examples]})
+    rows: dict[str, list[Any]] = {"query": [], "passage": [], "label": []}
+    for e in examples:
+        for text, label in [(e.positive, 1.0), *((n, 0.0) for n in e.negatives)]:
+            rows["query"].append(e.question)
+            rows["passage"].append(text)
+            rows["label"].append(label)
+    return Dataset.from_dict(rows)
+
+
+def _loss(ce: Any, name: str) -> Any:
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, ListNetLoss
+
+    if name not in LOSSES:
+        raise RagError(f"--loss must be one of {', '.join(LOSSES)}, not {name!r}")
+    return ListNetLoss(ce) if name == "listnet" else BinaryCrossEntropyLoss(ce)
+
+
+def dev_candidates(config: RerankerTrainConfig, bm25_dir: Path) -> tuple[list[dict[str, Any]], list[list[dict]]]:
+    from core.tasks import load_queries
+    from retrievers.bm25 import BM25Retriever
+
+    queries = load_queries(config.dev)  # type: ignore[arg-type]
+    retriever = BM25Retriever(bm25_dir)
+    hits = retriever.retrieve([q.text for q in queries], k=config.rerank_depth)
+    rows = [{"id": q.id, "input": q.text} for q in queries]
+    return rows, [[h.provenance() for h in ranked] for ranked in hits]
+
+
+def evaluate_rerank(ce: Any, config: RerankerTrainConfig, dev_rows: list[dict[str, Any]],
+                    candidates: list[list[dict]]) -> dict[str, Any]:
+    """KILT Rprec and recall@5 plus MRR@10 of the re-ranked BM25 candidates (and of BM25 itself)."""
+    from eval.kilt import evaluate_kilt
+
+    ranked = rerank(ce, [r["input"] for r in dev_rows], candidates, batch_size=config.eval_batch_size)
+    result = {}
+    for name, lists in (("bm25", candidates), ("reranked", ranked)):
+        guesses = [{"id": r["id"], "output": [{"provenance": lst}]} for r, lst in zip(dev_rows, lists)]
+        scores = evaluate_kilt(guesses, config.dev, ks=(1, 5, 10))["retrieval"]
+        result[name] = {m: scores[m] for m in ("Rprec", "recall@5", "success_rate@1", "success_rate@10")
+                        if m in scores}
+    return result
+
+
+def _apply_method(ce: Any, config: RerankerTrainConfig) -> None:
+    if config.peft == "full":
+        return
+    from core.peft import apply_peft, peft_config
+
+    options = {"rank": config.rank} if config.rank is not None else {}
+    ce[0].model = apply_peft(ce[0].model, config.peft, peft_config(config.peft, **options))
+    for name, p in ce[0].model.named_parameters():
+        if name.startswith("classifier."):
+            p.requires_grad_(True)  # the new scoring head always trains
+
+
+def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Train a cross-encoder; the run folder is a CrossEncoder folder (full) or base + peft/ (PEFT)."""
+    import tempfile
+
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+
+    from core.corpus import Corpus
+    from core.io import atomic_dir, write_json
+    from core.peft import PEFT_METHODS
+
+    if not config.corpus or not config.train:
+        raise RagError("--corpus and --train are required")
+    if config.peft not in PEFT_METHODS:
+        raise RagError(f"unknown PEFT method {config.peft!r}; allowed: {sorted(PEFT_METHODS)}")
+    if config.loss not in LOSSES:
+        raise RagError(f"--loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
+    if resume:
+        raise RagError("rag train reranker has no --resume yet: rerun the (short) training")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise RagError(f"{out} exists; pass --overwrite to replace it")
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    corpus = Corpus.load(config.corpus)
+    with tempfile.TemporaryDirectory(prefix="rag-rerank-") as work:
+        bm25_dir = _bm25_index(config, Path(work)) if not config.bm25_index else Path(config.bm25_index)
+        examples, info = training_examples(config, corpus, bm25_dir)
+        ce = load_base_cross_encoder(config.base, config.max_length, config.device)
+        _apply_method(ce, config)
+        trainable = sum(p.numel() for p in ce.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in ce.model.parameters())
+        dev = dev_candidates(config, bm25_dir) if config.dev else None
+        metrics: dict[str, Any] = {"peft": config.peft, "loss": config.loss, "trainable_params": trainable,
+                                   "total_params": total, "trainable_fraction": trainable / total, **info}
+        if dev:
+            metrics["dev_step0"] = evaluate_rerank(ce, config, *dev)
+            logger.info("step 0 (untrained head): %s", json.dumps(metrics["dev_step0"]))
+        args = CrossEncoderTrainingArguments(
+            output_dir=str(Path(work) / "trainer"), max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+            max_grad_norm=config.grad_clip or 1e9, seed=config.seed, data_seed=config.seed,
+            logging_steps=max(1, config.log_every), save_strategy="no", report_to=[],
+            use_cpu=not torch.cuda.is_available() or config.device == "cpu", dataloader_drop_last=False,
+            disable_tqdm=False)
+        trainer = CrossEncoderTrainer(model=ce, args=args, train_dataset=_dataset(examples, config.loss),
+                                      loss=_loss(ce, config.loss))
+        train_start = time.perf_counter()
+        trainer.train()
+        metrics["seconds_per_step"] = (time.perf_counter() - train_start) / max(config.max_steps, 1)
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        metrics["train_loss"] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None}
+        if losses and not all(math.isfinite(x) for x in losses):
+            raise RagError("training diverged (non-finite loss); lower --lr")
+        if dev:
+            metrics["dev"] = evaluate_rerank(ce, config, *dev)
+            logger.info("end: %s", json.dumps(metrics["dev"]))
+        metrics["seconds"] = time.perf_counter() - start
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            meta = {"format_version": FORMAT_VERSION, "base": config.base, "peft": config.peft,
+                    "max_length": config.max_length}
+            if config.peft == "full":
+                ce.save_pretrained(str(tmp))
+            else:
+                from safetensors.torch import save_file
+
+                from core.peft import save_peft
+                head_params = [p for n, p in ce[0].model.named_parameters() if "classifier" in n.split(".")]
+                for p in head_params:  # the head is saved on its own (head.safetensors), not as a PEFT part
+                    p.requires_grad_(False)
+                save_peft(ce[0].model, tmp / PEFT_DIR, name=config.peft)
+                for p in head_params:
+                    p.requires_grad_(True)
+                head = {k: v.detach().contiguous() for k, v in ce[0].model.state_dict().items()
+                        if "classifier" in k.split(".")}
+                save_file(head, str(tmp / HEAD_WEIGHTS))
+            write_json(tmp / RUN_META, meta)
+            write_json(tmp / "rag_config.json", {k: getattr(config, k) for k in config.__dataclass_fields__})
+            write_json(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def read_guess_candidates(path: str | Path) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """KILT guesses -> (rows, each row's provenance list); a guess without passage text is an error."""
+    from core.io import iter_jsonl
+
+    rows, cands = [], []
+    for line, obj in iter_jsonl(path):
+        outputs = obj.get("output")
+        if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
+            raise InputError("expected output[0].provenance (a KILT guess from rag retrieve)", path, line, "output")
+        prov = outputs[0].get("provenance")
+        if not isinstance(prov, list) or not all(isinstance(p, dict) for p in prov):
+            raise InputError("expected a list of objects", path, line, "output[0].provenance")
+        if prov and not any(p.get("text") for p in prov):
+            raise InputError("the candidates carry no passage text to re-rank (write them with rag retrieve)",
+                             path, line, "output[0].provenance[].text")
+        rows.append(obj)
+        cands.append(prov)
+    if not rows:
+        raise InputError("no guesses", path)
+    return rows, cands
