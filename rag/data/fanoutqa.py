@@ -156,9 +156,16 @@ def prepare_fanoutqa(out_dir: Path, corpus_dir: str | Path | None = None, dev_fr
     examples: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "dev": []}
+    evidence_of: dict[str, dict[str, Any]] = {}  # top-level id -> {"docs": matched pages, "missing": n}
     for q in progress(questions, desc="fanoutqa"):
         for sub in iter_single_hop(q):
             counts["single_hop_with_evidence"] += 1
+            pages = evidence_of.setdefault(q["id"], {"docs": {}, "missing": 0})
+            matched, _ = titles.match(str(sub["evidence"].get("title", "")))
+            if matched is None:
+                pages["missing"] += 1
+            else:
+                pages["docs"][matched[0]] = matched[1]
             if sub["id"] in seen:
                 counts["duplicate_subquestions"] += 1
                 if sub["id"] in examples:
@@ -190,6 +197,17 @@ def prepare_fanoutqa(out_dir: Path, corpus_dir: str | Path | None = None, dev_fr
 
     for name, rows in splits.items():
         write_jsonl(out_dir / f"{name}.jsonl", rows)
+    # The shifted question set: dev top-level (multi-hop) questions with evidence pages in the corpus, each with
+    # every such page as gold (pages outside the corpus cannot be retrieved and are left out, counted in meta).
+    # Never trained on (the dev split), and a different question style from the single-hop training questions.
+    multihop = [{"id": q["id"], "input": q["question"],
+                 "output": [{"answer": answer_to_string(q.get("answer")) or "",
+                             "provenance": [{"wikipedia_id": d, "title": t}
+                                            for d, t in evidence_of[q["id"]]["docs"].items()]}],
+                 "meta": {"multi_hop": True, "evidence_pages": len(evidence_of[q["id"]]["docs"]),
+                          "evidence_not_in_corpus": evidence_of[q["id"]]["missing"]}}
+                for q in questions if is_dev[q["id"]] and q["id"] in evidence_of and evidence_of[q["id"]]["docs"]]
+    write_jsonl(out_dir / "dev_multihop.jsonl", multihop)
     top = {name: sorted({r["meta"]["top_level_id"] for r in rows}) for name, rows in splits.items()}
     stats = {
         "dataset": "fanoutqa",
@@ -209,6 +227,7 @@ def prepare_fanoutqa(out_dir: Path, corpus_dir: str | Path | None = None, dev_fr
         "dev": len(splits["dev"]),
         "train_top_level_with_examples": len(top["train"]),
         "dev_top_level_with_examples": len(top["dev"]),
+        "dev_multihop": len(multihop),
         "distinct_pages": len({r["output"][0]["provenance"][0]["wikipedia_id"]
                                for rows in splits.values() for r in rows}),
     }
