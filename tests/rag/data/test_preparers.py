@@ -355,3 +355,16 @@ def test_foldoc_real(tmp_path):
     for d in docs[:2000]:
         check_anchor_offsets(d)
         assert all(a["title"] in titles for a in d.get("anchors", ()))
+
+
+def test_fanoutqa_multihop_dev_set_has_every_evidence_page_in_the_corpus_as_gold(tmp_path):
+    corpus, src = _fanout_fixture(tmp_path)
+    fanoutqa.prepare_fanoutqa(tmp_path / "all-dev", corpus_dir=corpus, source=src, dev_fraction=1.0)
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "all-dev" / "dev_multihop.jsonl")}
+    assert set(rows) == {"T1", "T2"}
+    assert [p["wikipedia_id"] for p in rows["T1"]["output"][0]["provenance"]] == ["d1", "d2"]
+    # T2's "Missing page" is not in the corpus: counted, not gold; Baz counts although its answer is empty
+    assert [p["wikipedia_id"] for p in rows["T2"]["output"][0]["provenance"]] == ["d1", "d3"]
+    assert rows["T2"]["meta"]["evidence_not_in_corpus"] == 1
+    fanoutqa.prepare_fanoutqa(tmp_path / "no-dev", corpus_dir=corpus, source=src, dev_fraction=0.0)
+    assert read_jsonl(tmp_path / "no-dev" / "dev_multihop.jsonl") == []
