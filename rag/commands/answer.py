@@ -12,7 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("answer", help="answer KILT queries: retrieve, then read")
     p.add_argument("--index", required=True, type=Path, help="any index folder (bm25, dense, ...)")
     p.add_argument("--queries", required=True, type=Path, help="KILT JSONL (id, input)")
-    p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL (answer + provenance used)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="KILT guesses JSONL (answer + provenance used; never one of the inputs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (default: off: an existing file is refused)")
     p.add_argument("--kind", choices=list(READER_KINDS), help="reader kind (default: from --model's run folder, else fid)")
     p.add_argument("--model", help="a trained reader (run folder of `rag train reader`) or a base model "
                                    "(default: minilm-bert2bert for fid, gemma-3-270m for causal)")
@@ -26,6 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_answer(args: argparse.Namespace) -> int:
+    from core.io import output_lock
+    from rag.commands.retrieve import check_outputs
+
+    with output_lock(args.out):  # a second run writing the same --out fails at once
+        check_outputs(args)
+        return _answer(args)
+
+
+def _answer(args: argparse.Namespace) -> int:
     from core.io import write_jsonl
     from core.tasks import guess_rows, load_queries
     from readers.base import ReaderPassage, load_reader

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from core.errors import RagError
-from core.io import prepare_output_dir
+from core.io import atomic_dir
 from core.runinfo import RunRecord
 
 
@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("name", help="data set: vital10k | fanoutqa | foldoc | enwiki-mini")
     prep.add_argument("--out", required=True, type=Path, help="output folder (corpus.jsonl and/or task files)")
     prep.add_argument("--corpus", type=Path, help="corpus folder (fanoutqa: keep questions whose page is in it)")
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace an existing output folder that rag made (default: off)")
     prep.set_defaults(func=run_prepare)
     from rag.commands.plugins import DATA_VERBS
     for verb, module in DATA_VERBS.items():
@@ -37,12 +38,13 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     if args.name not in PREPARERS:
         raise RagError(f"unknown data set {args.name!r}; choose one of {', '.join(sorted(PREPARERS))}")
-    prepare_output_dir(args.out, args.overwrite)
     options = {"corpus_dir": args.corpus} if args.corpus is not None else {}
     record = RunRecord(f"data prepare {args.name}", {"name": args.name, "out": str(args.out), **options})
-    with record.timed("prepare_s"):
-        stats = PREPARERS[args.name](Path(args.out), **options)
-    record.extra["stats"] = stats
-    record.write(Path(args.out) / "run.json")
+    # Written in a folder beside --out and renamed into place when complete (an old --out stays whole until then).
+    with atomic_dir(args.out, args.overwrite, inputs={"--corpus": args.corpus}) as staging:
+        with record.timed("prepare_s"):
+            stats = PREPARERS[args.name](staging, **options)
+        record.extra["stats"] = stats
+        record.write(staging / "run.json")
     print(json.dumps(stats, indent=2, default=str))
     return 0

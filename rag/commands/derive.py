@@ -16,14 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qa", type=Path, help="KILT task file (transforms that rewrite answers)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seeds the transform's random choices")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder that rag made (default: off)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="transform option as YAML, e.g. held_out=[Geography,History] sample=2000 n_queries=200")
 
 
 def run(args: argparse.Namespace) -> int:
     from core.corpus import resolve_corpus_path
-    from core.io import atomic_dir, read_jsonl, write_json, write_jsonl
+    from core.io import atomic_dir, prepare_output_dir, read_jsonl, write_json, write_jsonl
     from core.runinfo import RunRecord
     from eval.transforms import TRANSFORMS
 
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     transform = TRANSFORMS[args.transform]
     if transform.needs_qa and args.qa is None:
         raise RagError(f"transform {args.transform!r} needs --qa QA.jsonl")
+    inputs = {"--from": args.source, "--qa": args.qa}
+    prepare_output_dir(args.out, args.overwrite, inputs=inputs)  # before any work: never over an input
     if transform.derive is not None:
         import yaml
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     qa_rows = read_jsonl(args.qa) if args.qa is not None else []
     with record.timed("transform_s"):
         new_corpus, new_qa, stats = transform.fn(corpus_rows, qa_rows, seed=args.seed)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
         write_jsonl(tmp / "corpus.jsonl", new_corpus)
         if new_qa is not None and args.qa is not None:
             write_jsonl(tmp / "qa.jsonl", new_qa)

@@ -14,8 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, type=Path, help="index folder from rag index build (any kind)")
     p.add_argument("--queries", required=True, type=Path, help="KILT JSONL (id, input)")
     p.add_argument("--k", type=int, default=100, help="documents per query")
-    p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL")
-    p.add_argument("--trec", type=Path, help="also write a TREC run file")
+    p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL (never one of the inputs)")
+    p.add_argument("--trec", type=Path, help="also write a TREC run file (default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing --out / --trec files (default: off: an existing file is refused)")
     p.add_argument("--encoder", help="dense: override the encoder (checked against the manifest)")
     p.add_argument("--batch-size", type=int, default=64, help="queries per search batch")
     p.add_argument("--nprobe", type=int, help="IVF indexes: lists to visit")
@@ -27,7 +29,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_retrieve)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that are inputs (or inside --index) or that exist without --overwrite."""
+    from core.errors import RagError
+    from core.io import check_output_file
+
+    inputs = {"--queries": args.queries, "--index": args.index}
+    if getattr(args, "model", None) and Path(args.model).exists():
+        inputs["--model"] = args.model
+    check_output_file(args.out, args.overwrite, inputs=inputs)
+    check_output_file(record_path_for(args.out), True, inputs=inputs, flag="the record of --out")
+    if getattr(args, "trec", None) is not None:
+        if Path(args.trec).resolve() == Path(args.out).resolve():
+            raise RagError(f"--trec {args.trec} is the --out file; give them different paths")
+        check_output_file(args.trec, args.overwrite, inputs=inputs, flag="--trec")
+
+
 def run_retrieve(args: argparse.Namespace) -> int:
+    from core.io import output_lock
+
+    with output_lock(args.out):  # a second run writing the same --out fails at once
+        check_outputs(args)
+        return _retrieve(args)
+
+
+def _retrieve(args: argparse.Namespace) -> int:
     from core.tasks import load_queries, write_guesses
     from eval.trec import write_trec
     from retrievers import open_retriever
