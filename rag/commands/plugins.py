@@ -15,6 +15,7 @@ EXPERIMENTS: dict[str, str] = {
     "peft-retrieval": "rag.experiments.peft_retrieval",
     "generative": "rag.experiments.generative",
     "cit": "rag.experiments.cit",
+    "rerank": "rag.experiments.rerank",
 }
 
 DATA_VERBS: dict[str, str] = {
