@@ -74,7 +74,12 @@ def gemma_path() -> str:
         model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_file.name, dtype=torch.float32,
                                                      **_dequantize_kwargs(gguf_file))
         _drop_quantizer(model)
-        with atomic_dir(target, overwrite=True) as staging:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+        try:
+            with atomic_dir(target, overwrite=True) as staging:
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+        except RagError:
+            if (target / "config.json").exists():  # another process finished the same conversion first
+                return str(target)
+            raise
     return str(target)

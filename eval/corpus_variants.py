@@ -200,6 +200,14 @@ def split_sentences(text: str) -> list[str]:
 
 # --------------------------------------------------------------------------- subsample
 
+def _inputs(corpus: str | Path, tasks: TaskArg) -> dict[str, Path]:
+    """The files a transform reads: never to be replaced by its output (core.io refuses them)."""
+    named = {"corpus": Path(corpus)}
+    for name, path in _task_map(tasks).items():
+        named[f"task {name}"] = Path(path)
+    return named
+
+
 def subsample(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None, seed: int = 0,
               sample: int = 2000, keep_gold: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """The tasks' gold documents plus `sample` other documents drawn at random (file order kept)."""
@@ -212,7 +220,7 @@ def subsample(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None,
     kept = [d for d in docs if d["id"] in gold or d["id"] in chosen]
     ids = {d["id"] for d in kept}
     options = {"sample": sample, "keep_gold": keep_gold, "seed": seed}
-    with atomic_dir(out_dir, overwrite) as staging:
+    with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, tasks)) as staging:
         part = _write_part(staging, ".", kept, rows)
         missing = {name: sum(not gold_doc_ids(r) <= ids for r in task_rows) for name, task_rows in rows.items()}
         stats = {"docs_in": len(docs), "docs_out": len(kept), "gold_docs": len(gold & ids),
@@ -277,7 +285,7 @@ def topic_holdout(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = N
         dropped[name] = counts
 
     options = {"held_out": out_topics, "fraction": fraction, "field": field, "seed": seed}
-    with atomic_dir(out_dir, overwrite) as staging:
+    with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, tasks)) as staging:
         parts = {}
         for part in ("held-in", "held-out"):
             part_docs = [d for d in docs if part_of[d["id"]] == part]
@@ -349,7 +357,7 @@ def new_domain(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None
         kept = [d for d in docs if d["id"] in gold or d["id"] in chosen]
     options = {"n_queries": n_queries, "min_words": min_words, "max_query_words": max_query_words,
                "max_docs": max_docs, "task_name": task_name, "mask": mask, "seed": seed}
-    with atomic_dir(out_dir, overwrite) as staging:
+    with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, None)) as staging:
         part = _write_part(staging, ".", kept, {task_name: rows}, pseudo=True,
                            note="pseudo-queries: masked definition sentences, not real questions")
         stats = {"docs_in": len(docs), "docs_out": len(kept), "candidates": len(candidates), "queries": len(rows),
@@ -401,7 +409,7 @@ def perturb(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None, s
         random.Random(seed).shuffle(out_docs)
     options = {"doc_order": doc_order, "paragraph_order": paragraph_order, "sentence_order": sentence_order,
                "regroup": regroup, "seed": seed}
-    with atomic_dir(out_dir, overwrite) as staging:
+    with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, tasks)) as staging:
         part = _write_part(staging, ".", out_docs, {})
         for name, path in named.items():  # ids kept: gold provenance stays valid as is
             shutil.copyfile(path, staging / f"{name}.jsonl")
@@ -444,7 +452,7 @@ def derive_from_rows(transform: str, fn: Callable[..., Any], corpus: str | Path,
             if name is None:
                 raise RagError(f"{transform}: returned a question {row.get('id')!r} that is in no task file")
             split[name].append(row)
-    with atomic_dir(out_dir, overwrite) as staging:
+    with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, tasks)) as staging:
         part = _write_part(staging, ".", new_corpus, split)
         write_json(staging / "stats.json", stats)
         short = {k: v for k, v in stats.items() if not (isinstance(v, (list, dict)) and len(v) > 50)}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, type=Path, help="corpus folder or JSONL")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--out", required=True, type=Path, help="KILT JSONL to write")
     parser.add_argument("--seed", type=int, default=0, help="seeds which sentence and span of a document are used")
     parser.add_argument("--per-doc", type=int, default=1, help="questions per document at most")
@@ -17,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.io import check_output_file
+
+    check_output_file(args.out, args.overwrite, inputs={"--corpus": args.corpus})
     from core.corpus import resolve_corpus_path
     from core.io import iter_jsonl, write_json, write_jsonl
     from readers.cloze import cloze_questions

@@ -12,12 +12,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from retrievers.generative.pretrain_tasks import PretrainConfig
 
     parser.add_argument("--corpus", required=True, help="corpus JSONL or a folder holding corpus.jsonl")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--out", required=True, type=Path, help="pairs JSONL (task, source, target, titles, doc_id)")
     parser.add_argument("--limit-docs", type=positive_int, help="only the first N documents (default: all)")
     add_config_flags(parser, PretrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.io import check_output_file
+
+    check_output_file(args.out, args.overwrite, inputs={"--corpus": args.corpus})
     from core.corpus import Corpus
     from retrievers.generative.pretrain_tasks import PretrainConfig, build_pairs, write_pairs
 
