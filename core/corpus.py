@@ -7,6 +7,8 @@ Reads the toolkit's own JSONL (`id`, `title`, `text`, optional `domain`, `anchor
 from __future__ import annotations
 
 import hashlib
+import json
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,21 +51,93 @@ class Passage:
         return f"{self.title}: {self.text}" if self.title else self.text
 
 
+ID_KEYS = ("id", "_id", "wikipedia_id")
+
+
+def clean_id(value: Any, path: str | Path | None = None, line: int | None = None, field: str = "id") -> str:
+    """An id as the toolkit compares it: a string or an integer, stripped; refused (InputError naming file,
+    line and field) when it is null, a float (1.0 and 1 would silently be two ids), a bool, an object, empty,
+    or holds a control character (a NUL byte, a newline) or a lone surrogate."""
+    if value is None:
+        raise InputError("missing (null)", path, line, field)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        kind = {float: "a number with a fraction or exponent", dict: "an object", list: "a list"}.get(
+            type(value), type(value).__name__)
+        raise InputError(f"an id must be a string or an integer, got {kind} ({json.dumps(value, default=repr)[:40]})",
+                         path, line, field)
+    text = str(value).strip()
+    if not text:
+        raise InputError("empty", path, line, field)
+    bad = next((ch for ch in text if unicodedata.category(ch) in ("Cc", "Cs")), None)
+    if bad is not None:
+        what = "a lone surrogate" if unicodedata.category(bad) == "Cs" else "a control character"
+        raise InputError(f"holds {what} (U+{ord(bad):04X}); ids must be printable text", path, line, field)
+    return text
+
+
+def check_unicode(obj: Any, path: str | Path | None, line: int | None, field: str | None = None) -> None:
+    """Refuse text that cannot be written back as UTF-8: a lone surrogate (JSON allows the escape "\\ud800",
+    Python reads it, and every writer fails on it later). Names the field (`anchors[2].text`)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    if isinstance(obj, str):
+        at = next(i for i, ch in enumerate(obj) if 0xD800 <= ord(ch) <= 0xDFFF)
+        raise InputError(f"invalid Unicode: a lone surrogate (U+{ord(obj[at]):04X}) at character {at}",
+                         path, line, field)
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        name = (f"{field}.{key}" if field else str(key)) if isinstance(obj, dict) else f"{field}[{key}]"
+        if isinstance(obj, dict) and isinstance(key, str):
+            check_unicode(key, path, line, name)
+        check_unicode(value, path, line, name)
+
+
 def _require_str(obj: dict, key: str, path: Path, line: int, allow_empty: bool = False) -> str:
     if key not in obj or obj[key] is None:
         raise InputError("missing", path, line, key)
     value = obj[key]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("id", "_id", "wikipedia_id"):
-        value = str(value)
+    if key in ID_KEYS:
+        return clean_id(value, path, line, key)
     if not isinstance(value, str):
         raise InputError(f"expected a string, got {type(value).__name__}", path, line, key)
     if not allow_empty and not value.strip():
         raise InputError("empty", path, line, key)
-    return value.strip() if key in ("id", "_id", "wikipedia_id") else value
+    return value
+
+
+ANCHOR_TEXT_KEYS = ("text", "title", "wikipedia_title", "href")
+ANCHOR_INT_KEYS = ("paragraph", "paragraph_id", "start", "end")
+
+
+def _anchors(obj: dict[str, Any], path: Path, line: int) -> tuple[dict[str, Any], ...]:
+    """`anchors`: a list of objects whose text fields are strings and positions non-negative integers."""
+    anchors = obj.get("anchors") or ()
+    if not isinstance(anchors, (list, tuple)):
+        raise InputError(f"expected a list, got {type(anchors).__name__}", path, line, "anchors")
+    for i, anchor in enumerate(anchors):
+        where = f"anchors[{i}]"
+        if not isinstance(anchor, dict):
+            raise InputError(f"expected an object ({{text, title, paragraph, start, end}}), got "
+                             f"{type(anchor).__name__}", path, line, where)
+        for key in ANCHOR_TEXT_KEYS:
+            if anchor.get(key) is not None and not isinstance(anchor[key], str):
+                raise InputError(f"expected a string, got {type(anchor[key]).__name__}", path, line, f"{where}.{key}")
+        for key in ANCHOR_INT_KEYS:
+            value = anchor.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InputError(f"expected a non-negative integer, got {json.dumps(value, default=repr)[:40]}", path, line,
+                                 f"{where}.{key}")
+        if "wikipedia_id" in anchor and anchor["wikipedia_id"] is not None:
+            clean_id(anchor["wikipedia_id"], path, line, f"{where}.wikipedia_id")
+    return tuple(anchors)
 
 
 def _parse_row(obj: dict[str, Any], path: Path, line: int) -> Document:
     """Detect the row's format by its keys and turn it into a Document."""
+    check_unicode(obj, path, line)
     if "wikipedia_id" in obj:  # KILT knowledge source
         doc_id = _require_str(obj, "wikipedia_id", path, line)
         title = _require_str(obj, "wikipedia_title", path, line)
@@ -76,7 +150,7 @@ def _parse_row(obj: dict[str, Any], path: Path, line: int) -> Document:
             body = body[1:]
         if not body:
             raise InputError("empty", path, line, "text")
-        return Document(doc_id, title, "\n\n".join(body), anchors=tuple(obj.get("anchors") or ()))
+        return Document(doc_id, title, "\n\n".join(body), anchors=_anchors(obj, path, line))
     if "contents" in obj and "text" not in obj:  # Pyserini
         doc_id = _require_str(obj, "id", path, line)
         contents = _require_str(obj, "contents", path, line)
@@ -90,12 +164,10 @@ def _parse_row(obj: dict[str, Any], path: Path, line: int) -> Document:
     domain = obj.get("domain")
     if domain is not None and not isinstance(domain, str):
         raise InputError("expected a string", path, line, "domain")
-    anchors = obj.get("anchors") or ()
-    if not isinstance(anchors, (list, tuple)):
-        raise InputError("expected a list", path, line, "anchors")
+    anchors = _anchors(obj, path, line)
     known = {"id", "_id", "title", "text", "domain", "anchors"}
     extra = {k: v for k, v in obj.items() if k not in known}
-    return Document(doc_id, title, text, domain, tuple(anchors), extra)
+    return Document(doc_id, title, text, domain, anchors, extra)
 
 
 def file_checksum(path: str | Path, algo: str = "sha256") -> str:

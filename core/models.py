@@ -38,7 +38,11 @@ DEFAULT_ENCODER = "minilm"
 
 
 def resolve_model(name_or_path: str | os.PathLike | None, default: str = DEFAULT_ENCODER) -> str:
-    """Return a local path for aliases and folders, or the hub id unchanged."""
+    """Return a local path for aliases and folders, or the hub id unchanged.
+
+    With the hub offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache: anything
+    else is a one-line RagError here, not a long OSError from transformers once loading has begun.
+    """
     name = str(name_or_path) if name_or_path else default
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]()
@@ -47,11 +51,60 @@ def resolve_model(name_or_path: str | os.PathLike | None, default: str = DEFAULT
         return str(path.resolve())
     if name.startswith((".", "/", "~")):
         raise RagError(f"model folder not found: {name}")
+    if hub_offline() and not in_hub_cache(name):
+        raise RagError(f"model {name!r} is not an alias ({', '.join(MODEL_ALIASES)}), not a local folder and not "
+                       "in the Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE=1)")
     return name
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return any(os.environ.get(var, "0") not in ("0", "", "false", "False")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a snapshot of `repo_id` (a config file of it, at least)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return True
+    for filename in ("config.json", "modules.json", "config_sentence_transformers.json"):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, filename), str):
+                return True
+        except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+            return False
+    return False
+
+
+def check_model(name: str | None) -> None:
+    """`check` rule of an encoder field (core/config.py): an alias, a folder, or a hub id that can be loaded."""
+    if name:
+        resolve_model(name)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a torch device this machine does not have (`cuda:7` with one GPU, `cuda` on a CPU build, a typo)
+    with one line, before any model is loaded. None means "pick one" and is always fine."""
+    if not device:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise RagError(f"device {device!r} is not a torch device (examples: cpu, cuda, cuda:0, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise RagError(f"device {device}: {why}; use cpu (or leave the device unset)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise RagError(f"device {device}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise RagError(f"device {device}: MPS is not available on this machine; use cpu")
 
 
 SEQ2SEQ_DEFAULT = "minilm-bert2bert"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.corpus import check_unicode, clean_id
 from core.errors import InputError
 from core.io import iter_jsonl, write_jsonl
 
@@ -18,14 +19,20 @@ class Query:
 
 
 def load_queries(path: str | Path) -> list[Query]:
-    """Read `id` and `input` from a KILT file (the outputs, if any, are the evaluator's business)."""
+    """Read `id` and `input` from a KILT file (the outputs, if any, are the evaluator's business).
+
+    Ids are strings or integers (core.corpus.clean_id); text that could not be written back (a lone
+    surrogate) is refused here, not when the guesses are written after the work.
+    """
+    check_input_file(path)
     queries, seen = [], set()
     for line, obj in iter_jsonl(path):
         if "id" not in obj:
             raise InputError("missing", path, line, "id")
         if not isinstance(obj.get("input"), str) or not obj["input"].strip():
             raise InputError("missing or empty", path, line, "input")
-        qid = str(obj["id"]).strip()
+        qid = clean_id(obj["id"], path, line, "id")
+        check_unicode(obj["input"], path, line, "input")
         if qid in seen:
             raise InputError(f"duplicate id {qid!r}", path, line, "id")
         seen.add(qid)
@@ -46,6 +53,15 @@ def guess_rows(queries: Sequence[Query], rankings: Sequence[Sequence[Any]],
             output["answer"] = answers[i]
         rows.append({"id": query.id, "input": query.text, "output": [output]})
     return rows
+
+
+def check_input_file(path: str | Path) -> None:
+    """A file to read: refuse a folder or a missing path with one line naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError("is a folder; expected a JSONL file", path)
+    if not path.exists():
+        raise InputError("file not found", path)
 
 
 def write_guesses(path: str | Path, queries: Sequence[Query], rankings: Sequence[Sequence[Any]],

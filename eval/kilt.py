@@ -6,9 +6,15 @@ ROUGE-L and the KILT-* scores gated on R-precision == 1). Quirks of the official
 on purpose, because results are only comparable to published KILT numbers if they are; each is
 marked "official:" below. Where the official script would crash (an assert, max() of an empty
 list, a division by zero in `rouge`) this module raises InputError or scores 0 instead.
+
+Where the official script would silently score 0.0 it refuses instead: an empty gold file, a gold file in
+which no row has provenance with the rank keys (unless only answers are scored), provenance that is not a
+list of objects, ids that are not strings or integers (null, 1.0, objects, NUL bytes), and a guess file
+given as the gold file (the arguments swapped).
 """
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import Counter
@@ -18,8 +24,11 @@ from typing import Any
 
 from rouge import Rouge
 
-from core.errors import InputError
+from core.corpus import clean_id
+from core.errors import InputError, RagError
 from core.io import iter_jsonl
+
+log = logging.getLogger(__name__)
 
 Record = Mapping[str, Any]
 Source = str | Path | Sequence[Record]
@@ -34,12 +43,14 @@ _PUNCT = frozenset(string.punctuation)
 class _Loaded:
     """Records of one source plus where each came from, so errors can name file and line."""
 
-    def __init__(self, source: Source, what: str) -> None:
+    def __init__(self, source: Source, what: str, keys: Sequence[str] = ("wikipedia_id",)) -> None:
         self.what = what
         self.path: Path | None = None
         self.lines: list[int | None] = []
         if isinstance(source, (str, Path)):
             self.path = Path(source)
+            if self.path.is_dir():
+                raise InputError(f"{what}: is a folder; expected a KILT JSONL file", self.path)
             self.records: list[Record] = []
             for lineno, obj in iter_jsonl(self.path):
                 self.records.append(obj)
@@ -52,9 +63,46 @@ class _Loaded:
                 self.error(i, f"expected a JSON object, got {type(rec).__name__}")
             if "id" not in rec:
                 self.error(i, "missing 'id'", field="id")
+            self.check_id(i, rec["id"], "id")
             out = rec.get("output", [])
             if not isinstance(out, list) or not all(isinstance(o, Mapping) for o in out):
                 self.error(i, "'output' must be a list of objects", field="output")
+            for j, output in enumerate(out):
+                self.check_provenance(i, j, output.get("provenance"), keys)
+
+    def check_id(self, i: int, value: Any, field: str) -> None:
+        try:
+            clean_id(value)
+        except InputError as exc:
+            self.error(i, str(exc), field=field)
+
+    def check_provenance(self, i: int, j: int, prov: Any, keys: Sequence[str]) -> None:
+        """Provenance is a list of objects whose rank-key values are ids (official: a string here would be
+        read letter by letter and score 0, a number would crash)."""
+        where = f"output[{j}].provenance"
+        if prov is None:
+            return
+        if not isinstance(prov, list):
+            self.error(i, f"expected a list of objects ({{wikipedia_id, title}}), got {type(prov).__name__}",
+                       field=where)
+        for m, page in enumerate(prov):
+            if not isinstance(page, Mapping):
+                self.error(i, f"expected an object ({{wikipedia_id, title}}), got {type(page).__name__}",
+                           field=f"{where}[{m}]")
+            for key in keys:
+                if key in page:
+                    self.check_id(i, page[key], f"{where}[{m}].{key}")
+
+    def looks_like_guesses(self) -> bool:
+        """What `rag retrieve` / `rag answer` write: one output per row, every provenance entry with a score
+        (gold files have none: KILT's own provenance carries `bleu_score`)."""
+        pages = [p for rec in self.records for o in _outputs(rec) for p in (_provenance(o) or [])]
+        return (bool(pages) and all(len(_outputs(rec)) == 1 for rec in self.records)
+                and all(isinstance(p.get("score"), (int, float)) and not isinstance(p.get("score"), bool)
+                        for p in pages))
+
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else f"the {self.what} records"
 
     def error(self, i: int, message: str, field: str | None = None) -> None:
         if self.path is None:
@@ -305,24 +353,32 @@ def evaluate_kilt(guesses: Source, gold: Source, ks: Iterable[int] = DEFAULT_KS,
     """
     ks_list, keys = _norm_ks(ks), _norm_rank_keys(rank_keys)
     gate_keys = _norm_rank_keys(kilt_rank_keys)
-    gold_src, guess_src = _Loaded(gold, "gold"), _Loaded(guesses, "guesses")
+    id_keys = tuple(dict.fromkeys((*keys, *gate_keys)))
+    gold_src, guess_src = _Loaded(gold, "gold", id_keys), _Loaded(guesses, "guesses", id_keys)
+    _check_roles(guess_src, gold_src)
+    if not gold_src.records:
+        raise InputError("gold: no records, nothing to evaluate", gold_src.path)
     gold_recs = gold_src.records
     guess_recs = _align(gold_src, guess_src)
     n = len(gold_recs)
+    with_answers = any(o.get("answer") is not None for g in guess_recs for o in _outputs(g))
+    usable = sum(1 for rec in gold_recs if any(_ids_per_output(_outputs(rec), keys)))
+    result: dict[str, Any] = {"n": n}
+    if usable == 0 and not with_answers:
+        raise InputError(f"gold: no row has provenance with {'+'.join(keys)}, so every retrieval metric would be "
+                         f"0; give a gold file with output[].provenance (the guesses are {guess_src.name()})",
+                         gold_src.path)
+    if usable == 0:
+        log.warning("%s: no gold row has provenance with %s: retrieval and KILT-* metrics are not reported, "
+                    "only answer metrics", gold_src.name(), "+".join(keys))
+    elif usable < n:
+        log.warning("%s: %d of %d gold rows have no provenance with %s; they count as misses in every "
+                    "retrieval metric (official KILT)", gold_src.name(), n - usable, n, "+".join(keys))
+    if usable:
+        result["retrieval"] = _retrieval_means(guess_recs, gold_recs, ks_list, keys)
 
-    retrieval: dict[str, float] = {"Rprec": 0.0, "entity_in_input": 0.0}
-    for k in ks_list:  # official key order
-        for name in ("precision", "answer_in_context", "answer_and_ent_in_context", "entity_in_context"):
-            retrieval[f"{name}@{k}"] = 0.0
-        if k > 1:
-            retrieval[f"recall@{k}"] = 0.0
-            retrieval[f"success_rate@{k}"] = 0.0
-    for guess, gold_rec in zip(guess_recs, gold_recs):
-        for name, value in _retrieval_scores(guess, gold_rec, ks_list, keys).items():
-            retrieval[name] += value
-    result: dict[str, Any] = {"n": n, "retrieval": _mean(retrieval, n)}
 
-    if any(o.get("answer") is not None for g in guess_recs for o in _outputs(g)):
+    if with_answers:
         down = {"accuracy": 0.0, "em": 0.0, "f1": 0.0, "rougel": 0.0}
         kilt = {"KILT-accuracy": 0.0, "KILT-em": 0.0, "KILT-f1": 0.0, "KILT-rougel": 0.0}
         for guess, gold_rec in zip(guess_recs, gold_recs):
@@ -336,8 +392,35 @@ def evaluate_kilt(guesses: Source, gold: Source, ks: Iterable[int] = DEFAULT_KS,
                 for name, value in local.items():
                     kilt[f"KILT-{name}"] += value
         result["downstream"] = _mean(down, n)
-        result["kilt"] = _mean(kilt, n)
+        if usable:
+            result["kilt"] = _mean(kilt, n)
     return result
+
+
+def _retrieval_means(guess_recs: Sequence[Record], gold_recs: Sequence[Record], ks_list: Sequence[int],
+                     keys: Sequence[str]) -> dict[str, float]:
+    retrieval: dict[str, float] = {"Rprec": 0.0, "entity_in_input": 0.0}
+    for k in ks_list:  # official key order
+        for name in ("precision", "answer_in_context", "answer_and_ent_in_context", "entity_in_context"):
+            retrieval[f"{name}@{k}"] = 0.0
+        if k > 1:
+            retrieval[f"recall@{k}"] = 0.0
+            retrieval[f"success_rate@{k}"] = 0.0
+    for guess, gold_rec in zip(guess_recs, gold_recs):
+        for name, value in _retrieval_scores(guess, gold_rec, ks_list, keys).items():
+            retrieval[name] += value
+    return _mean(retrieval, len(gold_recs))
+
+
+def _check_roles(guess: _Loaded, gold: _Loaded) -> None:
+    """Refuse a guess file given as the gold file (`rag eval kilt GOLD GUESS`), which would score near 0."""
+    if not gold.looks_like_guesses():
+        return
+    if not guess.looks_like_guesses():
+        raise RagError(f"the arguments look swapped: rag eval kilt GUESS GOLD ({gold.name()} holds guesses: one "
+                       f"output per row, provenance with scores; {guess.name()} looks like the gold file)")
+    raise RagError(f"{gold.name()} is given as the gold file but holds guesses (one output per row, provenance "
+                   "with scores, as rag retrieve and rag answer write): rag eval kilt GUESS GOLD")
 
 
 def _downstream_scores(guess: Record, gold: Record) -> dict[str, float] | None:

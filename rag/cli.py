@@ -47,12 +47,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except RagError as exc:
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"rag: error: {exc}", file=sys.stderr)
+        print("rag: error: interrupted", file=sys.stderr)
+        return 130
+    except (RagError, OSError, UnicodeError, RecursionError) as exc:
+        # A user's mistake (bad input, a path that is a folder, a file we may not read, text that is not
+        # valid Unicode, JSON nested too deeply) is one line, not a traceback; -v shows the traceback.
+        if args.verbose:
+            raise
+        print(f"rag: error: {error_line(exc)}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an exception the user can act on, naming the file where the exception has one."""
+    if isinstance(exc, RagError):
+        return str(exc)
+    if isinstance(exc, RecursionError):
+        return ("input nested too deeply to read (maximum recursion depth exceeded): is a JSON value nested "
+                "thousands of levels deep?")
+    if isinstance(exc, OSError) and exc.strerror:
+        # a rename names (source, destination): the destination is the user's path, the source a temp file
+        name = exc.filename2 if exc.filename2 is not None else exc.filename
+        text = f"{name}: {exc.strerror}" if name is not None else exc.strerror
+        return {PermissionError: f"{text} (no permission to read or write it)",
+                IsADirectoryError: f"{text} (a folder was given where a file is expected)",
+                NotADirectoryError: f"{text} (a file was given, or is on the path, where a folder is expected)",
+                FileExistsError: f"{text} (a file is in the way)"}.get(type(exc), text)
+    if isinstance(exc, UnicodeError):
+        return f"invalid Unicode: {' '.join(str(exc).split())}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

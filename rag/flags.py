@@ -1,8 +1,11 @@
 """The one way a typed config dataclass becomes command-line flags, and flags (plus `--config FILE`) a config.
 
 Every field of the dataclass becomes `--field-name`; its help text is the field's `metadata["help"]` with
-the default appended, and `metadata["choices"]` limits the values. Flags default to None ("not given"),
-so a config file can sit under them: `build_config(cls, file, flags)` merges file values, then flags.
+the default appended, and `metadata["choices"]` limits the values. A field's range (`min`, `max`, `gt`,
+`lt`, `finite`: see core/config.py) is enforced by the flag's type, so a value out of range is
+argparse's own one-line error (exit 2) before any work. Flags default to None ("not given"), so a config
+file can sit under them: `build_config(cls, file, flags)` merges file values, then flags, and holds the
+file's values to the same rules, plus the `check` and cross-field ones (a RagError).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from core.config import build_config, load_config_file
+from core.config import build_config, check_value, field_rules, load_config_file
 from core.errors import RagError
 
 
@@ -38,6 +41,19 @@ def _comma_list(item: Any) -> Any:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}") from None
     parse.__name__ = f"list of {item.__name__}"
+    return parse
+
+
+def _checked(kind: Any, rules: Mapping[str, Any]) -> Any:
+    """`kind` (int, float, str) as an argparse type that also enforces the field's rules."""
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
+        try:
+            check_value(value, rules)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -98,7 +114,10 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
-            options["type"] = kind
+            # ranges here (argparse's own error); `check` rules (device, model, PEFT method: they may import
+            # torch) and cross-field bounds are applied by build_config, before any work all the same
+            rules = {k: v for k, v in field_rules(cls, f.name).items() if k in ("min", "max", "gt", "lt", "finite")}
+            options["type"] = _checked(kind, rules) if rules and kind in (int, float, str) else kind
             options["metavar"] = (f.name.upper() if kind is str else
                                   "A,B,..." if kind.__name__.startswith("list") else kind.__name__.upper())
             if "choices" in f.metadata:
@@ -151,6 +170,12 @@ def document_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def add_config_file_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help=f"JSON/YAML file of {what} fields (snake_case keys); flags override it (default: none)")
+
+
+def number(kind: type, **rules: Any) -> Any:
+    """argparse type for a plain flag: `kind` (int or float) held to core/config.py rules, e.g.
+    `number(float, min=0, finite=True)`; a value out of range is argparse's one-line error."""
+    return _checked(kind, rules)
 
 
 def positive_int(text: str) -> int:

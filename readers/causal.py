@@ -29,14 +29,42 @@ def load_causal(name: str | None = None, trust_remote_code: bool = False) -> tup
     """(model, tokenizer): Gemma-3-270M by default (alias "gemma-3-270m"), or any HF causal LM id/path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from core.gemma import GEMMA_ALIAS, gemma_path
     from core.models import resolve_model
-    from readers.gemma import GEMMA_ALIAS, gemma_path
 
     name = name or GEMMA_ALIAS
     path = gemma_path() if name == GEMMA_ALIAS else resolve_model(name)
+    check_causal_lm(name, path, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
     return model, tokenizer
+
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "WithLMHead")
+
+
+def check_causal_lm(name: str, path: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before loading weights, a model that is not a causal LM: an encoder-decoder, or an encoder such as
+    a BERT sentence encoder, which AutoModelForCausalLM would load with a new, random LM head and bidirectional
+    attention (training "works" and the reader is useless). Judged from the config: its `architectures`, and
+    for encoder families (bert, roberta, ...) its `is_decoder` flag."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from core.errors import RagError
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    architectures = list(getattr(config, "architectures", None) or [])
+    shown = ", ".join(architectures) or config.model_type
+    advice = "the causal reader needs a decoder-only LM (default gemma-3-270m)"
+    if getattr(config, "is_encoder_decoder", False):
+        raise RagError(f"model {name}: an encoder-decoder ({shown}), not a causal LM; {advice}, "
+                       "or use --kind fid for seq2seq models")
+    if architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        raise RagError(f"model {name}: {shown} has no causal-LM head; {advice}")
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise RagError(f"model {name}: a {config.model_type} encoder ({shown}) without is_decoder, whose attention "
+                       f"sees the whole text; {advice}")
 
 
 class CausalReader(BaseReader):

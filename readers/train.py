@@ -35,14 +35,16 @@ class ReaderTrainConfig(TrainConfig):
     index: str = field(default="", metadata={"help": "index folder to retrieve passages from"})
     train: str = field(default="", metadata={"help": "KILT training questions"})
     dev: str | None = field(default=None, metadata={"help": "KILT dev questions (EM/F1 during training)"})
-    k: int = field(default=5, metadata={"help": "passages per question"})
-    peft: str = field(default="full", metadata={"help": "full | iaa | lora | ... (core.peft methods)"})
-    cit_weight: float = field(default=0.0, metadata={"help": "λ of the CIT term (0 = plain training)"})
-    cit_margin: float = field(default=0.0, metadata={"help": "m: ℓθ may fall to ℓ0 - m without penalty"})
-    max_passage_tokens: int = field(default=128, metadata={"help": "tokens per passage"})
-    max_answer_tokens: int = field(default=24, metadata={"help": "answer tokens"})
-    dev_limit: int = field(default=0, metadata={"help": "answer only the first N dev questions (0 = all)"})
-    eval_batch_size: int = field(default=16, metadata={"help": "questions per answering batch"})
+    k: int = field(default=5, metadata={"help": "passages per question", "min": 1})
+    peft: str = field(default="full", metadata={"help": "full | iaa | lora | ... (core.peft methods)", "check": "peft"})
+    cit_weight: float = field(default=0.0, metadata={"help": "λ of the CIT term (0 = plain training)", "min": 0,
+                                                      "finite": True})
+    cit_margin: float = field(default=0.0, metadata={"help": "m: ℓθ may fall to ℓ0 - m without penalty",
+                                                      "finite": True})
+    max_passage_tokens: int = field(default=128, metadata={"help": "tokens per passage", "min": 1})
+    max_answer_tokens: int = field(default=24, metadata={"help": "answer tokens", "min": 1})
+    dev_limit: int = field(default=0, metadata={"help": "answer only the first N dev questions (0 = all)", "min": 0})
+    eval_batch_size: int = field(default=16, metadata={"help": "questions per answering batch", "min": 1})
 
 
 @dataclass

@@ -25,12 +25,13 @@ from retrievers.base import Hit, aggregate_passages
 @dataclass
 class BM25Config:
     backend: str = opt("bm25s", "bm25s | pyserini")
-    k1: float = opt(0.9, "BM25 term-frequency saturation")
-    b: float = opt(0.4, "BM25 length normalisation")
+    k1: float = opt(0.9, "BM25 term-frequency saturation", min=0, finite=True)
+    b: float = opt(0.4, "BM25 length normalisation", min=0, max=1)
     stemmer: str = opt("english", "PyStemmer language ('' = none)")
     stopwords: str = opt("en", "stopword list ('' = none)")
-    words_per_passage: int = opt(100, "words per passage")
-    stride: int = opt(80, "words between passage starts (< words per passage: overlap)")
+    words_per_passage: int = opt(100, "words per passage", min=1)
+    stride: int = opt(80, "words between passage starts (< words per passage: overlap)", min=1,
+                      at_most="words_per_passage")
 
 
 class BM25Backend(Protocol):

@@ -35,19 +35,21 @@ PROGRESS_CHUNK = 1024  # passages per encode call within a shard (progress granu
 
 @dataclass
 class DenseBuildConfig:
-    encoder: str | None = opt(None, "alias, folder, hub id or run folder; None = packaged MiniLM")
+    encoder: str | None = opt(None, "alias, folder, hub id or run folder; None = packaged MiniLM", check="model")
     faiss: str = opt("Flat", "any Faiss index-factory string")
-    batch_size: int = opt(64, "passages per encode batch")
-    passage_precision: str = opt("float32", "'bfloat16': passages encoded by a bf16 copy (queries stay float32)")
+    batch_size: int = opt(64, "passages per encode batch", min=1)
+    passage_precision: str = opt("float32", "'bfloat16': passages encoded by a bf16 copy (queries stay float32)",
+                                 choices=PASSAGE_PRECISIONS)
     token_sort: bool = opt(False, "batch passages by token count (less padding)")
-    nprobe: int | None = opt(None, "IVF: lists searched by default (None: 16, recall@10 0.997 in bench_faiss)")
-    ef_search: int | None = opt(None, "HNSW: search depth by default (None: 128)")
-    shard_size: int = opt(8192, "passages per embedding shard (the unit of resume)")
-    words_per_passage: int = opt(100, "words per passage")
-    stride: int = opt(80, "words between passage starts (< words per passage: overlap)")
-    max_train_vectors: int = opt(262_144, "sample size for IVF/PQ training")
+    nprobe: int | None = opt(None, "IVF: lists searched by default (None: 16, recall@10 0.997 in bench_faiss)", min=1)
+    ef_search: int | None = opt(None, "HNSW: search depth by default (None: 128)", min=1)
+    shard_size: int = opt(8192, "passages per embedding shard (the unit of resume)", min=1)
+    words_per_passage: int = opt(100, "words per passage", min=1)
+    stride: int = opt(80, "words between passage starts (< words per passage: overlap)", min=1,
+                      at_most="words_per_passage")
+    max_train_vectors: int = opt(262_144, "sample size for IVF/PQ training", min=1)
     keep_embeddings: bool = opt(False, "keep the shards next to the index (e.g. to rebuild other indexes)")
-    device: str | None = opt(None, "torch device for encoding (auto: cuda if available)")
+    device: str | None = opt(None, "torch device for encoding (auto: cuda if available)", check="device")
 
 
 def staging_dir(out: Path) -> Path:

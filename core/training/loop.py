@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.errors import RagError
+from core.models import check_device
 from core.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state, unflatten_optimizer_state
 from core.training.config import TrainConfig
 from core.training.run import RunFolder
@@ -31,6 +33,8 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(device: str | None) -> torch.device:
+    """The asked device (refused with one line if this machine lacks it), or cuda when there is one, else cpu."""
+    check_device(device)
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -39,7 +43,7 @@ class EpochSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = True) -> None:
         if n == 0:
-            raise ValueError("no training examples")
+            raise RagError("no training examples (nothing to sample a batch from)")
         self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
         self.per_epoch = self.n // self.batch_size if drop_last else math.ceil(self.n / self.batch_size)
 
@@ -142,17 +146,24 @@ class TrainLoop:
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
             loss, logs = self.loss_fn(self.batch_for_step(step))
+            if not torch.isfinite(loss.detach()).all():
+                bar.close()
+                self._diverged(step + 1, f"the loss is {float(loss.detach())}", logs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if not torch.isfinite(norm):
+                    bar.close()
+                    self._diverged(step + 1, f"the gradient norm is {float(norm)}",
+                                   {"loss": float(loss.detach()), **logs})
             optimizer.step()
             scheduler.step()
             step_times.append(time.perf_counter() - t0)
             peak_rss = max(peak_rss, current_rss_mb())
             done = step + 1
             last_logs = {"loss": float(loss.detach()), **logs}
-            if done % cfg.log_every == 0 or done == cfg.max_steps or done == 1:
+            if (cfg.log_every and done % cfg.log_every == 0) or done == cfg.max_steps or done == 1:
                 self.run.log(done, "train", {**last_logs, "lr": scheduler.get_last_lr()[0]})
             bar.set_postfix(loss=f"{last_logs['loss']:.4f}")
             bar.update(1)
@@ -177,6 +188,16 @@ class TrainLoop:
         metrics["plots"] = [str(p) for p in self.run.plot()]
         self.run.write_metrics(metrics)
         return metrics
+
+    def _diverged(self, step: int, what: str, logs: dict[str, float]) -> None:
+        """Stop a run whose loss or gradients are no longer finite: no update is made with them, nothing is
+        saved over the checkpoints already written, no metrics.json claims a finished run."""
+        self.run.log(step, "train", {"loss": float("nan"), **logs})
+        last = self.run.latest_checkpoint()
+        kept = (f"the last checkpoint before it is kept at {last}" if last is not None
+                else "no checkpoint had been saved yet")
+        raise RagError(f"training diverged at step {step}: {what} (lr {self.config.lr:g}); the run is stopped, "
+                       f"{kept}. A lower --lr (or --grad-clip) usually helps")
 
     def _eval(self, step: int) -> dict[str, float]:
         self.model.eval()

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kilt = ev.add_parser("kilt", help="KILT retrieval, downstream and KILT-* scores")
     kilt.add_argument("guess", type=Path, help="KILT guesses JSONL (from rag retrieve or rag answer)")
     kilt.add_argument("gold", type=Path, help="KILT gold JSONL (id, input, output with provenance)")
-    kilt.add_argument("--ks", default="1,5,10,20,100", help="comma-separated cut-offs")
+    kilt.add_argument("--ks", type=cutoffs, default="1,5,10,20,100", metavar="K,K,...",
+                      help="comma-separated cut-offs, each an integer >= 1")
     kilt.add_argument("--rank-keys", default="wikipedia_id", choices=["wikipedia_id", "title"],
                       help="provenance field that identifies a page")
     kilt.add_argument("--json", action="store_true", help="print JSON (every metric) instead of a table")
@@ -24,6 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     swap.set_defaults(func=run_corpus_swap)
 
 
+def cutoffs(text: str) -> tuple[int, ...]:
+    """argparse type of --ks: comma-separated integers >= 1 ("1,5,10")."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        ks = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,5,10, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"cut-offs must be integers >= 1, got {text!r}")
+    return ks
+
+
 def run_corpus_swap(args: argparse.Namespace) -> int:
     from rag.swap.cli import run
     return run(args)
@@ -32,7 +45,6 @@ def run_corpus_swap(args: argparse.Namespace) -> int:
 def run_kilt(args: argparse.Namespace) -> int:
     from eval.kilt import evaluate_kilt, format_kilt_table
 
-    ks = tuple(int(k) for k in args.ks.split(",") if k.strip())
-    result = evaluate_kilt(args.guess, args.gold, ks=ks, rank_keys=(args.rank_keys,))
+    result = evaluate_kilt(args.guess, args.gold, ks=args.ks, rank_keys=(args.rank_keys,))
     print(json.dumps(result, indent=2) if args.json else format_kilt_table(result, full=args.full))
     return 0

@@ -11,7 +11,7 @@ from typing import Any
 from core.config import load_config_file
 from core.errors import RagError
 from core.runinfo import RunRecord
-from rag.flags import add_config_file_flag, add_config_flags, flag_values, positive_int
+from rag.flags import add_config_file_flag, add_config_flags, flag_values, number, positive_int
 from retrievers.index_kinds import INDEX_KINDS, build_index, config_class, index_config
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--address", help="with --ray: join this Ray cluster (host:6379 or auto); the output folder "
                      "must be on storage every node sees (default: a local Ray)")
     ray.add_argument("--workers", type=positive_int, help="with --ray: encoder actors (default: 2)")
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0,
+    ray.add_argument("--gpus-per-worker", type=number(float, min=0, finite=True), default=0.0,
                      help="with --ray: GPUs per actor (fractions share a GPU; > 0 encodes on cuda) (default: 0)")
     build.set_defaults(func=run_build)
 
