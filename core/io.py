@@ -40,6 +40,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 obj = json.loads(text)
+            except RecursionError:
+                raise InputError("JSON nested too deeply", path, lineno) from None
             except json.JSONDecodeError as exc:
                 raise InputError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, lineno) from None
             if not isinstance(obj, dict):

@@ -19,12 +19,17 @@ class Query:
 
 
 def load_queries(path: str | Path) -> list[Query]:
-    """Read `id` and `input` from a KILT file (the outputs, if any, are the evaluator's business).
+    """Read `id` and `input` from a KILT file (the outputs, if any, are the evaluator's business), or the
+    queries of a TREC topics TSV (`qid<TAB>text`) or a BEIR queries.jsonl (`_id`, `text`).
 
     Ids are strings or integers (core.corpus.clean_id); text that could not be written back (a lone
     surrogate) is refused here, not when the guesses are written after the work.
     """
     check_input_file(path)
+    from core.topics import load_topics, topics_format
+
+    if topics_format(path) != "kilt":  # TREC topics TSV or BEIR queries.jsonl
+        return [Query(qid, text) for qid, text in load_topics(path)]
     queries, seen = [], set()
     for line, obj in iter_jsonl(path):
         if "id" not in obj:

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from core.errors import InputError
-from core.tasks import Query
+
+Topic = tuple[str, str]  # (query id, query text)
 
 
 def _check(qid: str, text: str, seen: set[str], path: Path, line: int) -> None:
@@ -19,10 +20,10 @@ def _check(qid: str, text: str, seen: set[str], path: Path, line: int) -> None:
     seen.add(qid)
 
 
-def load_trec_topics(path: str | Path) -> list[Query]:
+def load_trec_topics(path: str | Path) -> list[Topic]:
     """`qid<TAB>text` per line (Pyserini's topics TSV)."""
     path = Path(path)
-    queries: list[Query] = []
+    queries: list[Topic] = []
     seen: set[str] = set()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -35,16 +36,16 @@ def load_trec_topics(path: str | Path) -> list[Query]:
         if not sep:
             raise InputError("expected `qid<TAB>query text`", path, line_no)
         _check(qid.strip(), text, seen, path, line_no)
-        queries.append(Query(qid.strip(), text.strip()))
+        queries.append((qid.strip(), text.strip()))
     return queries
 
 
-def load_beir_queries(path: str | Path) -> list[Query]:
+def load_beir_queries(path: str | Path) -> list[Topic]:
     """BEIR queries.jsonl: `{"_id": ..., "text": ...}` per line."""
     from core.io import iter_jsonl
 
     path = Path(path)
-    queries: list[Query] = []
+    queries: list[Topic] = []
     seen: set[str] = set()
     for line_no, obj in iter_jsonl(path):
         qid, text = obj.get("_id"), obj.get("text")
@@ -53,24 +54,30 @@ def load_beir_queries(path: str | Path) -> list[Query]:
         if not isinstance(text, str):
             raise InputError("missing or not a string", path, line_no, "text")
         _check(str(qid), text, seen, path, line_no)
-        queries.append(Query(str(qid), text.strip()))
+        queries.append((str(qid), text.strip()))
     return queries
 
 
-def load_topics(path: str | Path) -> list[Query]:
+def topics_format(path: str | Path) -> str:
+    """"kilt" (JSONL with `input`), "beir" (JSONL with `_id`) or "trec" (anything else: `qid<TAB>text`)."""
+    with open(path, "rb") as fh:
+        first = next((line for line in fh if line.strip()), b"")
+    if not first.lstrip().startswith(b"{"):
+        return "trec"
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return "kilt"  # let the strict KILT reader name the line
+    return "beir" if isinstance(obj, dict) and "_id" in obj and "input" not in obj else "kilt"
+
+
+def load_topics(path: str | Path) -> list[Topic]:
     """TREC topics TSV or BEIR queries.jsonl, told apart by the first non-blank line."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found" if not path.exists() else "not a file", path)
-    with open(path, "rb") as fh:
-        first = next((line for line in fh if line.strip()), b"")
-    if first.lstrip().startswith(b"{"):
-        try:
-            obj = json.loads(first)
-        except ValueError:
-            obj = {}
-        if isinstance(obj, dict) and "_id" in obj:
-            return load_beir_queries(path)
+    kind = topics_format(path)
+    if kind == "kilt":
         raise InputError("a JSONL file of queries here must be BEIR queries.jsonl (`_id`, `text`); "
                          "KILT files go to --queries", path, 1)
-    return load_trec_topics(path)
+    return load_beir_queries(path) if kind == "beir" else load_trec_topics(path)

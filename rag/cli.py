@@ -11,7 +11,7 @@ from core.errors import RagError
 from rag.flags import document_defaults
 
 COMMANDS = ["rag.commands.data", "rag.commands.index", "rag.commands.retrieve", "rag.commands.answer",
-            "rag.commands.eval", "rag.commands.train", "rag.commands.experiment", "rag.commands.demo", "rag.repro"]
+            "rag.commands.eval", "rag.commands.rerank", "rag.commands.train", "rag.commands.experiment", "rag.commands.demo", "rag.repro"]
 
 
 def build_parser() -> argparse.ArgumentParser:

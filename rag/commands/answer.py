@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from core.runinfo import RunRecord, record_path_for
+from rag.flags import positive_int
 from readers.kinds import READER_KINDS
 
 
@@ -19,19 +20,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=list(READER_KINDS), help="reader kind (default: from --model's run folder, else fid)")
     p.add_argument("--model", help="a trained reader (run folder of `rag train reader`) or a base model "
                                    "(default: minilm-bert2bert for fid, gemma-3-270m for causal)")
-    p.add_argument("--k", type=int, default=5, help="passages per question")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per reading batch")
-    p.add_argument("--max-passage-tokens", type=int, help="tokens per passage (default: the reader's)")
-    p.add_argument("--max-answer-tokens", type=int, help="longest answer generated")
-    p.add_argument("--num-beams", type=int, help="beam size (default 1: greedy)")
+    p.add_argument("--k", type=positive_int, default=5, help="passages per question")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="questions per reading batch")
+    p.add_argument("--max-passage-tokens", type=positive_int, help="tokens per passage (default: the reader's)")
+    p.add_argument("--max-answer-tokens", type=positive_int, help="longest answer generated")
+    p.add_argument("--num-beams", type=positive_int, help="beam size (default 1: greedy)")
     p.add_argument("--device", help="torch device")
     p.set_defaults(func=run_answer)
 
 
 def run_answer(args: argparse.Namespace) -> int:
     from core.io import output_lock
+    from core.models import check_device
     from rag.commands.retrieve import check_outputs
 
+    check_device(args.device)  # before any model loads
     with output_lock(args.out):  # a second run writing the same --out fails at once
         check_outputs(args)
         return _answer(args)

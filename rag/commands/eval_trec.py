@@ -32,7 +32,7 @@ def run_trec(args: argparse.Namespace) -> int:
     topics = None
     if args.topics is not None:
         from core.topics import load_topics
-        topics = {q.id: q.text for q in load_topics(args.topics)}
+        topics = dict(load_topics(args.topics))
     result = evaluate_run_files(args.run, args.qrels, metrics, ties=args.ties, topics=topics)
     if not args.per_query:
         result.pop("per_query")

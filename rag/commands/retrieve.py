@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from core.runinfo import RunRecord, record_path_for
+from rag.flags import positive_int
 from retrievers.base import retrieve_queries
 
 
@@ -13,19 +14,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrieve", help="retrieve documents for KILT queries")
     p.add_argument("--index", required=True, type=Path, help="index folder from rag index build (any kind)")
     p.add_argument("--queries", required=True, type=Path, help="KILT JSONL (id, input)")
-    p.add_argument("--k", type=int, default=100, help="documents per query")
+    p.add_argument("--k", type=positive_int, default=100, help="documents per query")
     p.add_argument("--out", required=True, type=Path, help="KILT guesses JSONL (never one of the inputs)")
     p.add_argument("--trec", type=Path, help="also write a TREC run file (default: none)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing --out / --trec files (default: off: an existing file is refused)")
     p.add_argument("--encoder", help="dense: override the encoder (checked against the manifest)")
-    p.add_argument("--batch-size", type=int, default=64, help="queries per search batch")
-    p.add_argument("--nprobe", type=int, help="IVF indexes: lists to visit")
-    p.add_argument("--ef-search", type=int, help="HNSW indexes: search breadth")
-    p.add_argument("--k-factor", type=int, help="...,RFlat indexes: exactly re-rank k * k_factor candidates")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="queries per search batch")
+    p.add_argument("--nprobe", type=positive_int, help="IVF indexes: lists to visit")
+    p.add_argument("--ef-search", type=positive_int, help="HNSW indexes: search breadth")
+    p.add_argument("--k-factor", type=positive_int, help="...,RFlat indexes: exactly re-rank k * k_factor candidates")
     p.add_argument("--gpu", action="store_true", help="search on a GPU when faiss-gpu is installed")
     p.add_argument("--model", help="generative: the seq2seq model or run folder that generates titles")
-    p.add_argument("--beams", type=int, default=10, help="generative: beams (every beam is a ranked candidate)")
+    p.add_argument("--beams", type=positive_int, default=10, help="generative: beams (every beam is a ranked candidate)")
     p.set_defaults(func=run_retrieve)
 
 

@@ -87,8 +87,11 @@ def test_unknown_metric(tmp_path):
 def test_topics_in_trec_and_beir_formats(tmp_path):
     trec = load_topics(_write(tmp_path, "topics.tsv", "301\tinternational organized crime\n302\tpolio\n"))
     beir = load_topics(_write(tmp_path, "queries.jsonl", '{"_id": "q1", "text": "what is bm25"}\n'))
-    assert [(q.id, q.text) for q in trec] == [("301", "international organized crime"), ("302", "polio")]
-    assert [(q.id, q.text) for q in beir] == [("q1", "what is bm25")]
+    assert trec == [("301", "international organized crime"), ("302", "polio")]
+    assert beir == [("q1", "what is bm25")]
+    from core.tasks import load_queries
+    assert [(q.id, q.text) for q in load_queries(tmp_path / "topics.tsv")][0] == ("301", "international organized crime")
+    assert [q.id for q in load_queries(tmp_path / "queries.jsonl")] == ["q1"]
     with pytest.raises(InputError, match="duplicate query id"):
         load_topics(_write(tmp_path, "dup.tsv", "1\ta\n1\tb\n"))
 
@@ -135,3 +138,17 @@ def test_random_runs_agree_with_the_definitions():
     refs = [_reference(sorted(run.get(q, {}), key=lambda d: -run[q][d]), qrels[q], 10, 10, 5) for q in qrels]
     for ours, ref in (("ndcg@10", "ndcg"), ("mrr@10", "rr"), ("map", "ap"), ("recall@5", "recall")):
         assert result[ours] == pytest.approx(sum(r[ref] for r in refs) / len(refs), abs=1e-9), ours
+
+
+def test_rag_eval_trec_json_has_the_standard_metrics(tmp_path, capsys):
+    import json
+
+    from rag.cli import main
+
+    assert main(["eval", "trec", str(_write(tmp_path, "run", RUN)), str(_write(tmp_path, "qrels", QRELS)),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"ndcg@10", "mrr@10", "map", "recall@100", "n"} <= set(out) and out["n"] == 3
+    assert out["mrr@10"] == pytest.approx(0.5)
+    assert main(["eval", "trec", str(_write(tmp_path, "bad", "q1 Q0 a 1\n")), str(tmp_path / "qrels")]) == 2
+    assert "expected 6 columns" in capsys.readouterr().err
