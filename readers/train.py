@@ -122,8 +122,13 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
 
     if not cfg.index or not cfg.train:
         raise RagError("rag train reader needs --index and --train")
-    if cfg.cit_weight < 0:
-        raise RagError("--cit-weight must be >= 0")
+    from core.io import read_jsonl
+
+    if not any(_answers(row) for row in read_jsonl(cfg.train)):
+        raise RagError(f"{cfg.train}: no question has an answer to train on")
+    # The model is loaded (and refused if it is the wrong kind) before the run folder is written.
+    reader_cfg = ReaderConfig(max_passage_tokens=cfg.max_passage_tokens, max_answer_tokens=cfg.max_answer_tokens)
+    reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=cfg.device)
     run = RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite)
     cache_dir = run.path / RETRIEVAL_DIR
     train_set, retriever = retrieve_cached(cache_dir, "train", cfg.train, cfg.index, cfg.k, retriever)
@@ -135,8 +140,6 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
         dev_set, retriever = retrieve_cached(cache_dir, "dev", cfg.dev, cfg.index, cfg.k, retriever)
         if cfg.dev_limit:
             dev_set = dev_set[:cfg.dev_limit]
-    reader_cfg = ReaderConfig(max_passage_tokens=cfg.max_passage_tokens, max_answer_tokens=cfg.max_answer_tokens)
-    reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=cfg.device)
     reference = ReferenceNLL(reader, run.path / REFERENCE_FILE)  # frozen copy of the initial reader
     if cfg.peft != "full":
         from core.peft import apply_peft
