@@ -41,18 +41,19 @@ class RerankerTrainConfig(TrainConfig):
     corpus: str = opt("", "corpus JSONL or a folder holding corpus.jsonl")
     train: str = opt("", "KILT JSONL of training questions (gold pages in the corpus)")
     dev: str | None = opt(None, "KILT JSONL: BM25 top --rerank-depth re-ranked before and after training (Rprec, recall@5, success@1, success@10)")
-    base: str = opt("minilm", "encoder to start from (alias, folder or hub id); a new scoring head is added")
-    peft: str = opt("full", "PEFT method (core/peft registry)")
-    rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)")
+    base: str = opt("minilm", "encoder to start from (alias, folder or hub id); a new scoring head is added",
+                    check="model")
+    peft: str = opt("full", "PEFT method (core/peft registry)", check="peft")
+    rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)", min=1)
     loss: str = opt("bce", "bce (pointwise: gold vs each negative) or listnet (listwise over gold + negatives)",
                     choices=LOSSES)
     bm25_index: str | None = opt(None, "BM25 index of the corpus for negatives and dev candidates (built if unset)")
-    negatives: int = opt(7, "BM25 hard negatives per question (non-gold pages of its top --negative-depth)")
-    negative_depth: int = opt(30, "BM25 depth the negatives are drawn from")
-    rerank_depth: int = opt(50, "dev evaluation: re-rank this many BM25 candidates")
-    max_length: int = opt(256, "tokens per (question, passage) pair")
-    words_per_passage: int = opt(100, "words of a page used as its passage")
-    eval_batch_size: int = opt(64, "pairs per scoring batch")
+    negatives: int = opt(7, "BM25 hard negatives per question (non-gold pages of its top --negative-depth)", min=1)
+    negative_depth: int = opt(30, "BM25 depth the negatives are drawn from", min=1)
+    rerank_depth: int = opt(50, "dev evaluation: re-rank this many BM25 candidates", min=1)
+    max_length: int = opt(256, "tokens per (question, passage) pair", min=8)
+    words_per_passage: int = opt(100, "words of a page used as its passage", min=1)
+    eval_batch_size: int = opt(64, "pairs per scoring batch", min=1)
 
 
 # ---------------------------------------------------------------------------------------------- models
