@@ -15,7 +15,7 @@ paragraph is collapsed, and links keep their text without braces; links to entri
 
 Files are looked for in `source_dir` (the two files, or an unpacked package), else in the cache
 `${RAG_HOME:-~/.cache/rag}/raw/foldoc`, else fetched with `apt-get download dict-foldoc` and
-unpacked with `dpkg-deb -x` into the cache.
+unpacked with `dpkg-deb -x` (in a private temporary folder, removed afterwards) into the cache.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import gzip
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections import Counter
@@ -298,17 +299,48 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
         raise RagError(f"`{' '.join(cmd)}` timed out after {timeout}s") from None
 
 
+def _private_dir() -> Path:
+    """A fresh folder only this user can enter or write (mkdtemp: mode 0700, owned by us); checked, not assumed."""
+    folder = Path(tempfile.mkdtemp(prefix="rag-foldoc-"))
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o077 or (hasattr(os, "geteuid") and info.st_uid != os.geteuid()):
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RagError(f"{folder}: the temporary download folder is not private; not fetching {PACKAGE}")
+    return folder
+
+
+def _downloaded_deb(folder: Path, before: set[str]) -> Path:
+    """The `dict-foldoc_*.deb` apt-get just wrote into our private folder: a regular file (not a link) that was
+    not there before the download; the newest by mtime if apt left more than one."""
+    candidates = []
+    for path in folder.glob(f"{PACKAGE}_*.deb"):
+        info = os.lstat(path)
+        if path.name not in before and stat.S_ISREG(info.st_mode):
+            candidates.append((info.st_mtime_ns, path.name, path))
+    if not candidates:
+        raise RagError(f"`apt-get download {PACKAGE}` left no {PACKAGE}_*.deb in {folder}")
+    return max(candidates)[2]
+
+
 def fetch_with_apt(dest: Path) -> dict[str, Any]:
-    """apt-get download + dpkg-deb -x into a temp folder; copy the two files into `dest`."""
+    """apt-get download + dpkg-deb -x in a private temporary folder (0700, removed afterwards); copy the two
+    files into `dest`.
+
+    apt-get download needs no root: it runs as the current user into the private folder. As root, apt's
+    sandbox user `_apt` cannot enter that folder, so apt downloads unsandboxed (as root) with a warning,
+    which is what a root download into a folder nobody else may write means; the folder is never opened to
+    other users. Only when the download fails and we are root is `apt-get update` tried (the package lists
+    need root); then the download once more.
+    """
     missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
     if missing:
         raise RagError(f"foldoc is optional; fetching it needs {' and '.join(missing)} (Debian/Ubuntu). "
                        f"Elsewhere, unpack the Debian package {PACKAGE} yourself and pass its folder "
                        f"as source_dir (it needs {INDEX_NAME} and {DICT_NAMES[0]}).")
-    with tempfile.TemporaryDirectory(prefix="rag-foldoc-") as tmp:
-        tmp_path = Path(tmp)
-        os.chmod(tmp_path, 0o777)  # lets apt's unprivileged _apt user write the download
+    tmp_path = _private_dir()
+    try:
         download = ["apt-get", "download", PACKAGE]
+        before = {p.name for p in tmp_path.iterdir()}
         result = _run(download, tmp_path)
         updated = False
         if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -319,23 +351,24 @@ def fetch_with_apt(dest: Path) -> dict[str, Any]:
             raise RagError(f"foldoc is optional; `apt-get download {PACKAGE}` failed"
                            f"{'' if updated else ' (and apt-get update was not possible or failed)'}: "
                            f"{result.stderr.strip()[-500:]}")
-        debs = sorted(tmp_path.glob(f"{PACKAGE}_*.deb"))
-        if not debs:
-            raise RagError(f"`apt-get download {PACKAGE}` left no .deb in {tmp_path}")
-        unpack = _run(["dpkg-deb", "-x", str(debs[0]), str(tmp_path / "root")], tmp_path)
+        deb = _downloaded_deb(tmp_path, before)
+        root = tmp_path / "root"
+        unpack = _run(["dpkg-deb", "-x", str(deb), str(root)], tmp_path)
         if unpack.returncode != 0:
-            raise RagError(f"dpkg-deb -x {debs[0].name} failed: {unpack.stderr.strip()[-500:]}")
-        found = find_files(tmp_path / "root")
+            raise RagError(f"dpkg-deb -x {deb.name} failed: {unpack.stderr.strip()[-500:]}")
+        found = find_files(root)
         if found is None:
-            raise RagError(f"{debs[0].name} has no {PACKAGE_DIR}/{INDEX_NAME}")
+            raise RagError(f"{deb.name} has no {PACKAGE_DIR}/{INDEX_NAME}")
         dest.mkdir(parents=True, exist_ok=True)
         for src in found:  # copy beside, then rename: the cache never holds half a file
             tmp_copy = dest / f".{src.name}.tmp"
             shutil.copyfile(src, tmp_copy)
             os.replace(tmp_copy, dest / src.name)
-        info = {"package": debs[0].name, "apt_update": updated}
+        info = {"package": deb.name, "package_sha256": file_sha256(deb), "apt_update": updated}
         write_json(dest / SOURCE_INFO, info)
         return info
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def locate_sources(source_dir: str | Path | None) -> tuple[Path, Path, dict[str, Any]]:

@@ -13,8 +13,9 @@ or run folders, generative retrievers, readers). The matrix is model x evaluated
    has some), retried `max_retries` times on any exception or worker loss, then reported failed; the
    others carry on;
 4. the driver appends each cell's row to OUT/results.jsonl as soon as the cell finishes (one O_APPEND
-   write per row, fsynced); a rerun skips cells whose latest row is `ok` for the same spec (model, corpus
-   and task checksums, k), so an interrupted or partly failed run resumes;
+   write per row, fsynced); a rerun skips cells whose latest row is `ok` for the same spec (model settings and the
+   content fingerprints of its weights, the index's manifest, corpus and task checksums, k, ks), so an interrupted
+   or partly failed run resumes, and a cell whose model was trained further is recomputed (counted as stale);
 5. OUT/table.md (all cells, then "original vs swapped" with CRP = swapped / baseline per metric),
    OUT/plots/*.png (each metric per model on every corpus; CRP per model) and OUT/summary.json.
 
@@ -30,30 +31,36 @@ run_plan, run_swap), report (CRP, table, plots, summary.json), cli (`rag eval co
 The swap-config schema (every key, its type, default and meaning, and a full example): docs/swap-config.md.
 """
 from rag.swap.cells import (
-                            STATUS_FAILED,
-                            STATUS_OK,
-                            STATUS_UNAVAILABLE,
-                            CellSpec,
-                            CorpusState,
-                            IndexSpec,
-                            SwapPlan,
-                            build_index,
-                            index_ready,
-                            materialize_data,
-                            plan_swap,
-                            reader_cell,
-                            retrieval_cell,
-                            run_cell,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_UNAVAILABLE,
+    CellSpec,
+    CorpusState,
+    IndexSpec,
+    SwapPlan,
+    build_index,
+    index_fingerprint,
+    index_ready,
+    materialize_data,
+    model_fingerprints,
+    plan_swap,
+    reader_cell,
+    retrieval_cell,
+    run_cell,
+    stale_reason,
+    weights_fingerprint,
 )
 from rag.swap.config import (
-                            DEFAULT_METRICS,
-                            CorpusSpec,
-                            ModelSpec,
-                            SwapConfig,
-                            TaskSpec,
-                            load_swap_config,
-                            swap_config_from_dict,
-                            validate_config,
+    DEFAULT_METRICS,
+    CorpusSpec,
+    ModelSpec,
+    SwapConfig,
+    SwapConfigError,
+    TaskSpec,
+    load_swap_config,
+    read_swap_file,
+    swap_config_from_dict,
+    validate_config,
 )
 from rag.swap.kinds import CELL_KINDS, CellKind, CellUnavailable
 from rag.swap.report import (
@@ -72,8 +79,9 @@ from rag.swap.runner import RESULTS, append_row, read_results, run_plan, run_swa
 __all__ = [
     "CELL_KINDS", "DEFAULT_METRICS", "PLOTS", "READER_METRICS", "RESULTS", "STATUS_FAILED",
     "STATUS_OK", "STATUS_UNAVAILABLE", "SUMMARY", "TABLE", "CellKind", "CellSpec", "CellUnavailable", "CorpusSpec",
-    "CorpusState", "IndexSpec", "ModelSpec", "SwapConfig", "SwapPlan", "TaskSpec", "append_row", "build_index",
-    "corpus_relative", "format_swap_table", "index_ready", "load_swap_config", "materialize_data", "pair_baselines",
-    "plan_swap", "read_results", "reader_cell", "retrieval_cell", "run_cell", "run_plan", "run_swap",
-    "swap_config_from_dict", "validate_config", "write_plots", "write_report",
+    "CorpusState", "IndexSpec", "ModelSpec", "SwapConfig", "SwapConfigError", "SwapPlan", "TaskSpec", "append_row",
+    "build_index", "corpus_relative", "format_swap_table", "index_fingerprint", "index_ready", "load_swap_config",
+    "materialize_data", "model_fingerprints", "pair_baselines", "plan_swap", "read_results", "read_swap_file",
+    "reader_cell", "retrieval_cell", "run_cell", "run_plan", "run_swap", "stale_reason", "swap_config_from_dict",
+    "validate_config", "weights_fingerprint", "write_plots", "write_report",
 ]

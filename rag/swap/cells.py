@@ -40,7 +40,7 @@ class IndexSpec:
 @dataclass
 class CellSpec:
     key: str                   # model|corpus|task
-    spec_hash: str             # changes when the model, data or settings change: a rerun redoes the cell
+    spec_hash: str             # changes when the model (its weights too), data or settings change: a rerun redoes it
     model: ModelSpec
     corpus: str
     corpus_label: str
@@ -55,6 +55,7 @@ class CellSpec:
     index_dir: str | None = None
     retriever_model: ModelSpec | None = None
     unavailable: str | None = None      # set when the corpus itself could not be made (optional transform)
+    weights: dict[str, str] = field(default_factory=dict)   # "model.encoder" -> content fingerprint (spec_hash has it)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class SwapPlan:
     corpora: dict[str, CorpusState]
     cells: list[CellSpec]
     indexes: dict[str, IndexSpec]      # by dir
+    reuse: dict[str, Any] = field(default_factory=dict)   # filled by run_plan: reused / stale / new / retried cells
 
 
 def _slug(text: str) -> str:
@@ -83,16 +85,83 @@ def _hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:n]
 
 
-_CHECKSUMS: dict[tuple[str, float, int], str] = {}
+_CHECKSUMS: dict[tuple[str, int, int, int], str] = {}
+
+# What a model folder's content fingerprint covers: its weight files and the small files that say how to load them
+# (anywhere in the folder, except hidden files and checkpoints/, the intermediate states of a training run).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npy",
+                   ".npz", ".model")
+LOADER_FILES = ("config.json", "reader.json", "adapter_config.json", "dense_run.json", "generative_run.json",
+                "reranker_run.json", "modules.json", "sentence_bert_config.json")
+SKIPPED_DIRS = ("checkpoints",)
 
 
 def _checksum(path: Path) -> str:
+    """sha256 of a file's bytes, memoised by (path, size, mtime, inode): a rewritten file is read again."""
     from core.corpus import file_checksum
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime, stat.st_size)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if key not in _CHECKSUMS:
         _CHECKSUMS[key] = file_checksum(path)
     return _CHECKSUMS[key]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
+        for name in sorted(files):
+            if not name.startswith(".") and (name.endswith(WEIGHT_SUFFIXES) or name in LOADER_FILES):
+                found.append(Path(root) / name)
+    return found
+
+
+def weights_fingerprint(model: str | None) -> str | None:
+    """A content fingerprint of a model a cell depends on: for a folder (a model folder or a training run folder),
+    the sha256 of its weight files' bytes (and of the files that say how to load them); for a file, its sha256; an
+    alias resolves to its packaged folder first; anything else (a hub id) is fingerprinted by its name."""
+    if not model:
+        return None
+    from core.models import MODEL_ALIASES
+
+    name = str(model)
+    if name in MODEL_ALIASES:
+        try:
+            name = MODEL_ALIASES[name]()
+        except RagError:
+            return f"alias:{model}"
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            return _checksum(path)
+        if not path.is_dir():
+            return f"name:{model}"
+        digest = hashlib.sha256()
+        for file in _weight_files(path):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{_checksum(file)}\n".encode())
+        return f"sha256:{digest.hexdigest()}"
+    except OSError as exc:   # unreadable: the cell fails where it loads the model (failed cells always rerun)
+        return f"unreadable:{model}:{exc.errno}"
+
+
+def model_fingerprints(model: ModelSpec | None, prefix: str = "model") -> dict[str, str]:
+    """{"model.encoder": fingerprint, ...} of every model folder a model spec names (encoder, run, reader and the
+    options that name a model: encoder, model)."""
+    if model is None:
+        return {}
+    named = {f: getattr(model, f) for f in ("encoder", "run", "reader")}
+    named.update({f"options.{k}": model.options.get(k) for k in ("encoder", "model")
+                  if isinstance(model.options.get(k), str)})
+    return {f"{prefix}.{f}": fp for f, value in named.items() if (fp := weights_fingerprint(value)) is not None}
+
+
+def index_fingerprint(index_dir: str | Path | None) -> str | None:
+    """The checksum of an index's manifest.json (None: no index, or not built yet)."""
+    if not index_dir:
+        return None
+    from index.manifest import MANIFEST
+    path = Path(index_dir) / MANIFEST
+    return _checksum(path) if path.is_file() else None
 
 
 def _limited(path: Path, limit: int | None, out: Path) -> Path:
@@ -245,10 +314,15 @@ def plan_swap(config: SwapConfig, out: str | Path) -> SwapPlan:
                 if cell.unavailable is None and CELL_KINDS[model.kind].available is not None:
                     cell.unavailable = CELL_KINDS[model.kind].available()
                 if cell.unavailable is None:
+                    cell.weights = {**model_fingerprints(model), **model_fingerprints(cell.retriever_model, "retriever")}
+                    ident: dict[str, Any] | None = None
                     if request is not None:
                         index_kind, owner = request
                         encoder = {"dense": owner.encoder, "trie": owner.run}.get(index_kind)
+                        # the encoder's weights name the index: a retrained encoder gets a new index, never the old one
                         ident = {"kind": index_kind, "encoder": encoder, "corpus": _checksum(state.corpus)}
+                        if encoder:
+                            ident["weights"] = weights_fingerprint(encoder)
                         tag = f"{index_kind}-{_slug(Path(encoder).name) + '-' if encoder else ''}{_hash(ident, 8)}"
                         index_dir = str(index_root / _slug(spec.name) / tag)
                         indexes.setdefault(index_dir, IndexSpec(index_kind, str(state.corpus), index_dir, encoder,
@@ -256,6 +330,7 @@ def plan_swap(config: SwapConfig, out: str | Path) -> SwapPlan:
                         cell.index_dir = index_dir
                     cell.spec_hash = _hash({
                         "model": _settings(model), "retriever": _settings(cell.retriever_model),
+                        "weights": cell.weights, "index": ident,
                         "corpus": _checksum(state.corpus), "task": _checksum(Path(cell.task_path)),
                         "k": k, "ks": cell.ks})
                 cells.append(cell)
@@ -387,7 +462,7 @@ CELL_KINDS.update({
     "generative": CellKind(retrieval_cell, "trie", _generative_available,
                            "CorpusBrain run folder (`run:`); title trie of the corpus variant"),
     "reader": CellKind(reader_cell, None, _reader_available,
-                       "reader run folder (`reader:`; fid / causal, e.g. CIT) over a `retriever:` model"),
+                       "reader run folder (`reader:`; fid / causal, e.g. CIT) over a `retriever:` model", answers=True),
 })
 
 
@@ -401,7 +476,7 @@ def _base_row(cell: CellSpec) -> dict[str, Any]:
     return {"cell": cell.key, "spec_hash": cell.spec_hash, "model": cell.model.name, "kind": cell.model.kind,
             "method": cell.model.method, "corpus": cell.corpus, "corpus_label": cell.corpus_label,
             "baseline": cell.baseline, "task": cell.task, "pseudo": cell.pseudo, "task_path": cell.task_path,
-            "workdir": cell.workdir}
+            "workdir": cell.workdir, "weights": dict(cell.weights)}
 
 
 def run_cell(cell: CellSpec, *_index_ready: Any) -> dict[str, Any]:
@@ -420,8 +495,25 @@ def run_cell(cell: CellSpec, *_index_ready: Any) -> dict[str, Any]:
         return {**row, "status": STATUS_UNAVAILABLE, "reason": str(exc), "metrics": {}, "seconds": 0.0,
                 "attempts": 1, "finished_at": _now()}
     seconds = round(time.perf_counter() - start, 3)
-    return {**row, "status": STATUS_OK, "metrics": metrics, "seconds": seconds,
-            "attempts": _count_attempts(cell), "finished_at": _now()}
+    return {**row, "status": STATUS_OK, "metrics": metrics, "seconds": seconds, "index": cell.index_dir,
+            "index_manifest": index_fingerprint(cell.index_dir), "attempts": _count_attempts(cell),
+            "finished_at": _now()}
+
+
+def stale_reason(row: Mapping[str, Any] | None, cell: CellSpec) -> str | None:
+    """Why a cell's latest `ok` row no longer stands for it (None: it does, the cell is skipped): its spec changed
+    (settings, data, or a model's weights), or the index it read was rebuilt or is gone."""
+    if row is None:
+        return "no result yet"
+    if row.get("spec_hash") != cell.spec_hash:
+        before = row.get("weights") or {}
+        changed = sorted(k for k in set(before) | set(cell.weights) if before.get(k) != cell.weights.get(k))
+        if changed and "weights" in row:
+            return f"the weights changed ({', '.join(changed)})"
+        return "its model settings, data or cut-offs changed"
+    if cell.index_dir and row.get("index_manifest") != index_fingerprint(cell.index_dir):
+        return "its index changed (manifest.json differs, or the index is gone)"
+    return None
 
 
 def _count_attempts(cell: CellSpec) -> int:

@@ -18,11 +18,13 @@ class CellUnavailable(RagError):
 @dataclass(frozen=True)
 class CellKind:
     """run(cell, workdir) -> metrics. index: the index kind (retrievers/index_kinds.py) its cells read (None: none, or its retriever
-    model's); available() -> None, or why the kind is not in this build (its cells are then "unavailable")."""
+    model's); available() -> None, or why the kind is not in this build (its cells are then "unavailable"); answers:
+    its cells score answers too (em, f1, KILT-*), so a config may ask for those metrics."""
     run: Callable[[Any, Path], dict[str, Any]]   # (CellSpec, workdir) -> metrics
     index: str | None = None
     available: Callable[[], str | None] | None = None
     description: str = ""
+    answers: bool = False
 
 
 CELL_KINDS: dict[str, CellKind] = {}   # filled by rag/swap/cells.py

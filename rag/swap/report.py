@@ -213,6 +213,12 @@ def write_report(plan: SwapPlan, rows: Sequence[Mapping[str, Any]], address: str
     table = format_swap_table(rows, config.metrics)
     header = (f"## Corpus swap: {config.name}\n\n{config.description.strip()}\n\n" if config.description.strip()
               else f"## Corpus swap: {config.name}\n\n")
+    reuse = plan.reuse or {}
+    if reuse:
+        header += (f"Cells: {reuse.get('reused', 0)} reused from an earlier run, {reuse.get('stale', 0)} stale and "
+                   f"recomputed (a model's weights, an index, the data or the settings changed), "
+                   f"{reuse.get('retried', 0)} failed or unavailable before and tried again, "
+                   f"{reuse.get('new', 0)} new.\n\n")
     with atomic_file(out / TABLE) as fh:
         fh.write(header + table)
     plots = write_plots(rows, out / PLOTS, config.metrics)
@@ -221,6 +227,7 @@ def write_report(plan: SwapPlan, rows: Sequence[Mapping[str, Any]], address: str
         "config": dataclasses.asdict(config), "address": address,
         "workers": config.workers if workers is None else workers,
         "wall_s": round(wall, 1), "plan_s": round(plan_s, 1), "cells": len(plan.cells), "status": counts,
+        "reuse": reuse,
         "corpora": {n: {"corpus": str(s.corpus) if s.corpus else None, "tasks": {k: str(v) for k, v in s.tasks.items()},
                         "pseudo": s.pseudo, "unavailable": s.unavailable} for n, s in plan.corpora.items()},
         "crp": corpus_relative(rows, config.metrics), "plots": [str(p) for p in plots]})

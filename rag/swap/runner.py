@@ -22,8 +22,9 @@ from rag.swap.cells import (
     index_ready,
     plan_swap,
     run_cell,
+    stale_reason,
 )
-from rag.swap.config import SwapConfig, load_swap_config
+from rag.swap.config import SwapConfig, load_swap_config, validate_config
 from rag.swap.report import TABLE, pair_baselines, write_report
 
 log = logging.getLogger("rag.swap")
@@ -62,7 +63,7 @@ def read_results(path: str | Path) -> dict[str, dict[str, Any]]:
         except json.JSONDecodeError:
             log.warning("%s line %d: not a whole row (interrupted write?); ignored", path, lineno)
             continue
-        if isinstance(row, dict) and "cell" in row:
+        if isinstance(row, dict) and isinstance(row.get("cell"), str):
             latest[row["cell"]] = row
     return latest
 
@@ -164,14 +165,28 @@ def run_plan(plan: SwapPlan, address: str | None = None, workers: int | None = N
     results_path = out / RESULTS
     previous = read_results(results_path)
     todo = []
+    stale: dict[str, str] = {}
+    retried = 0
     for cell in plan.cells:
         row = previous.get(cell.key)
-        if row and row.get("status") == STATUS_OK and row.get("spec_hash") == cell.spec_hash:
-            continue
+        if row is not None and row.get("status") == STATUS_OK:
+            reason = stale_reason(row, cell)
+            if reason is None:
+                continue
+            stale[cell.key] = reason
+        elif row is not None:
+            retried += 1
         todo.append(cell)
     skipped = len(plan.cells) - len(todo)
+    plan.reuse = {"reused": skipped, "stale": len(stale), "retried": retried,
+                  "new": len(todo) - len(stale) - retried, "stale_cells": stale}
     workers = plan.config.workers if workers is None else workers
-    log.info("%d cells: %d finished before, %d to run (%s)", len(plan.cells), skipped, len(todo),
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise RagError(f"workers must be an integer >= 0, got {workers!r}")
+    for key, reason in stale.items():
+        log.warning("cell %s: its finished result is stale (%s); recomputing", key, reason)
+    log.info("%d cells: %d finished before, %d stale and recomputed, %d to run in all (%s)", len(plan.cells), skipped,
+             len(stale), len(todo),
              "no Ray" if workers == 0 and not address else f"Ray, {address or f'{workers} local workers'}")
 
     def emit(row: dict[str, Any]) -> None:
@@ -186,8 +201,6 @@ def run_plan(plan: SwapPlan, address: str | None = None, workers: int | None = N
         if workers == 0 and not address:
             _execute_local(plan, todo, emit)
         else:
-            if workers is not None and workers < 1 and not address:
-                raise RagError("workers must be >= 0")
             _execute_ray(plan, todo, emit, address, workers)
     latest = read_results(results_path)
     return [latest[c.key] for c in plan.cells if c.key in latest]
@@ -203,7 +216,13 @@ def run_swap(config_path: str | Path | SwapConfig, out_dir: str | Path, address:
     "corpus_label", "baseline", "task", "pseudo", "status", "metrics", "seconds", "attempts", ...}.
     workers: local Ray CPUs (default: the config's; 0 = no Ray); address: join that Ray cluster instead.
     """
-    config = config_path if isinstance(config_path, SwapConfig) else load_swap_config(config_path)
+    if isinstance(config_path, SwapConfig):
+        config = config_path
+        validate_config(config)   # the whole config is checked before any cell runs, however it was made
+    else:
+        config = load_swap_config(config_path)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise RagError(f"--workers must be an integer >= 0, got {workers!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -213,5 +232,6 @@ def run_swap(config_path: str | Path | SwapConfig, out_dir: str | Path, address:
     wall = time.perf_counter() - start
     pair_baselines(rows, config.ks)
     counts = write_report(plan, rows, address=address, workers=workers, wall=wall, plan_s=plan_s)
-    log.info("corpus swap %s: %s in %.1fs; table %s", config.name, counts, wall, out / TABLE)
+    log.info("corpus swap %s: %s in %.1fs (%d cells reused, %d stale and recomputed); table %s", config.name, counts,
+             wall, plan.reuse.get("reused", 0), plan.reuse.get("stale", 0), out / TABLE)
     return rows

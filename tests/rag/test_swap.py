@@ -148,13 +148,13 @@ def test_config_errors(tmp_path: Path):
     with pytest.raises(RagError, match="cycle"):
         _config(tmp_path, corpora={"a": {"derive": {"from": "b", "transform": "perturb"}},
                                    "b": {"derive": {"from": "a", "transform": "perturb"}},
-                                   "original": {"path": "x"}})
+                                   "original": {"path": str(tmp_path / "data" / "original")}})
     with pytest.raises(RagError, match="unknown option"):
         _config(tmp_path, models={"m": {"kind": "bm25", "encodr": "x"}})
-    config = _config(tmp_path, corpora={"original": {"path": str(tmp_path / "data" / "original")},
-                                        "cf": {"derive": {"from": "original", "transform": "no-such"}}})
-    with pytest.raises(RagError, match="not in this build"):
-        cs.plan_swap(config, tmp_path / "out")
+    # a transform that is not in this build stops the config when it is read (unless the corpus is optional)
+    with pytest.raises(RagError, match="corpora.cf.derive.transform: unknown transform 'no-such': not in this build"):
+        _config(tmp_path, corpora={"original": {"path": str(tmp_path / "data" / "original")},
+                                   "cf": {"derive": {"from": "original", "transform": "no-such"}}})
 
 
 def test_results_file_survives_a_torn_row(tmp_path: Path):
@@ -208,3 +208,102 @@ def test_counterfactual_from_eval_transforms_is_paired(tmp_path: Path):
     # CRP compares the same questions: the baseline is rescored on the questions the transform kept
     assert cf["paired_n"] == cf["metrics"]["n"] and cf["baseline_metrics"]["n"] == cf["metrics"]["n"]
     assert "paired" in (tmp_path / "out" / cs.TABLE).read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- content fingerprints: stale cells rerun
+
+def _fake_run(folder: Path, weights: bytes) -> Path:
+    """A fake model / run folder: a weights file plus files that are not weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "metrics.json").write_text("{}", encoding="utf-8")
+    return folder
+
+
+def _retrain(weights_file: Path, content: bytes) -> None:
+    """What training further into the same run folder does: new bytes in the same file, written later."""
+    before = weights_file.stat().st_mtime_ns
+    weights_file.write_bytes(content)
+    os.utime(weights_file, ns=(before + 2_000_000_000, before + 2_000_000_000))
+
+
+def test_weights_fingerprint_covers_weights_only(tmp_path: Path):
+    run = _fake_run(tmp_path / "run", b"\x00" * 64)
+    first = cs.weights_fingerprint(str(run))
+    assert first.startswith("sha256:") and cs.weights_fingerprint(str(run)) == first
+    (run / "metrics.json").write_text('{"dev": 1}', encoding="utf-8")          # logs and metrics: not weights
+    (run / "checkpoints" / "step-10").mkdir(parents=True)
+    (run / "checkpoints" / "step-10" / "weights.safetensors").write_bytes(b"ckpt")  # intermediate states: not read
+    assert cs.weights_fingerprint(str(run)) == first
+    _retrain(run / "model.safetensors", b"\x01" * 64)                          # same size, other bytes
+    assert cs.weights_fingerprint(str(run)) != first
+    (run / "peft").mkdir()
+    (run / "peft" / "adapter.safetensors").write_bytes(b"adapter")             # weights in a subfolder count
+    assert len({first, cs.weights_fingerprint(str(run))}) == 2
+    assert cs.weights_fingerprint("some-org/some-model") == "name:some-org/some-model"
+    assert cs.weights_fingerprint(None) is None
+
+
+def test_retrained_model_makes_its_cells_stale(tmp_path: Path, monkeypatch):
+    """Train further into the same run folder: the rerun recomputes the cell (and says so) instead of reporting the
+    old weights' score; unchanged weights: the cell is skipped."""
+    calls = []
+
+    def fake(cell, workdir):
+        calls.append(cell.key)
+        weights = (Path(cell.model.run) / "model.safetensors").read_bytes()
+        return {"n": 3, "Rprec": weights.count(b"\x01") / len(weights), "recall@5": 1.0}
+
+    monkeypatch.setitem(cs.CELL_KINDS, "fake", cs.CellKind(fake))
+    run = _fake_run(tmp_path / "runs" / "dense", b"\x01\x00\x00\x00" * 4)
+    config = _config(tmp_path, models={"m": {"kind": "fake", "run": str(run)}},
+                     corpora={"original": {"path": str(tmp_path / "data" / "original")}})
+    out = tmp_path / "out"
+    (row,) = cs.run_swap(config, out, workers=0)
+    assert row["status"] == "ok" and row["metrics"]["Rprec"] == 0.25 and len(calls) == 1
+
+    (row,) = cs.run_swap(config, out, workers=0)                    # nothing changed: skipped
+    assert len(calls) == 1 and row["metrics"]["Rprec"] == 0.25
+    summary = json.loads((out / cs.SUMMARY).read_text(encoding="utf-8"))
+    assert summary["reuse"]["reused"] == 1 and summary["reuse"]["stale"] == 0
+
+    _retrain(run / "model.safetensors", b"\x01\x01\x00\x00" * 4)    # --resume to more steps, same folder
+    (row,) = cs.run_swap(config, out, workers=0)
+    assert len(calls) == 2 and row["metrics"]["Rprec"] == 0.5       # the new weights' score, not the old one
+    summary = json.loads((out / cs.SUMMARY).read_text(encoding="utf-8"))
+    assert summary["reuse"]["stale"] == 1 and summary["reuse"]["reused"] == 0
+    assert "the weights changed (model.run)" in summary["reuse"]["stale_cells"]["m|original|dev"]
+    assert "1 stale and recomputed" in (out / cs.TABLE).read_text(encoding="utf-8")
+
+    (row,) = cs.run_swap(config, out, workers=0)                    # and then it is current again
+    assert len(calls) == 2
+
+
+def test_rebuilt_index_makes_its_cells_stale(tmp_path: Path):
+    config = _config(tmp_path, models={"bm25": {"kind": "bm25"}},
+                     corpora={"original": {"path": str(tmp_path / "data" / "original")}})
+    out = tmp_path / "out"
+    (first,) = cs.run_swap(config, out, workers=0)
+    assert first["status"] == "ok" and first["index_manifest"].startswith("sha256:")
+    cs.run_swap(config, out, workers=0)
+    assert len(_lines(out / cs.RESULTS)) == 1                        # unchanged: skipped
+    manifest = Path(first["index"]) / "manifest.json"
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    data["created"] = "2000-01-01T00:00:00Z"                         # the index was rebuilt in place
+    manifest.write_text(json.dumps(data), encoding="utf-8")
+    (again,) = cs.run_swap(config, out, workers=0)
+    assert len(_lines(out / cs.RESULTS)) == 2 and again["metrics"] == first["metrics"]
+    summary = json.loads((out / cs.SUMMARY).read_text(encoding="utf-8"))
+    assert summary["reuse"]["stale"] == 1 and "index changed" in summary["reuse"]["stale_cells"]["bm25|original|dev"]
+
+
+def test_retrained_encoder_gets_a_new_index(tmp_path: Path):
+    """The index is named by the encoder's weights, so a retrained encoder never reads the old encoder's index."""
+    run = _fake_run(tmp_path / "runs" / "enc", b"w" * 32)
+    config = _config(tmp_path, models={"dense": {"kind": "dense", "encoder": str(run)}},
+                     corpora={"original": {"path": str(tmp_path / "data" / "original")}})
+    before = cs.plan_swap(config, tmp_path / "out").cells[0]
+    _retrain(run / "model.safetensors", b"v" * 32)
+    after = cs.plan_swap(config, tmp_path / "out").cells[0]
+    assert before.index_dir != after.index_dir and before.spec_hash != after.spec_hash
+    assert before.weights != after.weights and set(after.weights) == {"model.encoder"}
