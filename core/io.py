@@ -107,6 +107,10 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("file not found", path) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"invalid UTF-8 at byte {exc.start}", path) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply", path) from None
     except json.JSONDecodeError as exc:
         raise InputError(f"malformed JSON ({exc.msg})", path, exc.lineno) from None
 

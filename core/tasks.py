@@ -42,6 +42,8 @@ def load_queries(path: str | Path) -> list[Query]:
             raise InputError(f"duplicate id {qid!r}", path, line, "id")
         seen.add(qid)
         domain = (obj.get("meta") or {}).get("domain") if isinstance(obj.get("meta"), dict) else None
+        if domain is not None and not isinstance(domain, str):
+            raise InputError(f"expected a string, got {type(domain).__name__}", path, line, "meta.domain")
         queries.append(Query(qid, obj["input"], domain))
     if not queries:
         raise InputError("no queries", path)

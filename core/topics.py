@@ -62,11 +62,13 @@ def topics_format(path: str | Path) -> str:
     """"kilt" (JSONL with `input`), "beir" (JSONL with `_id`) or "trec" (anything else: `qid<TAB>text`)."""
     with open(path, "rb") as fh:
         first = next((line for line in fh if line.strip()), b"")
+    if not first.strip():
+        raise InputError("no queries (the file is empty)", path)
     if not first.lstrip().startswith(b"{"):
         return "trec"
     try:
         obj = json.loads(first)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "kilt"  # let the strict KILT reader name the line
     return "beir" if isinstance(obj, dict) and "_id" in obj and "input" not in obj else "kilt"
 
