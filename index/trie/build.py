@@ -18,7 +18,14 @@ import numpy as np
 
 from core.errors import InputError
 from index.trie.storage import TitleTable
-from index.trie.tokens import _check_tokens, _fast_encoder, _lists_to_arrays, encode_titles
+from index.trie.tokens import (
+    CONTINUATION_SPACE,
+    _check_tokens,
+    _fast_encoder,
+    _lists_to_arrays,
+    encode_continuations,
+    encode_titles,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # the TitleTrie the mixin ends up in
@@ -37,6 +44,8 @@ class BuildReport:
     num_titles: int = 0
     duplicates: list[tuple[str, list[int]]] = field(default_factory=list)  # same string, several ids
     collisions: list[list[int]] = field(default_factory=list)  # different strings, same token ids
+    # with a context: title ids whose tokens merge with the context's (encoded alone instead, see encode_continuations)
+    context_mismatches: list[int] = field(default_factory=list)
 
     @property
     def num_duplicates(self) -> int:
@@ -120,6 +129,9 @@ def _build_arrays(flat: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray
 class TrieBuild:
     """TitleTrie's constructors from sequences or titles, and the duplicate/collision report."""
 
+    meta: dict[str, Any]  # set by TitleTrie.__init__
+    report: BuildReport
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(cls, sequences: Iterable[Sequence[int]] | tuple[np.ndarray, np.ndarray], titles: Sequence[str] | None = None,
@@ -164,10 +176,14 @@ class TrieBuild:
     @classmethod
     def from_titles(cls, titles: Sequence[str], tokenizer: Any, start_token_id: int, eos_token_id: int, *,
                     prefix_token_ids: Sequence[int] = (), corpus_checksum: str | None = None,
-                    batch_size: int = _CHUNK, show_progress: bool = False) -> Self:
+                    batch_size: int = _CHUNK, show_progress: bool = False, context: str | None = None) -> Self:
         """Tokenise each title (no special tokens); sequence = [start] + prefix_token_ids + ids + [eos].
 
         ``prefix_token_ids`` is for models trained to emit a BOS first (BART: ``[0]``).
+        ``context`` (decoder-only models): titles are tokenised as they continue this text after one space
+        (``tokens.encode_continuations``); ``start_token_id`` is then the context's last token. It is kept in
+        the manifest (``title_context``) so ``add`` / ``remove`` / ``encode`` tokenise the same way; titles whose
+        tokens merge with the context's are listed in ``trie.report.context_mismatches`` and warned.
         Empty titles raise InputError; duplicate titles are kept, reported in ``trie.report`` and warned.
         """
         titles = list(titles) if not isinstance(titles, list) else titles
@@ -178,7 +194,19 @@ class TrieBuild:
                 raise InputError(f"title {i} is empty")
         head = [int(start_token_id), *map(int, prefix_token_ids)]
         eos = int(eos_token_id)
-        encode = _fast_encoder(tokenizer, titles) or (lambda texts: encode_titles(tokenizer, texts))
+        mismatches: list[int] = []
+        if context is None:
+            encode = _fast_encoder(tokenizer, titles) or (lambda texts: encode_titles(tokenizer, texts))
+        else:
+            probe = [context + CONTINUATION_SPACE + t for t in titles[:64]]
+            base = _fast_encoder(tokenizer, probe) or (lambda texts: encode_titles(tokenizer, texts))
+            offset = [0]
+
+            def encode(texts, base=base, offset=offset):
+                ids, bad = encode_continuations(tokenizer, context, texts, encode=base)
+                mismatches.extend(offset[0] + i for i in bad)
+                offset[0] += len(texts)
+                return ids
         flats: list[np.ndarray] = []
         lens: list[np.ndarray] = []
         steps = range(0, len(titles), batch_size)
@@ -222,7 +250,14 @@ class TrieBuild:
         trie = cls.build((flat, offsets), table, start_token_id=int(start_token_id), eos_token_id=eos,
                          tokenizer=tokenizer, corpus_checksum=corpus_checksum)
         trie.meta["prefix_token_ids"] = [int(x) for x in prefix_token_ids]
+        trie.meta["title_context"] = context
         rep = trie.report
+        rep.context_mismatches = mismatches
+        if mismatches:
+            ex = ", ".join(f"{i} ({titles[i]!r})" for i in mismatches[:5])
+            warnings.warn(f"{len(mismatches)} titles merge with the end of the context {context!r} when tokenised "
+                          f"after it; encoded on their own instead (not the model's canonical tokens), e.g. {ex}",
+                          stacklevel=2)
         if rep.duplicates:
             ex = ", ".join(repr(t) for t, _ in rep.duplicates[:5])
             warnings.warn(f"{len(rep.duplicates)} titles occur more than once ({rep.num_duplicates} extra copies), "

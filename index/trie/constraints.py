@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,8 @@ _EMPTY.setflags(write=False)
 
 class TrieConstraints:
     """TitleTrie's lookups: base (CSR) primitives and the queries built on them."""
+
+    meta: dict[str, Any]  # set by TitleTrie.__init__
 
     # ------------------------------------------------------------------ base (CSR) primitives
     def _bind(self) -> None:
@@ -151,5 +154,5 @@ class TrieConstraints:
             raise RagError("this trie has no tokenizer: pass sequences explicitly or load(tokenizer=...)")
         if self.start_token_id is None or self.eos_token_id is None:
             raise RagError("this trie has no start/eos token ids")
-        ids = encode_titles(self.tokenizer, [title])[0]
+        ids = encode_titles(self.tokenizer, [title], context=self.meta.get("title_context"))[0]
         return [self.start_token_id, *self.meta.get("prefix_token_ids", []), *ids, self.eos_token_id]

@@ -156,6 +156,9 @@ def _read_titles(path: Path) -> TitleTable:
 class TrieStorage:
     """TitleTrie's persistence: ``save`` / ``load`` of the trie folder and its manifest."""
 
+    meta: dict[str, Any]  # set by TitleTrie.__init__
+    report: Any  # build.BuildReport
+
     # ------------------------------------------------------------------ persistence
     def save(self, out: str | Path, *, overwrite: bool = False, corpus_checksum: str | None = None) -> Path:
         """Write arrays (.npy), titles.jsonl and manifest.json via a temp folder + rename.
@@ -196,8 +199,10 @@ class TrieStorage:
             "start_token_id": self.start_token_id,
             "eos_token_id": self.eos_token_id,
             "prefix_token_ids": self.meta.get("prefix_token_ids", []),
+            "title_context": self.meta.get("title_context"),
             "counts": {"titles": self._num_base_titles, "nodes": self._n, "max_depth": self.max_depth,
-                       "duplicates": self.report.num_duplicates, "collisions": len(self.report.collisions)},
+                       "duplicates": self.report.num_duplicates, "collisions": len(self.report.collisions),
+                       "context_mismatches": len(self.report.context_mismatches)},
             "corpus_checksum": self.meta.get("corpus_checksum"),
             "titles_sha1": titles_sha1,
             "arrays": files,
@@ -258,7 +263,7 @@ class TrieStorage:
             if len(table) != counts.get("titles"):
                 raise ManifestMismatch(f"{tf}: {len(table)} titles != manifest count {counts.get('titles')}")
         meta = {"corpus_checksum": man.get("corpus_checksum"), "prefix_token_ids": man.get("prefix_token_ids", []),
-                "manifest": man}
+                "title_context": man.get("title_context"), "manifest": man}
         trie = cls(**arrays, titles=table, max_depth=counts.get("max_depth"),
                    start_token_id=man.get("start_token_id"), eos_token_id=man.get("eos_token_id"),
                    tokenizer=tokenizer, meta=meta)

@@ -42,13 +42,47 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
-def encode_titles(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens."""
+def encode_titles(tokenizer: Any, texts: Sequence[str], context: str | None = None) -> list[list[int]]:
+    """Token ids of each text, without special tokens; with ``context``, the ids of the text as it continues
+    that context after one space (``encode_continuations``: decoder-only models generate titles after a prompt)."""
     if not texts:
         return []
+    if context is not None:
+        return encode_continuations(tokenizer, context, texts)[0]
     out = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
                     return_token_type_ids=False)["input_ids"]
     return [list(x) for x in out]
+
+
+CONTINUATION_SPACE = " "  # between the context (a prompt's fixed end) and the title it continues
+
+
+def encode_continuations(tokenizer: Any, context: str, texts: Sequence[str],
+                         encode: Any = None) -> tuple[list[list[int]], list[int]]:
+    """(ids, mismatched): the ids of ``" " + text`` as they follow ``context``, i.e.
+    encode(context + " " + text) minus encode(context), no special tokens.
+
+    ``mismatched`` lists the indices of texts for which encode(context) is not a prefix of the joint encoding
+    (the tokenizer merged tokens across the boundary); those texts get encode(" " + text) instead, a valid
+    but not canonical path. ``encode`` (texts -> ids lists) defaults to the tokenizer without special tokens.
+    """
+    enc = encode or (lambda xs: encode_titles(tokenizer, xs))
+    ctx = list(enc([context])[0]) if context else []
+    joint = enc([context + CONTINUATION_SPACE + t for t in texts])
+    out: list[list[int]] = []
+    mismatched: list[int] = []
+    for i, ids in enumerate(joint):
+        ids = list(ids)
+        if ids[:len(ctx)] == ctx:
+            out.append(ids[len(ctx):])
+        else:
+            mismatched.append(i)
+            out.append([])
+    if mismatched:
+        alone = enc([CONTINUATION_SPACE + texts[i] for i in mismatched])
+        for i, ids in zip(mismatched, alone):
+            out[i] = list(ids)
+    return out, mismatched
 
 
 def _fast_encoder(tokenizer: Any, probe: Sequence[str]):

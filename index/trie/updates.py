@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,8 @@ class UpdateReport:
 class TrieUpdates:
     """TitleTrie's update overlay: ``add``, ``remove``, ``remove_ids``, ``compact``, and reading the
     sequences back out of the base."""
+
+    meta: dict[str, Any]  # set by TitleTrie.__init__
 
     # ------------------------------------------------------------------ sequences (for compact/tests)
     def live_title_ids(self) -> np.ndarray:
@@ -130,7 +133,7 @@ class TrieUpdates:
                            "pass sequences=..., or load(dir, tokenizer=...)")
         head = [self.start_token_id, *self.meta.get("prefix_token_ids", [])]
         out = []
-        for i, ids in enumerate(encode_titles(self.tokenizer, titles)):
+        for i, ids in enumerate(encode_titles(self.tokenizer, titles, context=self.meta.get("title_context"))):
             if not ids:
                 raise InputError(f"title {i} ({titles[i]!r}) tokenises to no tokens")
             if self.eos_token_id in ids:
