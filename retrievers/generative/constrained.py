@@ -13,6 +13,12 @@ Both walk the trie incrementally: the state reached by each decoded prefix is ca
 costs one trie step per beam. The decoder input starts with the decoder start token, which is the
 first token of every trie sequence (``TitleTrie.from_titles(..., start_token_id=...)``).
 
+Seq2seq models: the decoder input starts with the decoder start token. Decoder-only (causal) LMs: the
+title follows a prompt (retrievers/generative/prompt.py); the trie was built over the titles as they
+continue the prompt's fixed end and starts at the prompt's last token, so the walker reads
+``generated_ids[prompt_len - 1:]`` (``offset``); prompts are left-padded in a batch so every row's prompt
+ends at the same position, and ``model.generate`` keeps the KV cache.
+
 When nothing is allowed (after the title's EOS, or an invalid prefix) the allowed set is ``[eos]``,
 never empty. With ``multi_title=True`` the output may hold several titles joined by a separator
 token sequence (the tokenizer's ids for " |"): wherever a title may end, the separator may start,
@@ -182,16 +188,21 @@ class TrieConstraint:
         return self.allowed_array(tuple(input_ids.tolist())).tolist()
 
     # --------------------------------------------------------------- reading outputs
-    def parse(self, ids: Sequence[int]) -> list[int] | None:
+    def parse(self, ids: Sequence[int], partial: bool = False) -> list[int] | None:
         """Title ids of a generated sequence (in output order), or None when it is not a complete,
         valid output. Generation ends at the first EOS after the decoder start token; whatever
-        follows (padding) is ignored."""
+        follows (padding) is ignored.
+
+        ``partial`` (multi-title): a sequence that ran into a dead end (it began to repeat a title, so only
+        the fallback EOS was left) or was cut by the length limit gives the titles it completed before,
+        if any, instead of None."""
         st = self._init
         for i, t in enumerate(ids):
             t = int(t)
-            st = self.transition(st, t)
-            if not st:
-                return None
+            nxt = self.transition(st, t)
+            if not nxt:
+                return self._completed(st) if partial else None
+            st = nxt
             if i > 0 and t == self.eos_token_id:
                 break
         for r in st:
@@ -203,18 +214,33 @@ class TrieConstraint:
                     for e in em:
                         out.extend(self.trie.titles_at(e))
                     return out + last
+        return self._completed(st) if partial else None
+
+    def _completed(self, state: tuple) -> list[int] | None:
+        """The titles finished (and followed by a separator) in the first reading of ``state`` that has any."""
+        if not self.multi_title:
+            return None
+        for _, em in state:
+            if em:
+                out: list[int] = []
+                for e in em:
+                    out.extend(self.trie.titles_at(e))
+                return out or None
         return None
 
 
 class TrieLogitsProcessor(LogitsProcessor):
-    """Masks every row in one scatter from the trie's children arrays (faster than the fn hook)."""
+    """Masks every row in one scatter from the trie's children arrays (faster than the fn hook).
 
-    def __init__(self, constraint: TrieConstraint) -> None:
+    ``offset``: the trie walk reads ``input_ids[:, offset:]`` (causal LMs: the prompt's last position)."""
+
+    def __init__(self, constraint: TrieConstraint, offset: int = 0) -> None:
         self.constraint = constraint
+        self.offset = int(offset)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         c = self.constraint
-        allowed = [c.allowed_array(tuple(row)) for row in input_ids.tolist()]
+        allowed = [c.allowed_array(tuple(row)) for row in input_ids[:, self.offset:].tolist()]
         lens = torch.tensor([len(a) for a in allowed])
         cols = torch.from_numpy(np.concatenate(allowed).astype(np.int64)).to(scores.device)
         rows = torch.repeat_interleave(torch.arange(len(allowed)), lens).to(scores.device)
@@ -243,6 +269,21 @@ def trie_logits_processor(trie: TitleTrie, *, eos_token_id: int | None = None, m
                                                         max_titles=max_titles))
 
 
+class _OffsetFn:
+    """The ``prefix_allowed_tokens_fn`` hook reading ``input_ids[offset:]``."""
+
+    def __init__(self, constraint: TrieConstraint, offset: int) -> None:
+        self.constraint, self.offset = constraint, int(offset)
+
+    def __call__(self, batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        return self.constraint(batch_id, input_ids[self.offset:])
+
+
+def is_causal(model: Any) -> bool:
+    """A decoder-only LM (by its config); seq2seq models have ``is_encoder_decoder``."""
+    return not bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _decoder_start(model: Any) -> int | None:
     for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         v = getattr(cfg, "decoder_start_token_id", None) if cfg is not None else None
@@ -254,26 +295,39 @@ def _decoder_start(model: Any) -> int | None:
 def decode_titles(model: Any, tokenizer: Any, trie: TitleTrie, input_texts: Sequence[str], num_beams: int = 10,
                   num_return_sequences: int = 10, max_length: int | None = None, *, batch_size: int = 8,
                   multi_title: bool = False, sep_token_ids: Sequence[int] | None = None, max_titles: int = 3,
-                  use_logits_processor: bool = True, max_input_length: int = 512,
+                  use_logits_processor: bool = True, max_input_length: int = 512, prompt: str | None = None,
                   **generate_kwargs: Any) -> list[list[tuple[str, float]]]:
     """Constrained beam search: for each input, a ranked list of ``(title, score)``, best first.
 
     Every title is a live corpus title taken from the trie's title table (never from detokenisation),
-    deduplicated by string. Score: the beam's ``sequences_scores`` (length-normalised log-prob) with
-    beams; with ``num_beams=1``, the sum of constrained log-probs of the generated tokens. Beams that
-    did not end on a title (possible only when fewer titles than beams exist) are dropped, so a list may
-    be shorter than ``num_return_sequences``; tokenizer collisions (one token path, several titles)
-    return each title with the beam's score. ``generate_kwargs`` pass through to ``model.generate``.
+    deduplicated by string. Score: the beam's ``sequences_scores`` (log-prob normalised by the number of
+    generated tokens) with beams; with ``num_beams=1``, the sum of constrained log-probs of the generated
+    tokens. Beams that did not end on a title (possible only when fewer titles than beams exist) are
+    dropped, so a list may be shorter than ``num_return_sequences``; tokenizer collisions (one token path,
+    several titles) return each title with the beam's score. A multi-title beam that ran into a dead end
+    (it began to repeat a title) gives the titles it completed before it. ``generate_kwargs`` pass through
+    to ``model.generate``.
+
+    Causal LMs (``model.config.is_encoder_decoder`` false): each input is put in ``prompt`` (default: the
+    template the trie was built for, else prompt.DEFAULT_PROMPT), prompts are left-padded, and
+    ``max_length`` counts the trie path with its start token (the new tokens are one fewer).
     """
     if trie.start_token_id is None or trie.eos_token_id is None:
         raise InputError("the trie needs start/eos token ids (build it with TitleTrie.from_titles)")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise InputError(f"beams must be a positive integer, got {num_beams!r}")
     if num_return_sequences > num_beams:
         raise InputError(f"num_return_sequences ({num_return_sequences}) > num_beams ({num_beams})")
     if isinstance(input_texts, str):
         raise InputError("input_texts must be a list of strings")
-    model_start = _decoder_start(model)
-    if model_start is not None and model_start != trie.start_token_id:
-        raise InputError(f"trie start token {trie.start_token_id} != model decoder_start_token_id {model_start}")
+    causal = is_causal(model)
+    encoder = None
+    if causal:
+        encoder = _causal_prompt_encoder(tokenizer, trie, prompt)
+    else:
+        model_start = _decoder_start(model)
+        if model_start is not None and model_start != trie.start_token_id:
+            raise InputError(f"trie start token {trie.start_token_id} != model decoder_start_token_id {model_start}")
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
@@ -285,18 +339,16 @@ def decode_titles(model: Any, tokenizer: Any, trie: TitleTrie, input_texts: Sequ
         depth = int(trie.max_depth or 1)
         max_length = depth if not multi_title else max_titles * depth + (max_titles - 1) * len(constraint.sep)
     kwargs: dict[str, Any] = dict(
-        num_beams=num_beams, num_return_sequences=num_return_sequences, max_length=max_length,
-        decoder_start_token_id=trie.start_token_id, eos_token_id=trie.eos_token_id, pad_token_id=pad,
-        do_sample=False, min_length=0, no_repeat_ngram_size=0, output_scores=True, return_dict_in_generate=True,
+        num_beams=num_beams, num_return_sequences=num_return_sequences, eos_token_id=trie.eos_token_id,
+        pad_token_id=pad, do_sample=False, no_repeat_ngram_size=0, output_scores=True, return_dict_in_generate=True,
     )
+    if causal:  # the prompt is not part of the trie path; the path's start token is the prompt's last token
+        kwargs.update(max_new_tokens=max(1, max_length - 1), min_new_tokens=0, repetition_penalty=1.0,
+                      length_penalty=1.0)
+    else:
+        kwargs.update(max_length=max_length, decoder_start_token_id=trie.start_token_id, min_length=0)
     kwargs.update(generate_kwargs)
     extra = list(kwargs.pop("logits_processor", None) or [])
-    if use_logits_processor:
-        kwargs["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(constraint), *extra])
-    else:
-        kwargs["prefix_allowed_tokens_fn"] = constraint
-        if extra:
-            kwargs["logits_processor"] = LogitsProcessorList(extra)
     model.eval()
     device = next(model.parameters()).device
     results: list[list[tuple[str, float]]] = []
@@ -304,11 +356,22 @@ def decode_titles(model: Any, tokenizer: Any, trie: TitleTrie, input_texts: Sequ
     nrs = kwargs["num_return_sequences"]
     for s in range(0, len(texts), batch_size):
         batch = texts[s:s + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_input_length)
-        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        if encoder is not None:
+            enc, offset = _left_padded(encoder.batch(batch, max_input_length), pad)
+        else:
+            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_input_length)
+            enc, offset = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}, 0
+        enc = {k: v.to(device) for k, v in enc.items()}
+        call = dict(kwargs)
+        if use_logits_processor:
+            call["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(constraint, offset), *extra])
+        else:
+            call["prefix_allowed_tokens_fn"] = _OffsetFn(constraint, offset) if offset else constraint
+            if extra:
+                call["logits_processor"] = LogitsProcessorList(extra)
         with torch.no_grad():
-            out = model.generate(**enc, **kwargs)
-        seqs = out.sequences.tolist()
+            out = model.generate(**enc, **call)
+        seqs = out.sequences[:, offset:].tolist()
         scores = _beam_scores(out, kwargs["num_beams"], trie.eos_token_id)
         for i in range(len(batch)):
             ranked = sorted(range(i * nrs, (i + 1) * nrs), key=lambda r: -scores[r])
@@ -317,7 +380,7 @@ def decode_titles(model: Any, tokenizer: Any, trie: TitleTrie, input_texts: Sequ
             for r in ranked:
                 if not math.isfinite(scores[r]):
                     continue
-                tids = constraint.parse(seqs[r])
+                tids = constraint.parse(seqs[r], partial=True)
                 if not tids:
                     continue
                 for tid in tids:
@@ -327,6 +390,35 @@ def decode_titles(model: Any, tokenizer: Any, trie: TitleTrie, input_texts: Sequ
                         items.append((title, float(scores[r])))
             results.append(items)
     return results
+
+
+def _causal_prompt_encoder(tokenizer: Any, trie: TitleTrie, prompt: str | None):
+    """The PromptEncoder of a causal decode, checked against the trie (its title context and start token)."""
+    from retrievers.generative.prompt import DEFAULT_PROMPT, PromptEncoder
+
+    context = trie.meta.get("title_context")
+    if context is None:
+        raise InputError("this trie holds titles tokenised on their own (built for a seq2seq model); a decoder-only "
+                         "model needs a trie built over titles after its prompt: rebuild it with --model <causal LM>")
+    prompt = prompt or trie.meta.get("prompt") or DEFAULT_PROMPT
+    encoder = PromptEncoder(tokenizer, prompt)
+    if encoder.suffix != context:
+        raise InputError(f"the trie was built for titles after {context!r}; the prompt {prompt!r} ends with "
+                         f"{encoder.suffix!r}: rebuild the trie with this prompt")
+    if encoder.start_token_id != trie.start_token_id:
+        raise InputError(f"trie start token {trie.start_token_id} != the prompt's last token {encoder.start_token_id}")
+    return encoder
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[dict[str, torch.Tensor], int]:
+    """(input_ids + attention_mask padded on the left, offset of the prompts' last position)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}, width - 1
 
 
 def _beam_scores(out: Any, num_beams: int, eos_token_id: int) -> list[float]:

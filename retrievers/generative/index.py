@@ -9,13 +9,18 @@ the tokenizer fingerprint and the decoder start / eos ids) plus:
   with a title keeps it (the others cannot be told apart by a generated title); all are reported here,
   in the manifest (``generative.duplicate_titles``) and in the build output;
 * manifest key ``generative``: the model the trie was built for (the default model of `rag retrieve`
-  and `rag answer`), corpus path and checksum, counts.
+  and `rag answer`), its kind (``model_kind``: seq2seq | causal) and, for a causal LM, the prompt template
+  the titles follow (``prompt``; the trie's ``title_context`` is its fixed end), corpus path and checksum,
+  counts, build seconds, and the prompt check: titles whose tokens after a real prompt differ from the
+  trie's (``prompt_check.mismatched``) or that merge with the prompt's end (``context_mismatches``), by id
+  and title; they stay in the trie (never dropped) and are warned about.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,9 @@ DUPLICATES_FILE = "duplicates.json"
 class TrieBuildConfig:
     model: str | None = opt(None, "model id/path or generative run folder (its tokenizer and start/eos ids)")
     store_text: bool = opt(True, "keep document texts in docs.jsonl (for readers)")
+    prompt: str | None = opt(None, "decoder-only models: prompt template with {question}; titles are tokenised as "
+                                   "they follow it (default: the run's, else 'Question: {question}\\nTitle:'); "
+                                   "seq2seq models ignore it")
 
 
 def unique_titles(documents) -> tuple[list[str], list[Any], dict[str, list[str]]]:
@@ -48,14 +56,40 @@ def unique_titles(documents) -> tuple[list[str], list[Any], dict[str, list[str]]
     return list(first), list(first.values()), dups
 
 
-def corpus_trie(corpus, tokenizer, start_token_id: int, eos_token_id: int):
-    """(TitleTrie over the corpus's unique titles, doc ids aligned with title ids, duplicates)."""
-    from index.trie import TitleTrie
+def corpus_trie(corpus, tokenizer, spec, eos_token_id: int | None = None):
+    """(TitleTrie over the corpus's unique titles, doc ids aligned with title ids, duplicates).
 
+    ``spec``: a model.TitleSpec (causal LMs: titles tokenised after the prompt's fixed end, the trie starting
+    at its last token), or the seq2seq decoder start id with ``eos_token_id``."""
+    from index.trie import TitleTrie
+    from retrievers.generative.model import SEQ2SEQ, TitleSpec
+
+    if not isinstance(spec, TitleSpec):
+        spec = TitleSpec(SEQ2SEQ, int(spec), int(eos_token_id))  # type: ignore[arg-type]
     titles, docs, dups = unique_titles(corpus.documents)
-    trie = TitleTrie.from_titles(titles, tokenizer, start_token_id, eos_token_id,
-                                 corpus_checksum=getattr(corpus, "checksum", None))
+    trie = TitleTrie.from_titles(titles, tokenizer, spec.start_token_id, spec.eos_token_id,
+                                 corpus_checksum=getattr(corpus, "checksum", None), context=spec.context)
+    if spec.prompt:
+        trie.meta["prompt"] = spec.prompt
     return trie, [d.id for d in docs], dups
+
+
+def prompt_report(trie, tokenizer, spec, doc_ids: list[str]) -> dict[str, Any] | None:
+    """Causal tries: the prompt check (prompt.check_continuations) and the context mismatches, by id and title."""
+    from retrievers.generative.prompt import check_continuations
+
+    if spec.prompt is None:
+        return None
+    titles = [trie.title(i) for i in range(len(doc_ids))]
+    check = check_continuations(tokenizer, spec.prompt, titles)
+    bad, merged = check["mismatched"], list(trie.report.context_mismatches)
+    if bad or merged:
+        logger.warning("%d of %d checked titles tokenise differently after a real prompt, %d merge with the prompt's "
+                       "end (kept in the trie): %s", len(bad), check["checked"], len(merged),
+                       ", ".join(f"{doc_ids[i]} {titles[i]!r}" for i in (bad + merged)[:5]))
+    show = lambda ids: [{"id": doc_ids[i], "title": titles[i]} for i in ids[:50]]  # noqa: E731
+    return {"checked": check["checked"], "prompts": check["prompts"], "mismatched": len(bad),
+            "mismatched_sample": show(bad), "context_mismatches": len(merged), "context_mismatches_sample": show(merged)}
 
 
 def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuildConfig | None = None,
@@ -63,13 +97,16 @@ def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuild
     """Build the trie index folder (atomically: staged beside ``out``, renamed into place)."""
     from core.corpus import Corpus
     from core.io import prepare_output_dir, write_jsonl
-    from retrievers.generative.model import DEFAULT_MODEL, load_tokenizer_and_ids
+    from retrievers.generative.model import DEFAULT_MODEL, load_tokenizer_and_spec
 
     config = config or TrieBuildConfig()
     out = prepare_output_dir(out, overwrite)
     corpus = Corpus.load(corpus_path)
-    tokenizer, start, eos = load_tokenizer_and_ids(config.model)
-    trie, doc_ids, dups = corpus_trie(corpus, tokenizer, start, eos)
+    tokenizer, spec = load_tokenizer_and_spec(config.model, config.prompt)
+    t0 = time.perf_counter()
+    trie, doc_ids, dups = corpus_trie(corpus, tokenizer, spec)
+    build_seconds = time.perf_counter() - t0
+    check = prompt_report(trie, tokenizer, spec, doc_ids)
     if dups:
         logger.warning("%d titles are shared by several documents (first document kept): %s", len(dups),
                        ", ".join(list(dups)[:5]))
@@ -88,6 +125,8 @@ def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuild
             model_ref = str(Path(str(model_ref)).expanduser().resolve())
         manifest["generative"] = {
             "model": model_ref or DEFAULT_MODEL, "corpus": str(corpus.path), "corpus_checksum": corpus.checksum,
+            "model_kind": spec.kind, "prompt": spec.prompt, "build_seconds": round(build_seconds, 3),
+            **({"prompt_check": check} if check is not None else {}),
             "docs": len(corpus), "titles": len(doc_ids), "docs_file": DOCS_FILE, "store_text": config.store_text,
             "duplicate_titles": {"count": len(dups), "extra_docs": sum(len(v) - 1 for v in dups.values()),
                                  "sample": dict(list(dups.items())[:20])},

@@ -6,17 +6,26 @@
   Its cross-attention starts random, so it is materialised ONCE (seed 0) into
   ``$RAG_HOME/models/minilm-bert2bert-seed0`` and read from there afterwards: a PEFT run that names
   it as its base gets back exactly the base it was trained on;
-* any HF seq2seq folder or hub id (BART, T5, an EncoderDecoderModel folder);
+* ``"gemma-3-270m"``: the packaged Gemma-3-270M, a decoder-only LM (core/gemma.py converts it once);
+* any HF seq2seq or causal-LM folder or hub id (BART, T5, an EncoderDecoderModel folder; Llama, Qwen, GPT-2):
+  the model config tells them apart (``is_encoder_decoder``; a causal LM has a ``*ForCausalLM`` /
+  ``*LMHeadModel`` architecture); a model with neither head is refused in one line. Remote code is never run;
 * a generative run folder (``generative_run.json``): a full run (``model/``: save_pretrained, safetensors)
   or a PEFT run (``peft/``: core.peft's config + only the trained parameters, on top of the base named
   in the run's meta, whose fingerprint is checked).
 
 A run folder also holds ``tokenizer/`` so the trie can be built from it without loading weights.
+
+``TitleSpec`` says how a model writes titles: seq2seq models start the decoder at the decoder start token;
+causal LMs continue a prompt (retrievers/generative/prompt.py), the trie starting at the prompt's last token.
+Both end titles with EOS (causal: the tokenizer's ``eos_token_id``). Run folders record it
+(``model_kind``, ``prompt``, ``decoder_start_token_id``, ``eos_token_id``).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +43,8 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "minilm-bert2bert"
 _WARM_START_SEED = 0
+SEQ2SEQ, CAUSAL = "seq2seq", "causal"
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "WithLMHead")
 
 
 # ---------------------------------------------------------------------------------------------- bases
@@ -65,10 +76,101 @@ def default_base_path() -> Path:
 
 
 def resolve_base(spec: str | Path | None) -> str:
-    """A loadable model folder / hub id for a base spec (the default alias -> its materialised folder)."""
+    """A loadable model folder / hub id for a base spec (the default alias -> its materialised folder,
+    ``gemma-3-270m`` -> the converted Gemma folder; hub ids and folders through core.models)."""
+    from core.gemma import GEMMA_ALIAS, gemma_path
+    from core.models import resolve_model
+
     if spec is None or str(spec) == DEFAULT_MODEL:
         return str(default_base_path())
-    return str(spec)
+    if str(spec) == GEMMA_ALIAS:
+        return gemma_path()
+    return resolve_model(str(spec))
+
+
+def kind_of_config(config: Any, name: str = "model") -> str:
+    """``seq2seq`` or ``causal`` from a model config; a one-line RagError for a model with neither head."""
+    if getattr(config, "is_encoder_decoder", False):
+        return SEQ2SEQ
+    architectures = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        return CAUSAL
+    model_type = getattr(config, "model_type", "")
+    if not architectures:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
+        encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+        if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder:
+            return CAUSAL
+    shown = ", ".join(architectures) or model_type or type(config).__name__
+    raise RagError(f"model {name}: {shown} has neither a causal-LM nor a seq2seq head; the generative retriever "
+                   "needs a decoder-only LM (default gemma-3-270m) or a seq2seq LM (BART, T5)")
+
+
+def model_kind(model: Any) -> str:
+    return kind_of_config(model.config, type(model).__name__)
+
+
+def causal_eos(tokenizer: Any, config: Any = None) -> int:
+    """The EOS a causal LM ends titles with: the tokenizer's, else the model config's (first of a list)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None and config is not None:
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    if eos is None:
+        raise RagError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: no EOS token (tokenizer and model "
+                       "config name none); a causal generative retriever ends every title with EOS")
+    return int(eos)
+
+
+def ensure_pad(model: Any, tokenizer: Any) -> None:
+    """A causal LM without a pad token pads with its EOS (the attention mask hides it)."""
+    if tokenizer.pad_token_id is None:
+        eos = causal_eos(tokenizer, getattr(model, "config", None))
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos)
+        logger.info("%s has no pad token: padding with its EOS token (id %d)", type(model).__name__, eos)
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = tokenizer.pad_token_id
+
+
+@dataclass(frozen=True)
+class TitleSpec:
+    """How a model writes titles: the trie's start and EOS ids, and (causal) the prompt template."""
+
+    kind: str
+    start_token_id: int
+    eos_token_id: int
+    prompt: str | None = None
+
+    @property
+    def context(self) -> str | None:
+        """Causal: the text the titles are tokenised after (the template's fixed end); seq2seq: None."""
+        if self.kind != CAUSAL:
+            return None
+        from retrievers.generative.prompt import template_suffix
+        return template_suffix(self.prompt or "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_kind": self.kind, "prompt": self.prompt, "decoder_start_token_id": self.start_token_id,
+                "eos_token_id": self.eos_token_id}
+
+
+def causal_spec(tokenizer: Any, prompt: str | None = None, config: Any = None) -> TitleSpec:
+    from retrievers.generative.prompt import DEFAULT_PROMPT, PromptEncoder
+
+    prompt = prompt or DEFAULT_PROMPT
+    return TitleSpec(CAUSAL, PromptEncoder(tokenizer, prompt).start_token_id, causal_eos(tokenizer, config), prompt)
+
+
+def title_spec(model: Any, tokenizer: Any, prompt: str | None = None) -> TitleSpec:
+    """The TitleSpec of a loaded model (``prompt`` is used by causal LMs only; default: DEFAULT_PROMPT)."""
+    if model_kind(model) == CAUSAL:
+        return causal_spec(tokenizer, prompt, model.config)
+    start, eos = decoder_ids(model, tokenizer)
+    return TitleSpec(SEQ2SEQ, start, eos)
 
 
 def decoder_ids(model: Any, tokenizer: Any = None) -> tuple[int, int]:
@@ -101,10 +203,25 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_base(spec: str | Path | None):
-    """(model, tokenizer) of a plain seq2seq model (default: the warm-started MiniLM bert2bert)."""
+def load_pretrained(path: str, name: str | None = None):
+    """(model, tokenizer) of a HF folder / hub id: seq2seq or causal LM, told apart by its config."""
+    from transformers import AutoConfig
+
     from core.models import load_seq2seq
-    return load_seq2seq(resolve_base(spec))
+
+    if kind_of_config(AutoConfig.from_pretrained(path), name or path) == SEQ2SEQ:
+        return load_seq2seq(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ensure_pad(model, tokenizer)
+    return model, tokenizer
+
+
+def load_base(spec: str | Path | None):
+    """(model, tokenizer) of a plain model (default: the warm-started MiniLM bert2bert)."""
+    return load_pretrained(resolve_base(spec), str(spec) if spec is not None else DEFAULT_MODEL)
 
 
 def prepare_for_generation(model: Any) -> Any:
@@ -129,7 +246,7 @@ def read_run_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(path))
 
@@ -137,7 +254,6 @@ def _load_tokenizer(path: Path):
 def load_run(path: str | Path, trainable: bool = False):
     """(model, tokenizer) of a run folder; with ``trainable`` the run's trained parameters keep
     requires_grad (to continue training them), else everything is frozen."""
-    from core.models import load_seq2seq
     from core.peft import load_peft
 
     path = Path(path)
@@ -145,7 +261,7 @@ def load_run(path: str | Path, trainable: bool = False):
     if meta["weights"] == "full":
         if not (path / MODEL_DIR / "config.json").exists():
             raise RagError(f"{path}: the run has no {MODEL_DIR}/ folder")
-        model, tokenizer = load_seq2seq(str(path / MODEL_DIR))
+        model, tokenizer = load_pretrained(str(path / MODEL_DIR))
         if trainable:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -162,6 +278,8 @@ def load_run(path: str | Path, trainable: bool = False):
         raise RagError(f"{path / RUN_META}: unknown weights kind {meta['weights']!r}")
     if (path / TOKENIZER_DIR).exists():
         tokenizer = _load_tokenizer(path / TOKENIZER_DIR)
+    if meta.get("model_kind") == CAUSAL:
+        ensure_pad(model, tokenizer)
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -184,20 +302,49 @@ def load_generative(spec: str | Path | None = None, device: str | None = None, t
     return model.eval(), tokenizer
 
 
-def load_tokenizer_and_ids(spec: str | Path | None) -> tuple[Any, int, int]:
-    """(tokenizer, decoder start id, eos id) of a model or run; a run folder is read without its weights."""
+def load_tokenizer_and_spec(spec: str | Path | None, prompt: str | None = None) -> tuple[Any, TitleSpec]:
+    """(tokenizer, TitleSpec) of a model or run, without loading weights where it can (run folders, causal
+    LMs). ``prompt``: the causal template (default: the run's, else DEFAULT_PROMPT); seq2seq models ignore it."""
     if is_generative_run(spec):
         meta = read_run_meta(spec)
         tok_dir = Path(spec) / TOKENIZER_DIR
         if tok_dir.exists() and meta.get("decoder_start_token_id") is not None:
-            return _load_tokenizer(tok_dir), int(meta["decoder_start_token_id"]), int(meta["eos_token_id"])
+            tokenizer = _load_tokenizer(tok_dir)
+            if meta.get("model_kind") == CAUSAL:
+                if prompt and prompt != meta.get("prompt"):
+                    raise RagError(f"{spec} was trained with the prompt {meta.get('prompt')!r}, not {prompt!r}: "
+                                   "leave --prompt out to use the run's")
+                return tokenizer, causal_spec(tokenizer, meta.get("prompt"))
+            _ignore_prompt(prompt)
+            return tokenizer, TitleSpec(SEQ2SEQ, int(meta["decoder_start_token_id"]), int(meta["eos_token_id"]))
     if spec is None or str(spec) == DEFAULT_MODEL:
         from core.models import _minilm_path
+        _ignore_prompt(prompt)
         tokenizer = _load_tokenizer(Path(_minilm_path()))
-        return tokenizer, int(tokenizer.cls_token_id), int(tokenizer.sep_token_id)
+        return tokenizer, TitleSpec(SEQ2SEQ, int(tokenizer.cls_token_id), int(tokenizer.sep_token_id))
+    if not is_generative_run(spec):
+        from transformers import AutoConfig
+
+        path = resolve_base(spec)
+        config = AutoConfig.from_pretrained(path)
+        if kind_of_config(config, str(spec)) == CAUSAL:
+            tokenizer = _load_tokenizer(path)
+            return tokenizer, causal_spec(tokenizer, prompt, config)
     model, tokenizer = load_generative(spec)
-    start, eos = decoder_ids(model, tokenizer)
-    return tokenizer, start, eos
+    if model_kind(model) == SEQ2SEQ:
+        _ignore_prompt(prompt)
+    return tokenizer, title_spec(model, tokenizer, prompt)
+
+
+def _ignore_prompt(prompt: str | None) -> None:
+    if prompt:
+        logger.warning("--prompt is ignored: seq2seq models read the question alone")
+
+
+def load_tokenizer_and_ids(spec: str | Path | None) -> tuple[Any, int, int]:
+    """(tokenizer, trie start id, eos id) of a model or run (see load_tokenizer_and_spec)."""
+    tokenizer, ts = load_tokenizer_and_spec(spec)
+    return tokenizer, ts.start_token_id, ts.eos_token_id
 
 
 def base_reference(spec: str | Path | None) -> str:
@@ -209,8 +356,10 @@ def base_reference(spec: str | Path | None) -> str:
 
 
 def save_run_model(model: Any, tokenizer: Any, out: str | Path, *, method: str, base: str | None,
-                   base_fingerprint: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the weights (full: ``model/``; PEFT: ``peft/``), ``tokenizer/`` and ``generative_run.json``."""
+                   base_fingerprint: str | None, extra: dict[str, Any] | None = None,
+                   spec: TitleSpec | None = None) -> dict[str, Any]:
+    """Write the weights (full: ``model/``, save_pretrained: config, weights, generation config, tokenizer;
+    PEFT: ``peft/``), ``tokenizer/`` and ``generative_run.json`` (with the TitleSpec: kind, prompt, ids)."""
     from core.peft import save_peft
     from index.trie import tokenizer_info
 
@@ -223,9 +372,9 @@ def save_run_model(model: Any, tokenizer: Any, out: str | Path, *, method: str, 
         save_peft(model, out / PEFT_DIR)
         weights = "peft"
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    start, eos = decoder_ids(model, tokenizer)
+    spec = spec or title_spec(model, tokenizer)
     meta = {"format_version": FORMAT_VERSION, "weights": weights, "peft": method, "base": base,
-            "base_fingerprint": base_fingerprint, "decoder_start_token_id": start, "eos_token_id": eos,
+            "base_fingerprint": base_fingerprint, **spec.to_json(),
             "model_class": type(model).__name__, "tokenizer": tokenizer_info(tokenizer), **(extra or {})}
     write_json(out / RUN_META, meta)
     return meta
