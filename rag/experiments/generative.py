@@ -4,7 +4,8 @@
 
 Rows (each with ``full`` and ``iaa`` tuning, equal steps and batch):
 
-* (a) fine-tune only: the base seq2seq model fine-tuned on the training questions;
+* (a) fine-tune only: the base model (seq2seq, or a decoder-only LM such as ``--model gemma-3-270m``, which
+  writes the title after ``--prompt``) fine-tuned on the training questions;
 * (b) pre-train then fine-tune: pre-trained on the corpus's ISS/LPS/HIP pairs, then fine-tuned (same method);
 * (c) pre-train only: the pre-trained model evaluated zero-shot;
 * low-resource: (a) and (b) again with ``--low-resource`` (10%) of the training questions (the research
@@ -71,7 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="KILT training questions (FanOutQA train)")
     parser.add_argument("--dev", required=True, help="KILT dev questions (FanOutQA dev)")
     parser.add_argument("--out", required=True, type=Path, help="study folder")
-    parser.add_argument("--model", default=None, help="base seq2seq model (default: warm-started MiniLM bert2bert)")
+    parser.add_argument("--model", default=None, help="base model: seq2seq, or a decoder-only LM such as gemma-3-270m "
+                        "(default: warm-started MiniLM bert2bert)")
+    parser.add_argument("--prompt", default=None, help="decoder-only models: prompt template with {question} "
+                        "(default: the trainer's, 'Question: {question}\\nTitle:')")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="label smoothing of the target cross-entropy (default: 0; CorpusBrain uses 0.1)")
     parser.add_argument("--small", action="store_true", help="tiny preset for tests")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated PEFT methods (full, iaa, lora)")
     for name in ("pretrain-steps", "finetune-steps", "batch-size", "max-source-length", "max-source-words",
@@ -107,7 +113,8 @@ def _config(args, preset: Preset, method: str, stage: str, init: Path | None, fr
     common = dict(corpus=corpus_path, dev=str(Path(args.dev).resolve()), peft=method,
                   lr=args.lr_full if method == "full" else args.lr_peft, batch_size=preset.batch_size,
                   max_source_length=preset.max_source_length, eval_beams=preset.beams, dev_limit=preset.dev_limit,
-                  eval_batch_size=preset.eval_batch_size, seed=args.seed, eval_every=0, save_every=0, log_every=5)
+                  eval_batch_size=preset.eval_batch_size, seed=args.seed, eval_every=0, save_every=0, log_every=5,
+                  label_smoothing=args.label_smoothing, **({"prompt": args.prompt} if args.prompt else {}))
     if stage == "pretrain":
         return GenerativeTrainConfig(stage="pretrain", pairs=str(pairs), tasks=args.tasks, max_pairs=preset.max_pairs,
                                      max_source_words=preset.max_source_words, max_steps=preset.pretrain_steps,
@@ -289,6 +296,9 @@ def run(args: argparse.Namespace) -> int:
                 results[f"pretrain+finetune{tag}-{method}"], n_low)
 
     model_name = args.model or "warm-started MiniLM bert2bert (EncoderDecoderModel)"
+    kind = next((m.get("model_kind") for m in results.values() if m.get("model_kind")), None)
+    if kind == "causal":
+        model_name += f" (decoder-only; prompt {results[f'pretrain-{methods[0]}'].get('prompt')!r})"
     header = (f"## CorpusBrain generative retrieval ({'small preset' if args.small else 'default preset'})\n\n"
               f"Model: {model_name}. Corpus: {len(corpus):,} documents ({corpus.path}). Pre-training: "
               f"{preset.pretrain_steps} steps x batch {preset.batch_size} on a random sample of the "
@@ -307,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "generative.md").write_text(md, encoding="utf-8")
     write_json(out / "generative.json", {
         "preset": dataclasses.asdict(preset), "methods": methods, "seed": args.seed, "model": args.model,
+        "model_kind": kind, "prompt": args.prompt, "label_smoothing": args.label_smoothing,
         "corpus": corpus_path, "train": str(args.train), "dev": str(args.dev), "dev_questions": len(dev),
         "train_questions": n_train, "low_resource_questions": n_low, "pair_stats": pair_stats,
         "rows": rows, "runs": {k: {kk: v.get(kk) for kk in ("dev", "trainable_params", "total_params",

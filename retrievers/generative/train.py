@@ -11,7 +11,14 @@
   separator tokens of " |" and closed by EOS, so every target is a path of the title trie (with
   restarts after the separator); the decoder input is the decoder start token + labels[:-1].
   (BERT: "A |B" and "A | B" tokenise the same; a BPE tokenizer would not, hence per-title encoding.)
-* PEFT through core.peft: full, iaa, adapter, lora, bitfit (prefix tuning does not fit EncoderDecoderModel).
+* Decoder-only LMs (``--model gemma-3-270m``, any HF causal LM; told apart by the model config): each
+  example is ``prompt + " " + target + eos`` (retrievers/generative/prompt.py; ``--prompt`` holds
+  ``{question}``, pre-training pairs put their source passage there), the target tokens being the trie's
+  tokens of the titles after the prompt; the loss is on the target tokens only (-100 on the prompt and the
+  padding). Rows are left-padded with position ids from the attention mask, as generate() decodes them.
+* ``--label-smoothing`` (0.1 in the official CorpusBrain scripts) for both kinds.
+* PEFT through core.peft: full, iaa, adapter, lora, bitfit (prefix tuning does not fit EncoderDecoderModel;
+  bitfit needs bias parameters, which Gemma does not have).
   ``--init RUN`` continues the run's own adapters (same method), or puts a new method on a full run.
 * The loop, progress, checkpoints, ``--resume`` (refused with a different config), curves and metrics
   are core.training's. Dev evaluation decodes the dev questions with beam ``--eval-beams`` under the trie
@@ -36,6 +43,7 @@ from core.errors import RagError
 from core.peft import method_names
 from core.training.config import TrainConfig
 from retrievers.generative.model import DEFAULT_MODEL
+from retrievers.generative.prompt import DEFAULT_PROMPT, check_template
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +77,10 @@ class GenerativeTrainConfig(TrainConfig):
     eval_beams: int = opt(10, "beams for dev decoding", min=1)
     dev_limit: int = opt(0, "evaluate the first N usable dev questions (0 = all)", min=0)
     eval_batch_size: int = opt(8, "questions per dev decoding batch", min=1)
+    prompt: str = opt(DEFAULT_PROMPT, "decoder-only models: prompt template with {question} (pretrain: the source "
+                                      "passage); the title follows after a space (seq2seq models ignore it)",
+                      check=check_template)
+    label_smoothing: float = opt(0.0, "label smoothing of the target cross-entropy (CorpusBrain: 0.1)", min=0, lt=1)
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -77,7 +89,7 @@ class TargetEncoder:
     """Title lists -> label ids that follow the trie: [prefix] t1 [sep prefix t2 ...] eos."""
 
     def __init__(self, tokenizer: Any, start_token_id: int, eos_token_id: int, prefix_token_ids: Sequence[int] = (),
-                 max_length: int = 64) -> None:
+                 max_length: int = 64, context: str | None = None) -> None:
         from retrievers.generative.constrained import separator_ids
 
         self.tokenizer = tokenizer
@@ -85,13 +97,14 @@ class TargetEncoder:
         self.prefix = [int(t) for t in prefix_token_ids]
         self.sep = separator_ids(tokenizer)
         self.max_length = max_length
+        self.context = context  # causal LMs: titles are tokenised as they follow the prompt's end (the trie's way)
         self._cache: dict[str, list[int]] = {}
 
     def title_ids(self, title: str) -> list[int]:
         ids = self._cache.get(title)
         if ids is None:
             from index.trie import encode_titles
-            ids = self._cache[title] = encode_titles(self.tokenizer, [title])[0]
+            ids = self._cache[title] = encode_titles(self.tokenizer, [title], context=self.context)[0]
         return ids
 
     def labels(self, titles: Sequence[str]) -> list[int]:
@@ -123,19 +136,67 @@ def collate(pairs: Sequence[Any], tokenizer: Any, targets: TargetEncoder, max_so
             "decoder_input_ids": dec.to(device), "decoder_attention_mask": mask.to(device), "labels": lab.to(device)}
 
 
-def seq2seq_loss(model: Any, batch: dict[str, Any]):
+def collate_causal(pairs: Sequence[Any], prompts: Any, targets: TargetEncoder, max_source_length: int, device: Any,
+                   pad_token_id: int):
+    """Decoder-only examples: [pad ...] prompt target eos, left-padded (as generate() sees prompts); labels are
+    the target tokens at their own positions and -100 on the prompt and the padding; position ids follow the
+    attention mask."""
     import torch
 
+    sources = prompts.batch([p.source for p in pairs], max_source_length)
+    labels = [targets.labels(p.titles) for p in pairs]
+    width = max(len(s) + len(t) for s, t in zip(sources, labels))
+    ids = torch.full((len(pairs), width), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    lab = torch.full((len(pairs), width), -100, dtype=torch.long)
+    for i, (src, tgt) in enumerate(zip(sources, labels)):
+        n = len(src) + len(tgt)
+        ids[i, width - n:] = torch.tensor(src + tgt)
+        mask[i, width - n:] = 1
+        lab[i, width - len(tgt):] = torch.tensor(tgt)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
+            "labels": lab.to(device), "target_width": max(len(t) for t in labels)}
+
+
+def _keeps_logits(model: Any) -> bool:
+    import inspect
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def causal_loss(model: Any, batch: dict[str, Any], label_smoothing: float = 0.0):
+    """Next-token cross-entropy on the target tokens only. Targets end every (left-padded) row, so only the
+    last ``target_width + 1`` positions' logits are computed where the model can (``logits_to_keep``)."""
     labels = batch["labels"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=batch["decoder_attention_mask"])
-    logits = out.logits
+    feed = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    keep = int(batch.get("target_width") or labels.shape[1] - 1) + 1
+    if keep < labels.shape[1] and _keeps_logits(model):
+        logits = model(**feed, logits_to_keep=keep).logits
+    else:
+        logits = model(**feed).logits
+    logits = logits[:, -keep:-1] if logits.shape[1] == keep else logits[:, :-1]
+    target = labels[:, -logits.shape[1]:]
+    return _target_ce(logits, target, label_smoothing)
+
+
+def _target_ce(logits: Any, labels: Any, label_smoothing: float = 0.0):
+    import torch
+
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                             ignore_index=-100)
+                                             ignore_index=-100, label_smoothing=float(label_smoothing))
     with torch.no_grad():
         keep = labels != -100
         acc = ((logits.argmax(-1) == labels) & keep).sum().float() / keep.sum().clamp(min=1)
     return loss, {"ce": float(loss.detach()), "token_acc": float(acc), "target_tokens": float(keep.sum())}
+
+
+def seq2seq_loss(model: Any, batch: dict[str, Any], label_smoothing: float = 0.0):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=batch["decoder_attention_mask"])
+    return _target_ce(out.logits, batch["labels"], label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------- dev eval
@@ -156,13 +217,15 @@ def dev_rows(corpus, dev_path: str | Path, limit: int = 0, with_report: bool = F
 class GenerativeDevEvaluator:
     """KILT Rprec / recall@k of dev questions decoded under the corpus trie; also queries per second."""
 
-    def __init__(self, corpus, dev_path: str | Path, tokenizer: Any, start: int, eos: int, beams: int = 10,
-                 limit: int = 0, batch_size: int = 8, max_source_length: int = 128, multi_title: bool = False,
-                 ks: Sequence[int] = EVAL_KS) -> None:
+    def __init__(self, corpus, dev_path: str | Path, tokenizer: Any, start: Any, eos: int | None = None,
+                 beams: int = 10, limit: int = 0, batch_size: int = 8, max_source_length: int = 128,
+                 multi_title: bool = False, ks: Sequence[int] = EVAL_KS) -> None:
+        """``start``: the model's TitleSpec (causal LMs: with its prompt), or a seq2seq decoder start id + ``eos``."""
         from retrievers.generative.index import corpus_trie
 
         self.rows, self.report = dev_rows(corpus, dev_path, limit, with_report=True)
         self.trie, doc_ids, _ = corpus_trie(corpus, tokenizer, start, eos)
+        self.prompt = self.trie.meta.get("prompt")
         self.doc_of = {self.trie.title(i): d for i, d in enumerate(doc_ids)}
         self.tokenizer, self.beams, self.batch_size = tokenizer, beams, batch_size
         self.max_source_length, self.multi_title, self.ks = max_source_length, multi_title, tuple(ks)
@@ -179,7 +242,8 @@ class GenerativeDevEvaluator:
         ranked = decode_titles(prepare_for_generation(model), self.tokenizer, self.trie,
                                [r["input"] for r in self.rows], num_beams=self.beams,
                                num_return_sequences=self.beams, batch_size=self.batch_size,
-                               multi_title=self.multi_title, max_input_length=self.max_source_length)
+                               multi_title=self.multi_title, max_input_length=self.max_source_length,
+                               prompt=self.prompt)
         return ranked, time.perf_counter() - t0
 
     def score(self, ranked: list[list[tuple[str, float]]]) -> dict[str, float]:
@@ -259,6 +323,9 @@ def build_model(config: GenerativeTrainConfig):
     seed_everything(config.seed)
     if config.init:
         meta = read_run_meta(config.init)
+        if meta.get("prompt") and meta["prompt"] != config.prompt:
+            logger.warning("--init %s was trained with the prompt %r; this run trains with %r",
+                           config.init, meta["prompt"], config.prompt)
         if meta["weights"] == "peft":
             if config.peft != meta["peft"]:
                 raise RagError(f"--init {config.init} holds '{meta['peft']}' adapters: fine-tune them with "
@@ -287,7 +354,8 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
     from core.corpus import Corpus
     from core.training import RunFolder, TrainLoop
     from core.training.loop import EpochSampler, pick_device
-    from retrievers.generative.model import decoder_ids, save_run_model
+    from retrievers.generative.model import CAUSAL, model_kind, save_run_model, title_spec
+    from retrievers.generative.prompt import PromptEncoder
 
     if config.stage not in STAGES:
         raise RagError(f"--stage must be one of {', '.join(STAGES)}, not {config.stage!r}")
@@ -302,29 +370,46 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
     model, tokenizer, base, base_fp = build_model(config)
     model.to(device)
     run = RunFolder(out, config, f"retriever:generative:{config.stage}", resume=resume, overwrite=overwrite)
-    start, eos = decoder_ids(model, tokenizer)
-    targets = TargetEncoder(tokenizer, start, eos, max_length=config.max_target_length)
+    kind = model_kind(model)
+    spec = title_spec(model, tokenizer, config.prompt)
+    targets = TargetEncoder(tokenizer, spec.start_token_id, spec.eos_token_id, max_length=config.max_target_length,
+                            context=spec.context)
     multi_title = any(len(p.titles) > 1 for p in pairs)
-    evaluator = (GenerativeDevEvaluator(corpus, config.dev, tokenizer, start, eos, config.eval_beams, config.dev_limit,
-                                        config.eval_batch_size, config.max_source_length, multi_title)
+    evaluator = (GenerativeDevEvaluator(corpus, config.dev, tokenizer, spec, None, config.eval_beams,
+                                        config.dev_limit, config.eval_batch_size, config.max_source_length,
+                                        multi_title)
                  if config.dev else None)
     sampler = EpochSampler(len(pairs), config.batch_size, config.seed)
+    if kind == CAUSAL:
+        prompts = PromptEncoder(tokenizer, config.prompt)
 
-    def batch_for_step(step: int):
-        return collate([pairs[i] for i in sampler.indices(step)], tokenizer, targets, config.max_source_length, device)
+        def batch_for_step(step: int):
+            return collate_causal([pairs[i] for i in sampler.indices(step)], prompts, targets,
+                                  config.max_source_length, device, tokenizer.pad_token_id)
+
+        def loss_fn(batch):
+            return causal_loss(model, batch, config.label_smoothing)
+    else:
+        def batch_for_step(step: int):
+            return collate([pairs[i] for i in sampler.indices(step)], tokenizer, targets, config.max_source_length,
+                           device)
+
+        def loss_fn(batch):
+            return seq2seq_loss(model, batch, config.label_smoothing)
 
     def evaluate() -> dict[str, float]:
         return evaluator.evaluate(model)
 
     def save_final(path: Path) -> None:
-        save_run_model(model, tokenizer, path, method=config.peft, base=base, base_fingerprint=base_fp,
+        save_run_model(model, tokenizer, path, method=config.peft, base=base, base_fingerprint=base_fp, spec=spec,
                        extra={"stage": config.stage, "init": str(Path(config.init).resolve()) if config.init else None,
                               "corpus": str(corpus.path), "corpus_checksum": corpus.checksum,
                               "multi_title": multi_title, "max_source_length": config.max_source_length})
 
     extra = {"stage": config.stage, "peft": config.peft, "lr": config.lr, "base": base, "init": config.init,
+             "model_kind": kind, "prompt": spec.prompt, "label_smoothing": config.label_smoothing,
              "multi_title_targets": multi_title, **data_info, **(evaluator.describe() if evaluator else {})}
-    loop = TrainLoop(run, model, config, batch_for_step, lambda b: seq2seq_loss(model, b),
+    loop = TrainLoop(run, model, config, batch_for_step, loss_fn,
                      evaluate if evaluator else None, save_final=save_final, resume=resume, extra_metrics=extra)
     t0 = time.perf_counter()
     metrics = loop.fit()
@@ -337,8 +422,8 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
 def resolve_run_references(values: dict[str, Any]) -> dict[str, Any]:
     """Options as given (flags or a config file) -> options that name runs and files by absolute path.
 
-    A generative run folder given as `model` starts from that run (`init`); with `init`, the method and
-    the corpus default to the run's own.
+    A generative run folder given as `model` starts from that run (`init`); with `init`, the method,
+    the corpus and (decoder-only runs) the prompt default to the run's own.
     """
     from retrievers.generative.model import is_generative_run, read_run_meta
 
@@ -351,6 +436,8 @@ def resolve_run_references(values: dict[str, Any]) -> dict[str, Any]:
             values["peft"] = meta["peft"]
         if not values.get("corpus") and meta.get("corpus"):
             values["corpus"] = meta["corpus"]
+        if not values.get("prompt") and meta.get("prompt"):
+            values["prompt"] = meta["prompt"]
         values.pop("model", None)
         values["init"] = str(Path(values["init"]).resolve())
     if values.get("model") and Path(values["model"]).expanduser().exists():
