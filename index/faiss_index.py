@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -41,13 +42,55 @@ class FaissIndex:
     def __len__(self) -> int:
         return self.index.ntotal
 
+    def training_minimum(self) -> tuple[int, str]:
+        """The fewest training vectors Faiss accepts for this index, and why (0, "" when it needs no training).
+
+        Faiss's rule: every k-means it runs needs at least k points (IVF: nlist; PQ: 2^nbits per
+        subquantizer; residual quantizers likewise); a PCA to d dims needs d. Walks wrappers (OPQ/PCA
+        pre-transforms, refine, HNSW storage, IDMap) so the check holds for composite factory strings.
+        """
+        if self.index.is_trained:
+            return 0, ""
+        needs: list[tuple[int, str]] = []
+        keep: list[Any] = []  # keep the wrappers alive while their children are inspected
+        stack: list[Any] = [self.index]
+        while stack:
+            idx: Any = faiss.downcast_index(stack.pop())
+            keep.append(idx)
+            if isinstance(idx, faiss.IndexPreTransform):
+                chain: Any = idx.chain
+                for j in range(chain.size()):
+                    vt: Any = faiss.downcast_VectorTransform(chain.at(j))
+                    keep.append(vt)
+                    if isinstance(vt, faiss.OPQMatrix):
+                        needs.append((256, "OPQ trains a 256-centroid product quantizer"))
+                    elif isinstance(vt, faiss.PCAMatrix):
+                        needs.append((int(vt.d_out), f"PCA to {vt.d_out} dimensions"))
+            for child in ("index", "base_index", "storage", "quantizer"):
+                if hasattr(idx, child) and getattr(idx, child) is not None:
+                    stack.append(getattr(idx, child))
+            if hasattr(idx, "nlist"):
+                needs.append((int(idx.nlist), f"{idx.nlist} IVF lists"))
+            if hasattr(idx, "pq"):
+                needs.append((int(idx.pq.ksub), f"{idx.pq.ksub} centroids per PQ subquantizer"))
+            if hasattr(idx, "rq") or hasattr(idx, "aq"):
+                quantizer = idx.rq if hasattr(idx, "rq") else idx.aq
+                bits = faiss.vector_to_array(quantizer.nbits)
+                if len(bits):
+                    needs.append((2 ** int(bits.max()), f"{2 ** int(bits.max())} centroids per residual codebook"))
+        return max(needs) if needs else (1, "training")
+
     def train(self, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        min_points = getattr(faiss.extract_index_ivf(self.index), "nlist", 1) if "IVF" in self.factory else 1
+        min_points, why = self.training_minimum()
         if len(vectors) < min_points:
-            raise RagError(f"{self.factory} needs at least {min_points} training vectors, got {len(vectors)}; "
-                           "use a smaller IVF list count or `Flat` for small corpora")
-        self.index.train(vectors)
+            raise RagError(f"Faiss index {self.factory!r} needs at least {min_points} training vectors ({why}), "
+                           f"got {len(vectors)}; use fewer IVF lists / PQ bits, or `Flat` for small corpora")
+        try:
+            self.index.train(vectors)
+        except RuntimeError as exc:
+            raise RagError(f"training Faiss index {self.factory!r} on {len(vectors)} vectors failed: "
+                           f"{str(exc).splitlines()[-1]}") from None
 
     def reserve(self, n: int) -> bool:
         """Size a flat-coded index's code buffer for n vectors before adding shard by shard.
@@ -91,5 +134,25 @@ class FaissIndex:
 
     @classmethod
     def load(cls, folder: str | Path, factory: str, mmap: bool = False) -> FaissIndex:
+        """Read `folder/index.faiss`; a missing, truncated or foreign file is a RagError naming it."""
+        path = Path(folder) / INDEX_FILE
+        if not path.is_file():
+            raise RagError(f"{path}: missing; the index is incomplete: rebuild it")
         flags = faiss.IO_FLAG_MMAP if mmap else 0
-        return cls(faiss.read_index(str(Path(folder) / INDEX_FILE), flags), factory)
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise RagError(f"{path}: not a readable Faiss index (truncated or damaged: {reason}); "
+                           "rebuild the index") from None
+        return cls(index, factory)
+
+    def check_shape(self, folder: str | Path, count: int | None = None, dim: int | None = None) -> None:
+        """Raise unless the index holds `count` vectors of `dim` dimensions (None: not checked)."""
+        path = Path(folder) / INDEX_FILE
+        if dim is not None and self.dim != dim:
+            raise RagError(f"{path}: holds {self.dim}-dimensional vectors, the manifest says {dim}: "
+                           "a file of another index; rebuild the index")
+        if count is not None and len(self) != count:
+            raise RagError(f"{path}: holds {len(self)} vectors, the manifest counts {count} passages: "
+                           "a file of another index, or an incomplete build; rebuild the index")

@@ -5,9 +5,10 @@ rankings can be compared directly.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,9 +16,9 @@ import numpy as np
 
 from core.config import opt
 from core.corpus import Passage, file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
-from core.errors import RagError
+from core.errors import InputError, RagError
 from core.io import atomic_dir
-from index.manifest import read_manifest, write_manifest
+from index.manifest import MANIFEST, check_files, check_versions, read_manifest, require_keys, write_manifest
 from index.passages import PassageStore, write_passage_store
 from retrievers.base import Hit, aggregate_passages
 
@@ -143,19 +144,60 @@ def build_bm25_index(corpus: str | Path, out: str | Path, config: BM25Config | N
     return manifest
 
 
+BM25_KEYS = {"config": dict, "counts.passages": int}
+
+
 class BM25Retriever:
-    """Ranks documents by their best BM25 passage."""
+    """Ranks documents by their best BM25 passage; opening checks the folder is whole (sizes, counts)."""
 
     def __init__(self, index_dir: str | Path) -> None:
         self.index_dir = Path(index_dir)
         self.manifest = read_manifest(index_dir, "bm25")
+        require_keys(index_dir, self.manifest, BM25_KEYS)
+        check_files(index_dir, self.manifest)
+        check_versions(index_dir, self.manifest)
+        known = {f.name for f in fields(BM25Config)}
+        unknown = sorted(set(self.manifest["config"]) - known)
+        if unknown:
+            raise InputError(f"unknown BM25 option(s) {', '.join(map(repr, unknown))}; the manifest is damaged or "
+                             "from another toolkit version: rebuild the index", self.index_dir / MANIFEST,
+                             field="config")
         self.config = BM25Config(**self.manifest["config"])
-        self.store = PassageStore(index_dir)
-        self.searcher = _backend(self.config.backend).open(self.index_dir, self.config)
+        passages = self.manifest["counts"]["passages"]
+        self.store = PassageStore(index_dir, expected=passages)
+        backend = _backend(self.config.backend)
+        try:
+            self.searcher = backend.open(self.index_dir, self.config)
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # bm25s's files missing, truncated or damaged
+            where = where_bm25(self.index_dir, self.config)
+            detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise RagError(f"{where}: cannot load the {self.config.backend} index ({detail}); rebuild the "
+                           "index") from None
+        n = getattr(self.searcher, "n", None)
+        if isinstance(n, int) and n != passages:
+            raise RagError(f"{where_bm25(self.index_dir, self.config)}: indexes {n} passages, the manifest counts "
+                           f"{passages}: files of another index; rebuild the index")
 
     def retrieve(self, queries: Sequence[str], k: int = 100, passage_factor: int = 3, **_: Any) -> list[list[Hit]]:
+        k = _check_k(k)
+        _check_k(passage_factor, "passage_factor")
         pids, scores = self.searcher.search(queries, k * passage_factor)
         return [aggregate_passages(p, s, self.store, k) for p, s in zip(pids, scores)]
+
+
+def where_bm25(index_dir: Path, config: BM25Config) -> Path:
+    return index_dir / "bm25s" if config.backend == "bm25s" else index_dir
+
+
+def _check_k(k: Any, flag: str = "--k") -> int:
+    """A ranking depth must be a whole number >= 1 (k < 1 would silently return nothing)."""
+    try:
+        value = operator.index(k)
+    except TypeError:
+        raise RagError(f"{flag} must be a whole number of at least 1, got {k!r}") from None
+    if isinstance(k, bool) or value < 1:
+        raise RagError(f"{flag} must be at least 1, got {k!r}")
+    return value
 
 
 def open_bm25(index_dir: str | Path, **_: Any) -> BM25Retriever:

@@ -4,9 +4,16 @@ The corpus is read once into a passage table; embeddings are computed shard by s
 `.npy` files in a staging folder beside the output, so memory holds one shard at a time and an
 interrupted build resumes from the finished shards. The Faiss index is assembled from memory-mapped
 shards, the manifest is written last, and the staging folder is renamed into place only at the end.
+
+Integrity: the config (and what the Faiss factory needs to train, against the passage count) is checked
+before anything is encoded; a shard is written under a temporary name, fsynced, renamed and its folder
+fsynced, and on resume every finished shard is checked (size = npy header + rows * dim * 4, readable by
+a memory map); a torn one is encoded again, with a warning naming it. The build holds the output's lock
+(`core.io.output_lock`), so a second build of the same output fails at once.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -21,16 +28,20 @@ from tqdm.auto import tqdm
 from core.config import opt
 from core.corpus import file_checksum, iter_documents, resolve_corpus_path, split_passages, validate_corpus
 from core.errors import RagError
-from core.io import prepare_output_dir, read_json, write_json
+from core.io import move_into_place, output_lock, prepare_output_dir, read_json, write_json
 from index.faiss_index import FaissIndex
 from index.manifest import write_manifest
 from index.passages import PassageStore, write_passage_store
 from retrievers.encoders import PASSAGE_PRECISIONS, DenseEncoder, encoder_id, load_encoder
 
+logger = logging.getLogger(__name__)
+
 SHARDS = "embeddings"
 BUILD_KEY = "build_key.json"
 PASSAGES_DONE = "passages.done"
 PROGRESS_CHUNK = 1024  # passages per encode call within a shard (progress granularity)
+# Temporary shard files: ours (".shard-00001.<pid>.tmp") and those of earlier versions ("shard-00001.npy.tmp.npy").
+TMP_PATTERNS = (".shard-*.tmp", "shard-*.npy.tmp.npy")
 
 
 @dataclass
@@ -60,22 +71,119 @@ def shard_path(folder: Path, shard: int) -> Path:
     return folder / SHARDS / f"shard-{shard:05d}.npy"
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_shard(folder: Path, shard: int, embeddings: np.ndarray) -> None:
-    """Write a shard atomically: a shard file exists only when it is complete."""
+    """Write a shard atomically and durably: temp name, fsync, rename, fsync the folder.
+
+    A shard file exists only when it is complete, and survives a power loss once this returns.
+    """
     path = shard_path(folder, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, np.ascontiguousarray(embeddings, dtype=np.float32))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(embeddings, dtype=np.float32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def shard_problem(path: Path, rows: int, dim: int | None = None) -> str | None:
+    """Why the file at `path` is not a whole shard of `rows` float32 vectors (of `dim` dimensions when
+    given); None when it is. Whole = a C-ordered float32 (rows, dim) array whose file size is exactly the
+    npy header plus rows * dim * 4 bytes, and which memory-maps."""
+    fmt = np.lib.format
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                return f"unexpected npy format {version}"
+            header = fh.tell()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, EOFError) as exc:
+        return f"unreadable header ({exc})"
+    if dtype != np.float32 or fortran or len(shape) != 2:
+        return f"holds a {dtype} array of shape {shape}, expected float32 rows"
+    if shape[0] != rows or (dim is not None and shape[1] != dim):
+        return f"holds a {shape[0]} x {shape[1]} array, expected {rows} x {dim if dim is not None else shape[1]}"
+    expected = header + rows * shape[1] * 4
+    if size != expected:
+        return f"{size} bytes, expected {expected} ({header} header + {rows} x {shape[1]} x 4)"
+    try:
+        np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        return f"cannot be memory-mapped ({exc})"
+    return None
+
+
+def remove_torn_shards(staging: Path, n: int, shard_size: int, dim: int | None = None) -> list[int]:
+    """Delete every finished shard that is not whole (see `shard_problem`), warning with its name, and
+    any temporary shard file left by a killed writer; return the deleted shards (they are encoded again)."""
+    remove_tmp_shards(staging)
+    torn = []
+    for shard, (start, end) in enumerate(shard_ranges(n, shard_size)):
+        path = shard_path(staging, shard)
+        if not path.exists():
+            continue
+        problem = shard_problem(path, end - start, dim)
+        if problem is not None:
+            logger.warning("shard %d (%s) is torn: %s; encoding it again", shard, path, problem)
+            path.unlink()
+            torn.append(shard)
+    return torn
+
+
+def remove_tmp_shards(staging: Path) -> None:
+    folder = staging / SHARDS
+    if folder.is_dir():
+        for pattern in TMP_PATTERNS:
+            for tmp in folder.glob(pattern):
+                tmp.unlink(missing_ok=True)
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    if shard_size < 1:
+        raise RagError(f"--shard-size must be at least 1, got {shard_size}")
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
 
 def _build_key(config: DenseBuildConfig, corpus_checksum: str) -> dict[str, Any]:
     return {"encoder": encoder_id(config.encoder), "corpus_checksum": corpus_checksum,
             "words_per_passage": config.words_per_passage, "stride": config.stride, "shard_size": config.shard_size}
+
+
+def _staged_passages_ok(staging: Path) -> bool:
+    """True when the staging folder's passage table is whole and holds the count its marker records."""
+    try:
+        counts = read_json(staging / PASSAGES_DONE)
+        PassageStore(staging, expected=int(counts["passages"])).close()
+    except (RagError, KeyError, TypeError, ValueError) as exc:
+        logger.warning("%s: the staged passage table is damaged (%s); splitting the corpus again", staging, exc)
+        return False
+    return True
 
 
 def prepare_staging(out: Path, corpus_path: Path, config: DenseBuildConfig,
@@ -88,6 +196,8 @@ def prepare_staging(out: Path, corpus_path: Path, config: DenseBuildConfig,
             same = read_json(staging / BUILD_KEY) == key
         except Exception:
             same = False
+        if same and (staging / PASSAGES_DONE).exists() and not _staged_passages_ok(staging):
+            same = False  # the shards were encoded from that table: start afresh
         if not same:
             shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
@@ -117,7 +227,11 @@ def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int,
             for lo in range(0, len(rows), PROGRESS_CHUNK):  # chunks only to move the progress bar
                 parts.append(encode_rows(encoder, rows[lo:lo + PROGRESS_CHUNK], batch_size))
                 bar.update(len(parts[-1]))
-            save_shard(staging, shard, np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32))
+            emb = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+            if emb.shape != (end - start, encoder.dim):
+                raise RagError(f"the encoder returned {emb.shape[0]} x {emb.shape[1] if emb.ndim > 1 else '?'} "
+                               f"embeddings for shard {shard}, expected {end - start} x {encoder.dim}")
+            save_shard(staging, shard, emb)
             if on_shard is not None:
                 on_shard(shard)
     finally:
@@ -140,9 +254,15 @@ def _encode_text(row: dict) -> str:
 
 def iter_shards(staging: Path, n: int, shard_size: int):
     for shard, (start, end) in enumerate(shard_ranges(n, shard_size)):
-        emb = np.load(shard_path(staging, shard), mmap_mode="r")
+        path = shard_path(staging, shard)
+        try:
+            emb = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise RagError(f"shard {shard} ({path}) is unreadable ({exc}); rerun the build to encode it "
+                           "again") from None
         if len(emb) != end - start:
-            raise RagError(f"shard {shard} holds {len(emb)} rows, expected {end - start}: rebuild with --overwrite")
+            raise RagError(f"shard {shard} ({path}) holds {len(emb)} rows, expected {end - start}; rerun the "
+                           "build to encode it again")
         yield emb
 
 
@@ -158,6 +278,57 @@ def search_defaults(factory: str, nprobe: int | None = None, ef_search: int | No
     if "HNSW" in factory:
         out["ef_search"] = ef_search or 128
     return out
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate_build_config(config: DenseBuildConfig) -> None:
+    """Refuse a config the build cannot honour, before any work (one-line RagError naming the flag)."""
+    for name in ("batch_size", "shard_size", "words_per_passage", "max_train_vectors"):
+        value = getattr(config, name)
+        if not _positive_int(value):
+            raise RagError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
+    if not _positive_int(config.stride) or config.stride > config.words_per_passage:
+        raise RagError(f"--stride must be an integer from 1 to --words-per-passage ({config.words_per_passage}), "
+                       f"got {config.stride!r}")
+    for name in ("nprobe", "ef_search"):
+        value = getattr(config, name)
+        if value is not None and not _positive_int(value):
+            raise RagError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
+    if config.passage_precision not in PASSAGE_PRECISIONS:
+        raise RagError(f"passage_precision must be one of {', '.join(PASSAGE_PRECISIONS)}, "
+                       f"not {config.passage_precision!r}")
+    if not isinstance(config.faiss, str) or not config.faiss.strip():
+        raise RagError(f"--faiss must be a Faiss index-factory string, got {config.faiss!r}")
+
+
+_DIM_ERRORS = ("d % ", "dimension", "multiple of")
+
+
+def probe_factory(factory: str) -> FaissIndex | None:
+    """Fail fast on a bad factory string. Returns a small probe index, or None when the string only fails
+    at the probe's dimension (e.g. PQ48 needs a multiple of 48): then it is checked at the encoder's."""
+    try:
+        return FaissIndex.create(8, factory)
+    except RagError as exc:
+        if any(marker in str(exc) for marker in _DIM_ERRORS):
+            return None
+        raise
+
+
+def check_training_size(index: FaissIndex, n: int, config: DenseBuildConfig) -> None:
+    """Refuse, before encoding, a factory that cannot be trained on the sample this corpus gives."""
+    need, why = index.training_minimum()
+    take = min(n, config.max_train_vectors)
+    if take >= need:
+        return
+    if n < need:
+        raise RagError(f"--faiss {config.faiss} needs at least {need} training vectors ({why}), but the corpus "
+                       f"gives {n} passages; use fewer lists/centroids (e.g. IVF{max(1, n // 39)},Flat) or Flat")
+    raise RagError(f"--faiss {config.faiss} needs at least {need} training vectors ({why}), but "
+                   f"--max-train-vectors is {config.max_train_vectors}; raise it")
 
 
 def assemble_index(staging: Path, n: int, dim: int, config: DenseBuildConfig) -> FaissIndex:
@@ -185,44 +356,61 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
                       encode_shards: Callable[..., int] | None = None) -> dict[str, Any]:
     """Build `out` from `corpus`. `encode_shards` lets the Ray runtime replace the local encoder loop."""
     config = config or DenseBuildConfig()
+    validate_build_config(config)
     out = prepare_output_dir(out, overwrite)
     corpus_path = resolve_corpus_path(corpus)
     n_docs = validate_corpus(corpus_path)
-    FaissIndex.create(8, config.faiss)  # fail fast on a bad factory string, before any work
-    if config.passage_precision not in PASSAGE_PRECISIONS:
-        raise RagError(f"passage_precision must be one of {', '.join(PASSAGE_PRECISIONS)}, "
-                       f"not {config.passage_precision!r}")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    checksum = file_checksum(corpus_path)
-    staging, counts = prepare_staging(out, corpus_path, config, checksum)
-    timings["passages_s"] = time.perf_counter() - t0
-    encoder = encoder or load_encoder(config.encoder, device=config.device, batch_size=config.batch_size,
-                                      passage_precision=config.passage_precision, token_sort=config.token_sort)
-    t1 = time.perf_counter()
-    if encode_shards is None:
-        encoded_now = encode_missing_shards(staging, encoder, config.batch_size, config.shard_size)
-    else:
-        encoded_now = encode_shards(staging, config)
-    timings["encode_s"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    index = assemble_index(staging, counts["passages"], encoder.dim, config)
-    index.save(staging)
-    timings["index_s"] = time.perf_counter() - t2
-    if not config.keep_embeddings:
-        shutil.rmtree(staging / SHARDS, ignore_errors=True)
-    for name in (BUILD_KEY, PASSAGES_DONE):
-        (staging / name).unlink(missing_ok=True)
-    manifest = write_manifest(
-        staging, "dense", encoder=encoder_id(config.encoder), encoder_fingerprint=encoder.fingerprint(),
-        dim=encoder.dim, faiss=config.faiss, metric="inner_product", normalized=True,
-        corpus_path=str(corpus_path), corpus_checksum=checksum,
-        counts={"documents": n_docs, "passages": counts["passages"], "shards_encoded_this_run": encoded_now},
-        search_defaults=search_defaults(config.faiss, config.nprobe, config.ef_search),
-        config=asdict(config), timings={k: round(v, 3) for k, v in timings.items()},
-        passages_per_second=round(counts["passages"] / max(timings["encode_s"], 1e-9), 2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    probe = probe_factory(config.faiss)  # fail fast on a bad factory string, before any work
+    with output_lock(out):  # one build per output: a second one fails at once
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        checksum = file_checksum(corpus_path)
+        staging, counts = prepare_staging(out, corpus_path, config, checksum)
+        n = int(counts["passages"])
+        timings["passages_s"] = time.perf_counter() - t0
+        try:  # everything the passage count and the encoder's dimension decide, checked before encoding
+            if n < 1:
+                raise RagError(f"{corpus_path}: the corpus gives no passages (every document's text is empty)")
+            if probe is not None:
+                check_training_size(probe, n, config)  # before loading the encoder: the count alone decides
+            encoder = encoder or load_encoder(config.encoder, device=config.device, batch_size=config.batch_size,
+                                              passage_precision=config.passage_precision,
+                                              token_sort=config.token_sort)
+            dim = encoder.dim
+            try:
+                sized = FaissIndex.create(dim, config.faiss)
+            except RagError as exc:
+                raise RagError(f"--faiss {config.faiss} does not fit the encoder's {dim}-dimensional vectors "
+                               f"({str(exc).rsplit(': ', 1)[-1]})") from None
+            check_training_size(sized, n, config)
+        except RagError:
+            if not any((staging / SHARDS).glob("shard-*.npy")):
+                shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
+            raise
+        remove_torn_shards(staging, n, config.shard_size, dim)  # a resumed build re-encodes torn shards
+        t1 = time.perf_counter()
+        if encode_shards is None:
+            encoded_now = encode_missing_shards(staging, encoder, config.batch_size, config.shard_size)
+        else:
+            encoded_now = encode_shards(staging, config)
+        remove_tmp_shards(staging)
+        timings["encode_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        index = assemble_index(staging, n, dim, config)
+        index.check_shape(staging, n, dim)
+        index.save(staging)
+        timings["index_s"] = time.perf_counter() - t2
+        if not config.keep_embeddings:
+            shutil.rmtree(staging / SHARDS, ignore_errors=True)
+        for name in (BUILD_KEY, PASSAGES_DONE):
+            (staging / name).unlink(missing_ok=True)
+        manifest = write_manifest(
+            staging, "dense", encoder=encoder_id(config.encoder), encoder_fingerprint=encoder.fingerprint(),
+            dim=dim, faiss=config.faiss, metric="inner_product", normalized=True,
+            corpus_path=str(corpus_path), corpus_checksum=checksum,
+            counts={"documents": n_docs, "passages": n, "shards_encoded_this_run": encoded_now},
+            search_defaults=search_defaults(config.faiss, config.nprobe, config.ef_search),
+            config=asdict(config), timings={k: round(v, 3) for k, v in timings.items()},
+            passages_per_second=round(n / max(timings["encode_s"], 1e-9), 2))
+        move_into_place(staging, out, overwrite)
     return manifest
-

@@ -7,7 +7,7 @@ manifest, atomic rename) stays in dense_build; only the encoding loop moves to R
 * a Ray Dataset holds one small row per *missing* shard ({shard, start, end}), one block per row;
 * `map_batches(EncoderActor, batch_size=1, compute=ActorPoolStrategy(size=workers))` loads the
   encoder once per actor, reads the shard's passages from the staging PassageStore, encodes them and
-  writes the shard with `save_shard` (tmp + rename); it returns only {shard, count}, so embeddings
+  writes the shard with `save_shard` (tmp + fsync + rename); it returns only {shard, count}, so embeddings
   go to disk and never through the object store, and memory is bounded by one shard per actor;
 * the driver streams the small result rows (`iter_rows`) into a progress bar;
 * actors that die are restarted (`max_restarts`) and their shard retried (`max_task_retries`);
@@ -47,13 +47,9 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RAG_HOME
 
 
 def _shard_complete(staging: Path, shard: int, rows: int) -> bool:
+    """A whole shard of `rows` vectors (header, size and memory map checked); a torn one is encoded again."""
     path = shard_path(staging, shard)
-    if not path.exists():
-        return False
-    try:
-        return len(np.load(path, mmap_mode="r")) == rows
-    except Exception:  # unreadable file: encode it again
-        return False
+    return path.exists() and dense_build.shard_problem(path, rows) is None
 
 
 class EncoderActor:
