@@ -7,8 +7,7 @@ exception. Readers: core.corpus (validate_corpus, Corpus.load), core.tasks.load_
 (gold and guess files), index.manifest.read_manifest, core.config.load_config_file (YAML and JSON) and
 rag.swap.config.load_swap_config.
 
-A known failure in a file this suite does not own is kept as an explicit @example on its test, which is marked
-xfail(strict=False) with the file and the exception, until that file is fixed.
+Inputs that once broke a reader are kept as explicit @example cases on their tests, so they stay fixed.
 
 The examples are derandomized (the same ones every run, so the suite is not flaky); RAG_FUZZ_RANDOM=1 draws new
 ones each run and RAG_FUZZ_EXAMPLES=N draws N per test (e.g. 2000 for a long hunt).
@@ -238,8 +237,6 @@ def test_queries_mutated(work, data):
     check_queries(work / "queries.jsonl", data)
 
 
-@pytest.mark.xfail(strict=False, reason="core/tasks.py load_queries: meta.domain of any JSON type (true, 1, a list) "
-                                        "becomes Query.domain (typed str | None); no RagError")
 @FUZZ
 @given(domain=nasty)
 @example(domain=True)
@@ -313,8 +310,6 @@ def check_manifest(work: Path, data: bytes, kind: str | None) -> None:
         assert manifest.get("kind") == kind
 
 
-@pytest.mark.xfail(strict=False, reason="index/manifest.py read_manifest: JSON that is not an object -> AttributeError "
-                                        "(.get); core/io.py read_json: bad UTF-8 -> UnicodeDecodeError")
 @FUZZ
 @given(data=random_document, kind=st.sampled_from([None, "bm25"]))
 @example(data=b"null", kind=None)
@@ -324,8 +319,6 @@ def test_manifest_random(work, data, kind):
     check_manifest(work, data, kind)
 
 
-@pytest.mark.xfail(strict=False, reason="index/manifest.py read_manifest: format_version null/string/list -> TypeError "
-                                        "('>' against an int)")
 @FUZZ
 @given(rows=mutated_rows([[MANIFEST_BASE]]), kind=st.sampled_from([None, "bm25"]))
 @example(rows=[{**MANIFEST_BASE, "format_version": None}], kind=None)
@@ -454,12 +447,10 @@ def _read_nested(reader: str, work: Path, data: bytes) -> None:
 
 NESTED_READERS = [
     "corpus",
-    pytest.param("queries", marks=pytest.mark.xfail(strict=False, reason="core/tasks.py load_queries -> core/topics.py "
-                                                    "topics_format: json.loads RecursionError on a deeply nested row")),
+    "queries",
     "kilt-gold",
     "kilt-guesses",
-    pytest.param("manifest", marks=pytest.mark.xfail(strict=False, reason="index/manifest.py read_manifest -> core/io.py "
-                                                     "read_json: json.loads RecursionError on deeply nested JSON")),
+    "manifest",
     "config",
     "swap",
 ]
@@ -501,9 +492,7 @@ def _read_empty(reader: str, work: Path, data: bytes) -> None:
 
 EMPTY_READERS = [
     "corpus",
-    pytest.param("queries", marks=pytest.mark.xfail(strict=False, reason="core/tasks.py load_queries (core/topics.py): "
-                                                    "an empty file is read as TREC topics -> [] instead of InputError "
-                                                    "'no queries'")),
+    "queries",
     "kilt-gold", "manifest", "swap",
 ]
 

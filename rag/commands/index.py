@@ -48,6 +48,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--gpus-per-worker", type=number(float, min=0, finite=True), default=0.0,
                      help="with --ray: GPUs per actor (fractions share a GPU; > 0 encodes on cuda) (default: 0)")
     build.set_defaults(func=run_build)
+    verify = verbs.add_parser("verify", help="check every file of an index folder against its manifest's checksums",
+                              description="Recompute the size and sha256 of every file the manifest records and "
+                                          "report what is missing, truncated or changed. Exit 1 when anything is.")
+    verify.add_argument("index", type=Path, help="index folder")
+    verify.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    verify.set_defaults(func=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from index.manifest import verify_index
+
+    report = verify_index(args.index)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.index}: {report['kind']} index, {report['checked']} files checked: "
+              + ("ok" if report["ok"] else f"{len(report['problems'])} problem(s)"))
+        for problem in report["problems"]:
+            print(f"  {problem}")
+    return 0 if report["ok"] else 1
 
 
 def _ray_runtime(args: argparse.Namespace, config: Any) -> dict[str, Any]:

@@ -455,3 +455,22 @@ def test_k_below_one_refused(dense, bm25, k):
             retriever.retrieve(["cat"], k=k)
     with pytest.raises(RagError, match="--k must be at least 1"):
         DenseRetriever(dense, encoder=fake_encoder()).search_passages(["cat"], k)
+
+
+def test_rag_index_verify_reports_a_flipped_byte(tmp_path, capsys):
+    from rag.cli import main
+    from tests.conftest import write_jsonl
+
+    corpus = write_jsonl(tmp_path / "c" / "corpus.jsonl",
+                         [{"id": f"d{i}", "title": f"T{i}", "text": f"text number {i} about things"} for i in range(5)])
+    out = tmp_path / "bm25"
+    assert main(["index", "build", "--kind", "bm25", "--corpus", str(corpus), "--out", str(out)]) == 0
+    assert main(["index", "verify", str(out)]) == 0
+    victim = next(p for p in sorted(out.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "run.json")
+                  and p.stat().st_size > 0)
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["index", "verify", str(out)]) == 1
+    assert victim.name in capsys.readouterr().out
