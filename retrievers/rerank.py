@@ -245,7 +245,7 @@ def evaluate_rerank(ce: Any, config: RerankerTrainConfig, dev_rows: list[dict[st
     result = {}
     for name, lists in (("bm25", candidates), ("reranked", ranked)):
         guesses = [{"id": r["id"], "output": [{"provenance": lst}]} for r, lst in zip(dev_rows, lists)]
-        scores = evaluate_kilt(guesses, config.dev, ks=(1, 5, 10))["retrieval"]
+        scores = evaluate_kilt(guesses, str(config.dev), ks=(1, 5, 10))["retrieval"]
         result[name] = {m: scores[m] for m in ("Rprec", "recall@5", "success_rate@1", "success_rate@10")
                         if m in scores}
     return result

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             ranked = rerank(ce, [r["input"] for r in data["gold"]], data["candidates"])
             guesses = [{"id": r["id"], "output": [{"provenance": c}]} for r, c in zip(data["gold"], ranked)]
             per_seed[name][seed] = _per_question(guesses, data["gold"])
-    arms = []
+    arms: list[dict[str, Any]] = []
     for name, data in sets.items():
         n = len(data["gold"])
         arms.append({"name": f"bm25/{name}", "method": "bm25", "backbone": "bm25s", "set": name, "seeds": [],
