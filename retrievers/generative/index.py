@@ -10,7 +10,9 @@ the tokenizer fingerprint and the decoder start / eos ids) plus:
   in the manifest (``generative.duplicate_titles``) and in the build output;
 * manifest key ``generative``: the model the trie was built for (the default model of `rag retrieve`
   and `rag answer`), its kind (``model_kind``: seq2seq | causal) and, for a causal LM, the prompt template
-  the titles follow (``prompt``; the trie's ``title_context`` is its fixed end), corpus path and checksum,
+  the titles follow (``prompt``; the trie's ``title_context`` is its fixed end) and what ends them
+  (``title_end``: eos, or newline for zero-shot use of a pretrained LM), the decoding default
+  ``length_penalty`` of `rag retrieve` (1: length-normalised beam scores; 0: summed log-probs), corpus path and checksum,
   counts, build seconds, and the prompt check: titles whose tokens after a real prompt differ from the
   trie's (``prompt_check.mismatched``) or that merge with the prompt's end (``context_mismatches``), by id
   and title; they stay in the trie (never dropped) and are warned about.
@@ -42,6 +44,11 @@ class TrieBuildConfig:
     prompt: str | None = opt(None, "decoder-only models: prompt template with {question}; titles are tokenised as "
                                    "they follow it (default: the run's, else 'Question: {question}\\nTitle:'); "
                                    "seq2seq models ignore it")
+    title_end: str | None = opt(None, "decoder-only models: what ends a title: eos (the tokenizer's EOS, what fine-tuning "
+                                      "teaches) or newline (what a pretrained LM writes after a title: zero-shot); "
+                                      "default: the run's, else eos", choices=("eos", "newline"))
+    length_penalty: float = opt(1.0, "decoding default of rag retrieve: beam scores are summed log-probs / generated "
+                                     "tokens ** this (0 = summed log-probs)", min=0, finite=True)
 
 
 def unique_titles(documents) -> tuple[list[str], list[Any], dict[str, list[str]]]:
@@ -102,7 +109,7 @@ def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuild
     config = config or TrieBuildConfig()
     out = prepare_output_dir(out, overwrite)
     corpus = Corpus.load(corpus_path)
-    tokenizer, spec = load_tokenizer_and_spec(config.model, config.prompt)
+    tokenizer, spec = load_tokenizer_and_spec(config.model, config.prompt, config.title_end)
     t0 = time.perf_counter()
     trie, doc_ids, dups = corpus_trie(corpus, tokenizer, spec)
     build_seconds = time.perf_counter() - t0
@@ -126,6 +133,7 @@ def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuild
         manifest["generative"] = {
             "model": model_ref or DEFAULT_MODEL, "corpus": str(corpus.path), "corpus_checksum": corpus.checksum,
             "model_kind": spec.kind, "prompt": spec.prompt, "build_seconds": round(build_seconds, 3),
+            **({"title_end": spec.title_end} if spec.prompt else {}), "length_penalty": config.length_penalty,
             **({"prompt_check": check} if check is not None else {}),
             "docs": len(corpus), "titles": len(doc_ids), "docs_file": DOCS_FILE, "store_text": config.store_text,
             "duplicate_titles": {"count": len(dups), "extra_docs": sum(len(v) - 1 for v in dups.values()),

@@ -44,6 +44,9 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = "minilm-bert2bert"
 _WARM_START_SEED = 0
 SEQ2SEQ, CAUSAL = "seq2seq", "causal"
+# What ends a causal LM's title: its EOS (the default; what fine-tuning teaches), or the newline a pretrained LM
+# writes after "Title: X" (zero-shot: a model never trained to stop with EOS gives it a very low probability).
+TITLE_ENDS = ("eos", "newline")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "WithLMHead")
 
 
@@ -144,6 +147,7 @@ class TitleSpec:
     start_token_id: int
     eos_token_id: int
     prompt: str | None = None
+    title_end: str = "eos"  # causal: "eos" or "newline" (eos_token_id is then the newline token)
 
     @property
     def context(self) -> str | None:
@@ -155,20 +159,37 @@ class TitleSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"model_kind": self.kind, "prompt": self.prompt, "decoder_start_token_id": self.start_token_id,
-                "eos_token_id": self.eos_token_id}
+                "eos_token_id": self.eos_token_id, **({"title_end": self.title_end} if self.kind == CAUSAL else {})}
 
 
-def causal_spec(tokenizer: Any, prompt: str | None = None, config: Any = None) -> TitleSpec:
+def newline_id(tokenizer: Any, context: str) -> int:
+    """The token a newline adds after a title (which must be one token of its own)."""
+    from index.trie import encode_titles
+
+    plain, ended = encode_titles(tokenizer, [context + " Paris", context + " Paris\n"])
+    if ended[:len(plain)] != plain or len(ended) != len(plain) + 1:
+        raise RagError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no newline token of its own after a "
+                       "title (it drops or merges newlines); use title_end eos")
+    return int(ended[-1])
+
+
+def causal_spec(tokenizer: Any, prompt: str | None = None, config: Any = None, title_end: str | None = None) -> TitleSpec:
     from retrievers.generative.prompt import DEFAULT_PROMPT, PromptEncoder
 
     prompt = prompt or DEFAULT_PROMPT
-    return TitleSpec(CAUSAL, PromptEncoder(tokenizer, prompt).start_token_id, causal_eos(tokenizer, config), prompt)
+    title_end = title_end or "eos"
+    if title_end not in TITLE_ENDS:
+        raise RagError(f"title end must be one of {', '.join(TITLE_ENDS)}, not {title_end!r}")
+    encoder = PromptEncoder(tokenizer, prompt)
+    end = causal_eos(tokenizer, config) if title_end == "eos" else newline_id(tokenizer, encoder.suffix)
+    return TitleSpec(CAUSAL, encoder.start_token_id, end, prompt, title_end)
 
 
-def title_spec(model: Any, tokenizer: Any, prompt: str | None = None) -> TitleSpec:
-    """The TitleSpec of a loaded model (``prompt`` is used by causal LMs only; default: DEFAULT_PROMPT)."""
+def title_spec(model: Any, tokenizer: Any, prompt: str | None = None, title_end: str | None = None) -> TitleSpec:
+    """The TitleSpec of a loaded model (``prompt`` and ``title_end`` are used by causal LMs only; defaults:
+    DEFAULT_PROMPT, eos)."""
     if model_kind(model) == CAUSAL:
-        return causal_spec(tokenizer, prompt, model.config)
+        return causal_spec(tokenizer, prompt, model.config, title_end)
     start, eos = decoder_ids(model, tokenizer)
     return TitleSpec(SEQ2SEQ, start, eos)
 
@@ -302,9 +323,11 @@ def load_generative(spec: str | Path | None = None, device: str | None = None, t
     return model.eval(), tokenizer
 
 
-def load_tokenizer_and_spec(spec: str | Path | None, prompt: str | None = None) -> tuple[Any, TitleSpec]:
+def load_tokenizer_and_spec(spec: str | Path | None, prompt: str | None = None,
+                            title_end: str | None = None) -> tuple[Any, TitleSpec]:
     """(tokenizer, TitleSpec) of a model or run, without loading weights where it can (run folders, causal
-    LMs). ``prompt``: the causal template (default: the run's, else DEFAULT_PROMPT); seq2seq models ignore it."""
+    LMs). ``prompt`` / ``title_end``: the causal template and title end (default: the run's, else DEFAULT_PROMPT
+    and eos); seq2seq models ignore them."""
     if is_generative_run(spec):
         meta = read_run_meta(spec)
         tok_dir = Path(spec) / TOKENIZER_DIR
@@ -314,7 +337,11 @@ def load_tokenizer_and_spec(spec: str | Path | None, prompt: str | None = None) 
                 if prompt and prompt != meta.get("prompt"):
                     raise RagError(f"{spec} was trained with the prompt {meta.get('prompt')!r}, not {prompt!r}: "
                                    "leave --prompt out to use the run's")
-                return tokenizer, causal_spec(tokenizer, meta.get("prompt"))
+                run_end = meta.get("title_end", "eos")
+                if title_end and title_end != run_end:
+                    raise RagError(f"{spec} was trained to end titles with {run_end}, not {title_end}: "
+                                   "leave --title-end out to use the run's")
+                return tokenizer, causal_spec(tokenizer, meta.get("prompt"), title_end=run_end)
             _ignore_prompt(prompt)
             return tokenizer, TitleSpec(SEQ2SEQ, int(meta["decoder_start_token_id"]), int(meta["eos_token_id"]))
     if spec is None or str(spec) == DEFAULT_MODEL:
@@ -329,11 +356,11 @@ def load_tokenizer_and_spec(spec: str | Path | None, prompt: str | None = None) 
         config = AutoConfig.from_pretrained(path)
         if kind_of_config(config, str(spec)) == CAUSAL:
             tokenizer = _load_tokenizer(path)
-            return tokenizer, causal_spec(tokenizer, prompt, config)
+            return tokenizer, causal_spec(tokenizer, prompt, config, title_end)
     model, tokenizer = load_generative(spec)
     if model_kind(model) == SEQ2SEQ:
         _ignore_prompt(prompt)
-    return tokenizer, title_spec(model, tokenizer, prompt)
+    return tokenizer, title_spec(model, tokenizer, prompt, title_end)
 
 
 def _ignore_prompt(prompt: str | None) -> None:

@@ -23,7 +23,8 @@ from retrievers.base import Hit
 class GenerativeRetriever:
     def __init__(self, model: Any, tokenizer: Any, trie: Any, doc_ids: Sequence[str],
                  texts: Sequence[str | None] | None = None, beams: int = 10, multi_title: bool = False,
-                 batch_size: int = 8, max_input_length: int = 256, prompt: str | None = None) -> None:
+                 batch_size: int = 8, max_input_length: int = 256, prompt: str | None = None,
+                 length_penalty: float = 1.0) -> None:
         from retrievers.generative.model import prepare_for_generation
 
         check_beams(beams)
@@ -31,6 +32,7 @@ class GenerativeRetriever:
         self.tokenizer = tokenizer
         self.trie = trie
         self.prompt = prompt
+        self.length_penalty = float(length_penalty)  # beam scores: log-prob / generated tokens ** length_penalty
         self.beams = int(beams)
         self.multi_title = multi_title
         self.batch_size = batch_size
@@ -48,7 +50,7 @@ class GenerativeRetriever:
         ranked = decode_titles(self.model, self.tokenizer, self.trie, list(queries), num_beams=self.beams,
                                num_return_sequences=self.beams, batch_size=self.batch_size,
                                multi_title=self.multi_title, max_input_length=self.max_input_length,
-                               prompt=self.prompt)
+                               prompt=self.prompt, length_penalty=self.length_penalty)
         self.seconds += time.perf_counter() - t0
         self.queries += len(queries)
         out = []
@@ -72,9 +74,11 @@ def check_beams(beams: Any) -> int:
 
 
 def open_generative(index_dir: str | Path, model: Any = None, beams: int | None = 10, device: str | None = None,
-                    multi_title: bool | None = None, batch_size: int = 8, **_: Any) -> GenerativeRetriever:
+                    multi_title: bool | None = None, batch_size: int = 8, length_penalty: float | None = None,
+                    **_: Any) -> GenerativeRetriever:
     """Load the trie (checked against the model's tokenizer) and the model; ``model`` defaults to the
-    one recorded in the index manifest."""
+    one recorded in the index manifest. ``length_penalty`` (default: the index's, set at build time, else 1:
+    log-probs normalised by the generated tokens; 0 ranks beams by their summed log-prob)."""
     from index.manifest import read_manifest
     from index.trie import TitleTrie
     from retrievers.generative.index import check_corpus, read_docs
@@ -108,7 +112,11 @@ def open_generative(index_dir: str | Path, model: Any = None, beams: int | None 
     if kind == CAUSAL and run_meta.get("prompt") and run_meta["prompt"] != prompt:
         raise ManifestMismatch(f"{index_dir}: the trie was built for the prompt {prompt!r}, {spec} was trained with "
                                f"{run_meta['prompt']!r}; rebuild the trie with --model {spec}")
-    ts = title_spec(net, tokenizer, prompt)
+    if kind == CAUSAL and run_meta and run_meta.get("title_end", "eos") != gen.get("title_end", "eos"):
+        raise ManifestMismatch(f"{index_dir}: the trie ends titles with {gen.get('title_end', 'eos')}, {spec} was "
+                               f"trained to end them with {run_meta.get('title_end', 'eos')}; rebuild the trie with "
+                               f"--model {spec}")
+    ts = title_spec(net, tokenizer, prompt, gen.get("title_end"))
     if (ts.start_token_id, ts.eos_token_id) != (trie.start_token_id, trie.eos_token_id):
         raise ManifestMismatch(f"{index_dir}: trie start/eos ids ({trie.start_token_id}, {trie.eos_token_id}) != "
                                f"the model's {'prompt end' if kind == CAUSAL else 'decoder start'}/eos ids "
@@ -121,4 +129,6 @@ def open_generative(index_dir: str | Path, model: Any = None, beams: int | None 
     if len(doc_ids) != len(trie):
         raise ManifestMismatch(f"{index_dir}: {len(doc_ids)} document ids for {len(trie)} trie titles")
     return GenerativeRetriever(net, tokenizer, trie, doc_ids, texts, beams=beams, multi_title=multi_title,
-                               batch_size=batch_size, prompt=prompt)
+                               batch_size=batch_size, prompt=prompt,
+                               length_penalty=gen.get("length_penalty", 1.0) if length_penalty is None
+                               else length_penalty)

@@ -16,6 +16,8 @@
   ``{question}``, pre-training pairs put their source passage there), the target tokens being the trie's
   tokens of the titles after the prompt; the loss is on the target tokens only (-100 on the prompt and the
   padding). Rows are left-padded with position ids from the attention mask, as generate() decodes them.
+  ``--title-end newline`` ends titles with a newline instead of EOS (what a pretrained LM writes after
+  a title; the trie and the run record it).
 * ``--label-smoothing`` (0.1 in the official CorpusBrain scripts) for both kinds.
 * PEFT through core.peft: full, iaa, adapter, lora, bitfit (prefix tuning does not fit EncoderDecoderModel;
   bitfit needs bias parameters, which Gemma does not have).
@@ -81,6 +83,8 @@ class GenerativeTrainConfig(TrainConfig):
                                       "passage); the title follows after a space (seq2seq models ignore it)",
                       check=check_template)
     label_smoothing: float = opt(0.0, "label smoothing of the target cross-entropy (CorpusBrain: 0.1)", min=0, lt=1)
+    title_end: str = opt("eos", "decoder-only models: what ends a title: eos (the tokenizer's EOS) or newline",
+                         choices=("eos", "newline"))
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -371,7 +375,7 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
     model.to(device)
     run = RunFolder(out, config, f"retriever:generative:{config.stage}", resume=resume, overwrite=overwrite)
     kind = model_kind(model)
-    spec = title_spec(model, tokenizer, config.prompt)
+    spec = title_spec(model, tokenizer, config.prompt, config.title_end)
     targets = TargetEncoder(tokenizer, spec.start_token_id, spec.eos_token_id, max_length=config.max_target_length,
                             context=spec.context)
     multi_title = any(len(p.titles) > 1 for p in pairs)
@@ -407,7 +411,8 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
                               "multi_title": multi_title, "max_source_length": config.max_source_length})
 
     extra = {"stage": config.stage, "peft": config.peft, "lr": config.lr, "base": base, "init": config.init,
-             "model_kind": kind, "prompt": spec.prompt, "label_smoothing": config.label_smoothing,
+             "model_kind": kind, "prompt": spec.prompt, "title_end": spec.title_end if spec.prompt else None,
+             "label_smoothing": config.label_smoothing,
              "multi_title_targets": multi_title, **data_info, **(evaluator.describe() if evaluator else {})}
     loop = TrainLoop(run, model, config, batch_for_step, loss_fn,
                      evaluate if evaluator else None, save_final=save_final, resume=resume, extra_metrics=extra)
@@ -423,7 +428,7 @@ def resolve_run_references(values: dict[str, Any]) -> dict[str, Any]:
     """Options as given (flags or a config file) -> options that name runs and files by absolute path.
 
     A generative run folder given as `model` starts from that run (`init`); with `init`, the method,
-    the corpus and (decoder-only runs) the prompt default to the run's own.
+    the corpus and (decoder-only runs) the prompt and title end default to the run's own.
     """
     from retrievers.generative.model import is_generative_run, read_run_meta
 
@@ -438,6 +443,8 @@ def resolve_run_references(values: dict[str, Any]) -> dict[str, Any]:
             values["corpus"] = meta["corpus"]
         if not values.get("prompt") and meta.get("prompt"):
             values["prompt"] = meta["prompt"]
+        if not values.get("title_end") and meta.get("title_end"):
+            values["title_end"] = meta["title_end"]
         values.pop("model", None)
         values["init"] = str(Path(values["init"]).resolve())
     if values.get("model") and Path(values["model"]).expanduser().exists():

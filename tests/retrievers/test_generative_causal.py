@@ -510,3 +510,50 @@ def test_a_model_without_an_lm_head_is_refused(tmp_path, tok):
     tok.save_pretrained(tmp_path / "bert")
     with pytest.raises(RagError, match="neither a causal-LM nor a seq2seq head"):
         load_generative(tmp_path / "bert")
+
+
+def _byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE trained here on a few lines: it keeps spaces and newlines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    text = ["Question: What is the capital of France?\nTitle: Paris\n", "Title: Berlin | Cat | Dog\n",
+            "Python (programming language) Photosynthesis domesticated wolf descendant"] * 5
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def test_titles_may_end_with_a_newline_for_zero_shot(small_corpus, small_queries, tmp_path, tok):
+    from retrievers import open_retriever
+    from retrievers.generative.index import TrieBuildConfig, build_trie_index
+    from retrievers.generative.model import causal_spec
+    from retrievers.generative.train import train_generative
+
+    btok = _byte_level_tokenizer()
+    model = make_causal("gpt2", tmp_path / "bpe-gpt2", btok)
+    newline = btok.convert_tokens_to_ids("Ċ")
+    trie_dir = tmp_path / "trie"
+    manifest = build_trie_index(small_corpus, trie_dir, TrieBuildConfig(model=str(model), title_end="newline",
+                                                                         length_penalty=0.0))
+    gen = manifest["generative"]
+    assert gen["title_end"] == "newline" and gen["length_penalty"] == 0.0 and manifest["eos_token_id"] == newline
+    r = open_retriever(trie_dir, beams=3)
+    assert r.length_penalty == 0.0 and r.trie.eos_token_id == newline
+    titles = {d["id"]: d["title"] for d in map(json.loads, Path(small_corpus).read_text().splitlines())}
+    for hits in r.retrieve(["What is the capital of France?", "domesticated wolf"], k=3):
+        assert hits and all(titles[h.doc_id] == h.title for h in hits)
+    run = tmp_path / "run"
+    train_generative(_config(small_corpus, model, train=str(small_queries), max_steps=2, title_end="newline"), run)
+    meta = json.loads((run / "generative_run.json").read_text())
+    assert meta["title_end"] == "newline" and meta["eos_token_id"] == newline
+    assert open_retriever(trie_dir, model=str(run), beams=2).retrieve(["capital of France"], k=2)[0]
+    eos_trie = tmp_path / "eos-trie"
+    build_trie_index(small_corpus, eos_trie, TrieBuildConfig(model=str(model)))
+    with pytest.raises(ManifestMismatch, match="newline"):
+        open_retriever(eos_trie, model=str(run))
+    with pytest.raises(RagError, match="newline"):  # WordPiece drops newlines
+        causal_spec(tok, title_end="newline")
