@@ -1,12 +1,15 @@
 """The Retriever protocol, document-level aggregation, and batched retrieval with a progress bar."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from core.errors import RagError
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,14 @@ def retrieve_queries(retriever: Any, texts: list[str], k: int, batch_size: int =
         extra = {"domains": domains[start:start + batch_size]} if with_domains else {}
         rankings.extend(retriever.retrieve(texts[start:start + batch_size], k=k, **extra))
     return rankings
+
+
+def check_k(k: Any, flag: str = "--k") -> int:
+    """A ranking depth must be a whole number >= 1 (Faiss asserts on k < 1; BM25 would silently return nothing)."""
+    try:
+        value = operator.index(k)
+    except TypeError:
+        raise RagError(f"{flag} must be a whole number of at least 1, got {k!r}") from None
+    if isinstance(k, bool) or value < 1:
+        raise RagError(f"{flag} must be at least 1, got {k!r}")
+    return value

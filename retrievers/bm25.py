@@ -5,7 +5,6 @@ rankings can be compared directly.
 """
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -20,7 +19,7 @@ from core.errors import InputError, RagError
 from core.io import atomic_dir
 from index.manifest import MANIFEST, check_files, check_versions, read_manifest, require_keys, write_manifest
 from index.passages import PassageStore, write_passage_store
-from retrievers.base import Hit, aggregate_passages
+from retrievers.base import Hit, aggregate_passages, check_k
 
 
 @dataclass
@@ -179,25 +178,14 @@ class BM25Retriever:
                            f"{passages}: files of another index; rebuild the index")
 
     def retrieve(self, queries: Sequence[str], k: int = 100, passage_factor: int = 3, **_: Any) -> list[list[Hit]]:
-        k = _check_k(k)
-        _check_k(passage_factor, "passage_factor")
+        k = check_k(k)
+        check_k(passage_factor, "passage_factor")
         pids, scores = self.searcher.search(queries, k * passage_factor)
         return [aggregate_passages(p, s, self.store, k) for p, s in zip(pids, scores)]
 
 
 def where_bm25(index_dir: Path, config: BM25Config) -> Path:
     return index_dir / "bm25s" if config.backend == "bm25s" else index_dir
-
-
-def _check_k(k: Any, flag: str = "--k") -> int:
-    """A ranking depth must be a whole number >= 1 (k < 1 would silently return nothing)."""
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise RagError(f"{flag} must be a whole number of at least 1, got {k!r}") from None
-    if isinstance(k, bool) or value < 1:
-        raise RagError(f"{flag} must be at least 1, got {k!r}")
-    return value
 
 
 def open_bm25(index_dir: str | Path, **_: Any) -> BM25Retriever:

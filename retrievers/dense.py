@@ -1,18 +1,17 @@
 """Dense retrieval: a bi-encoder over a Faiss index, documents ranked by their best passage."""
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from core.errors import ManifestMismatch, RagError
+from core.errors import ManifestMismatch
 from index.faiss_index import FaissIndex
 from index.manifest import check_files, check_versions, read_manifest, require_keys
 from index.passages import PassageStore
-from retrievers.base import Hit, aggregate_passages
+from retrievers.base import Hit, aggregate_passages, check_k
 from retrievers.dense_build import DenseBuildConfig, build_dense_index
 from retrievers.encoders import DenseEncoder, encoder_id, load_encoder
 
@@ -21,17 +20,6 @@ __all__ = ["DenseRetriever", "DenseEncoder", "build_dense_index", "DenseBuildCon
 # What a dense folder's manifest must hold to be opened (besides kind and format_version).
 DENSE_KEYS = {"encoder": str, "encoder_fingerprint": list, "dim": int, "faiss": str, "counts.passages": int}
 FINGERPRINT_ATOL = 2e-3
-
-
-def check_k(k: Any, flag: str = "--k") -> int:
-    """A ranking depth must be a whole number >= 1 (Faiss asserts on k < 1; BM25 would return nothing)."""
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise RagError(f"{flag} must be a whole number of at least 1, got {k!r}") from None
-    if isinstance(k, bool) or value < 1:
-        raise RagError(f"{flag} must be at least 1, got {k!r}")
-    return value
 
 
 def same_fingerprint(a: Sequence[float], b: Sequence[float]) -> bool:
