@@ -71,9 +71,14 @@ def retrieve_cached(folder: Path, name: str, queries_path: str | Path, index: st
 
     rows = read_jsonl(queries_path)
     load_queries(queries_path)  # validates ids and inputs with precise errors
-    key = {"index": str(Path(index).resolve()), "k": k, "queries": file_checksum(queries_path)}
+    # Keyed by content, not paths: an index rebuilt in place (new manifest) or edited questions recompute.
+    key = {"index": str(Path(index).resolve()), "index_manifest": file_checksum(Path(index) / "manifest.json"),
+           "k": k, "queries": file_checksum(queries_path)}
     cache, manifest = folder / f"{name}.jsonl", folder / f"{name}.manifest.json"
-    if cache.exists() and manifest.exists() and read_json(manifest) == key:
+    fresh = cache.exists() and manifest.exists() and read_json(manifest) == key
+    if cache.exists() and not fresh:
+        log.warning("retrieval cache %s is stale (index, k or questions changed): retrieving again", cache)
+    if fresh:
         cached = {r["id"]: [ReaderPassage.from_json(p) for p in r["passages"]] for r in read_jsonl(cache)}
     else:
         if retriever is None:

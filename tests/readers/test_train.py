@@ -157,3 +157,27 @@ def test_cit_experiment_rejects_unknown_topic(setup, tmp_path, capsys):
               "--corpus", str(root / "corpus"), "--data", str(root / "data"), "--index", str(root / "bm25"),
               "--model", models["fid"], "--out", str(tmp_path / "x")]) == 2
     assert "unknown topics ['Nowhere']" in capsys.readouterr().err
+
+
+def test_retrieval_cache_is_keyed_by_the_index_content(setup, tmp_path, caplog):
+    import shutil
+
+    from readers.train import retrieve_cached
+    from retrievers.bm25 import build_bm25_index
+    from tests.conftest import SMALL_DOCS
+
+    root, _ = setup
+    index = tmp_path / "bm25"
+    shutil.copytree(root / "bm25", index)
+    queries = root / "data" / "train.jsonl"
+    first, _ = retrieve_cached(tmp_path / "cache", "train", queries, index, 2)
+    manifest = (tmp_path / "cache" / "train.manifest.json").read_text()
+    retrieve_cached(tmp_path / "cache", "train", queries, index, 2)  # same index: served from the cache
+    assert (tmp_path / "cache" / "train.manifest.json").read_text() == manifest and not caplog.records
+    # rebuilt in place from a corpus missing the top document: same path, new manifest -> retrieved again
+    top = first[0].passages[0].doc_id
+    smaller = write_jsonl(tmp_path / "c2" / "corpus.jsonl", [d for d in SMALL_DOCS if d["id"] != top])
+    build_bm25_index(smaller, index, overwrite=True)
+    again, _ = retrieve_cached(tmp_path / "cache", "train", queries, index, 2)
+    assert "stale" in caplog.text
+    assert top not in {p.doc_id for p in again[0].passages}
