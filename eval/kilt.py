@@ -473,3 +473,21 @@ def format_kilt_table(result: Mapping[str, Any], full: bool = True) -> str:
     lines = [f"{'metric':<{width}}  {'value':>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
     lines += [f"{name:<{width}}  {value:>{vwidth}}" for name, value in rows]
     return "\n".join(lines)
+
+
+def per_question(guesses: Source, gold: Source, metrics: Sequence[str] = ("Rprec",),
+                 ks: Iterable[int] = (5,)) -> dict[str, dict[str, float]]:
+    """Retrieval metrics of each gold question (KILT's definitions), keyed by gold id in gold order: what a
+    paired comparison of two systems needs. A gold question without a guess scores as an empty ranking."""
+    from core.io import read_jsonl
+
+    gold_rows = read_jsonl(gold) if isinstance(gold, (str, Path)) else list(gold)
+    guess_rows = read_jsonl(guesses) if isinstance(guesses, (str, Path)) else list(guesses)
+    by_id = {str(g.get("id")).strip(): g for g in guess_rows}
+    out: dict[str, dict[str, float]] = {}
+    for row in gold_rows:
+        qid = str(row.get("id")).strip()
+        guess = by_id.get(qid, {"id": row.get("id"), "output": [{"provenance": []}]})
+        scores = evaluate_kilt([guess], [row], ks=ks)["retrieval"]
+        out[qid] = {m: float(scores[m]) for m in metrics}
+    return out

@@ -19,8 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     kilt.add_argument("--full", action="store_true",
                       help="table of every metric (context and entity diagnostics included), not only the headline ones")
     kilt.set_defaults(func=run_kilt)
+    from rag.commands.eval_compare import add_compare_parser
     from rag.commands.eval_trec import add_trec_parser
     add_trec_parser(ev)
+    add_compare_parser(ev)
     swap = ev.add_parser("corpus-swap", help="model x corpus-variant x task matrix on Ray: original vs swapped corpora")
     from rag.swap.cli import add_arguments as add_swap_arguments  # light: stdlib and core.config only
     add_swap_arguments(swap)

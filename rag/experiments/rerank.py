@@ -41,14 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _per_question(guesses: list[dict[str, Any]], gold_rows: list[dict[str, Any]]) -> dict[str, list[float]]:
-    from eval.kilt import evaluate_kilt
+    from eval.kilt import per_question
 
-    out: dict[str, list[float]] = {m: [] for m in METRICS}
-    for guess, gold in zip(guesses, gold_rows):
-        scores = evaluate_kilt([guess], [gold], ks=(5,))["retrieval"]
-        for m in METRICS:
-            out[m].append(float(scores[m]))
-    return out
+    scores = list(per_question(guesses, gold_rows, METRICS).values())
+    return {m: [s[m] for s in scores] for m in METRICS}
 
 
 def run(args: argparse.Namespace) -> int:
