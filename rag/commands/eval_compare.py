@@ -40,12 +40,13 @@ def run_compare(args: argparse.Namespace) -> int:
         raise RagError("no gold questions left to compare")
     base = per_question(args.base, gold, metrics, ks)
     other = per_question(args.other, gold, metrics, ks)
+    compared: dict[str, dict[str, object]] = {}
     result = {"gold": str(args.gold), "base": str(args.base), "other": str(args.other), "n": len(gold),
-              "excluded": str(args.exclude) if args.exclude else None, "metrics": {}}
+              "excluded": str(args.exclude) if args.exclude else None, "metrics": compared}
     for m in metrics:
         a, b = [base[q][m] for q in base], [other[q][m] for q in base]
         boot = paired_bootstrap(a, b, samples=args.samples, seed=args.seed)
-        result["metrics"][m] = {"base": sum(a) / len(a), "other": sum(b) / len(b), "diff": boot["diff"],
+        compared[m] = {"base": sum(a) / len(a), "other": sum(b) / len(b), "diff": boot["diff"],
                                 "ci95": [boot["ci_low"], boot["ci_high"]]}
     if args.out:
         write_json(args.out, result)
