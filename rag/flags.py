@@ -109,8 +109,11 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         default = (defaults or {}).get(f.name, field_default(f))
         text = (help_overrides or {}).get(f.name) or _field_help(cls, f)
         shown = "required" if f.name in required else _default_text(f, default)
+        if "(default" in text and f.name not in required:
+            shown = ""  # the field's help already states its default in words
+        parts = "; ".join(p for p in (shown, note) if p)
         options: dict[str, Any] = {"dest": f.name, "default": None,
-                                   "help": f"{text} ({shown}{'; ' + note if note else ''})".strip()}
+                                   "help": f"{text} ({parts})" if parts else text}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
@@ -162,8 +165,7 @@ def document_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         default = action.default
         shown = ("off" if default is False else "none" if default in (None, [], "") else
                  ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default)
-        action.help = f"{action.help} (default: {shown})".replace("%", "%%") if "%" not in action.help else \
-            f"{action.help} (default: {shown})"
+        action.help = f"{action.help} (default: {str(shown).replace('%', '%%')})"
     return parser
 
 
