@@ -20,7 +20,10 @@ from core.io import read_json, write_json
 from core.versions import package_versions
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 1: the passage table's document table is one JSON list, docs.json (still read, loaded whole);
+# 2: it is docs.jsonl + doc_offsets.npy, memory-mapped (index/passages.py). A toolkit reading only format 1
+#    refuses a format-2 folder with "written by a newer toolkit" instead of a misleading missing docs.json.
+FORMAT_VERSION = 2
 # Packages whose version decides how the files are read: a difference is worth a warning on open.
 FILE_READERS = ("faiss-cpu", "faiss-gpu-cu12", "bm25s", "numpy")
 
@@ -237,8 +240,8 @@ def _count_problems(folder: Path, manifest: dict[str, Any]) -> list[str]:
     passages = passages if isinstance(passages, int) and not isinstance(passages, bool) else None
     if (folder / PASSAGES).is_file():
         try:
-            store = PassageStore(folder, expected=passages)
-            store.close()
+            with PassageStore(folder, expected=passages) as store:
+                store.verify()
         except RagError as exc:
             problems.append(str(exc))
     if manifest["kind"] == "dense":

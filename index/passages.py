@@ -1,55 +1,222 @@
 """On-disk passage table shared by every index: text for results, and passage -> document provenance.
 
-`passages.jsonl` holds one passage a line; `passage_offsets.npy` gives each line's byte offset so a
-passage is read with one seek, and `passage_docs.npy` maps a passage to its row in `docs.json`.
-Memory stays flat in the corpus size: only the two integer arrays are memory-mapped.
+Files (format 2, manifests from `format_version` 2 on):
+
+* `passages.jsonl`: one passage a line, `{"pid", "doc_id", "title", "text", "domain"}`;
+* `passage_offsets.npy` (int64): each passage line's byte offset, so a passage is read with one `pread`;
+* `passage_docs.npy` (int32): each passage's row in the document table;
+* `docs.jsonl`: the document table, one `{"id", "title", "domain"}` a line, in order of first appearance;
+* `doc_offsets.npy` (int64): each document line's byte offset.
+
+Memory stays flat in the corpus size on both sides. The writer streams every file as passages come (the
+integer arrays are buffered 64k entries at a time and written into `.npy` files whose header is fixed up
+on close); the only thing it keeps per document is the doc id -> row map that lets a document seen again
+after others keep its row: 12 bytes per document in numpy arrays (a 64-bit hash of the id and the row;
+a hash match is confirmed against the id on disk), about 70 MB for KILT's 5.9M pages. Opening
+memory-maps the three arrays and reads a few bytes to check the files agree; nothing is read whole.
+
+Format 1 (toolkits before format 2) kept the document table as one JSON list, `docs.json`; such a store
+still opens, but loads that list whole (a warning says so; rebuild the index to have it memory-flat).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
-from collections.abc import Iterable, Iterator
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO, overload
 
 import numpy as np
 
 from core.corpus import Passage
 from core.errors import RagError
-from core.io import atomic_file, read_json, write_json
+from core.io import atomic_file, read_json
 
-PASSAGES, OFFSETS, PASSAGE_DOCS, DOCS = "passages.jsonl", "passage_offsets.npy", "passage_docs.npy", "docs.json"
+PASSAGES, OFFSETS, PASSAGE_DOCS = "passages.jsonl", "passage_offsets.npy", "passage_docs.npy"
+DOCS, DOC_OFFSETS = "docs.jsonl", "doc_offsets.npy"
+LEGACY_DOCS = "docs.json"  # format 1: the whole document table as one JSON list
+STORE_FILES = (PASSAGES, OFFSETS, PASSAGE_DOCS, DOCS, DOC_OFFSETS)
+CHUNK = 1 << 16  # entries per buffered write of an integer array, and per block of a full scan
+DOC_ROWS_BUFFER = 8192  # recent documents kept unsorted by the writer's doc id -> row map before a merge
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+class _NpyWriter:
+    """A 1-D .npy array written in chunks to an open binary file whose final length is not known up front.
+
+    numpy pads a .npy header so that its shape can grow in place: the header for length 0 is written
+    first and rewritten with the real length by `finish`, at the same size.
+    """
+
+    def __init__(self, fh: BinaryIO, dtype: type) -> None:
+        self.fh, self.dtype = fh, np.dtype(dtype)
+        self.header = self._header(0)
+        fh.write(self.header)
+        self._buf = np.empty(CHUNK, self.dtype)
+        self._fill = 0
+        self.written = 0  # entries already in the file
+
+    def _header(self, n: int) -> bytes:
+        out = io.BytesIO()
+        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                   "fortran_order": False, "shape": (n,)})
+        return out.getvalue()
+
+    def __len__(self) -> int:
+        return self.written + self._fill
+
+    def append(self, value: int) -> None:
+        self._buf[self._fill] = value
+        self._fill += 1
+        if self._fill == CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        self.fh.write(self._buf[:self._fill].tobytes())
+        self.written += self._fill
+        self._fill = 0
+
+    def get(self, i: int) -> int:
+        """Entry i, from the buffer or (already written) from the file."""
+        if i >= self.written:
+            return int(self._buf[i - self.written])
+        self.fh.flush()
+        size = self.dtype.itemsize
+        raw = os.pread(self.fh.fileno(), size, len(self.header) + i * size)
+        return int(np.frombuffer(raw, self.dtype)[0])
+
+    def finish(self) -> None:
+        self.flush()
+        header = self._header(self.written)
+        if len(header) != len(self.header):  # numpy leaves room for 21 digits; never expected to happen
+            raise RagError(f"cannot fix up the .npy header for {self.written} entries")
+        self.fh.seek(0)
+        self.fh.write(header)
+        self.fh.seek(0, os.SEEK_END)
+
+
+class _DocRows:
+    """doc id -> row of every document written, 12 bytes per document.
+
+    Keys are 64-bit blake2b hashes of the ids in a sorted numpy array (with the rows beside them), plus an
+    unsorted buffer of the most recent ones that is merged in when full. A key can stand for more than one
+    id (a hash collision), so `candidates` returns rows for the caller to confirm against the ids on disk.
+    """
+
+    def __init__(self, buffer: int | None = None) -> None:
+        buffer = buffer or DOC_ROWS_BUFFER
+        self._keys = np.empty(0, np.uint64)
+        self._rows = np.empty(0, np.int32)
+        self._new_keys = np.empty(buffer, np.uint64)
+        self._new_rows = np.empty(buffer, np.int32)
+        self._fill = 0
+
+    @staticmethod
+    def key(doc_id: str) -> np.uint64:
+        digest = hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return np.frombuffer(digest, np.uint64)[0]
+
+    def candidates(self, key: np.uint64) -> list[int]:
+        rows = self._new_rows[:self._fill][self._new_keys[:self._fill] == key].tolist()
+        lo, hi = np.searchsorted(self._keys, key, "left"), np.searchsorted(self._keys, key, "right")
+        return rows + self._rows[lo:hi].tolist()
+
+    def add(self, key: np.uint64, row: int) -> None:
+        self._new_keys[self._fill], self._new_rows[self._fill] = key, row
+        self._fill += 1
+        if self._fill == len(self._new_keys):
+            keys = np.concatenate([self._keys, self._new_keys])
+            order = np.argsort(keys, kind="stable")  # two sorted-ish runs: near linear
+            self._keys, self._rows = keys[order], np.concatenate([self._rows, self._new_rows])[order]
+            self._fill = 0
+
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._rows.nbytes + self._new_keys.nbytes + self._new_rows.nbytes
 
 
 class PassageStoreWriter:
-    """Streams passages to disk; call `add` per passage, then `close`."""
+    """Streams passages to disk; call `add` per passage, then `close` (or `abort` to leave nothing).
+
+    Passages usually arrive grouped by document; a document seen again after others keeps its first row
+    (and its first title and domain).
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self._ctx = atomic_file(self.folder / PASSAGES, "wb")
-        self._fh = self._ctx.__enter__()
-        self._offsets: list[int] = []
-        self._doc_rows: list[int] = []
-        self._docs: list[dict] = []
-        self._doc_index: dict[str, int] = {}
-        self._pos = 0
+        self._files = contextlib.ExitStack()
+        try:
+            self._passages: BinaryIO = self._open(PASSAGES)
+            self._docs: BinaryIO = self._open(DOCS)
+            self._offsets = _NpyWriter(self._open(OFFSETS), np.int64)
+            self._rows = _NpyWriter(self._open(PASSAGE_DOCS), np.int32)
+            self._doc_offsets = _NpyWriter(self._open(DOC_OFFSETS), np.int64)
+        except BaseException:
+            self.abort()
+            raise
+        self._doc_rows = _DocRows()
+        self._current: tuple[str, int] | None = None  # (doc id, row) of the last passage's document
+        self._pos = self._doc_pos = 0
+        self._closed = False
+
+    def _open(self, name: str) -> BinaryIO:  # readable too: a repeated document is looked up on disk
+        return self._files.enter_context(atomic_file(self.folder / name, "w+b"))
+
+    def _doc_id_at(self, row: int) -> str:
+        start = self._doc_offsets.get(row)
+        end = self._doc_offsets.get(row + 1) if row + 1 < len(self._doc_offsets) else self._doc_pos
+        self._docs.flush()
+        return json.loads(os.pread(self._docs.fileno(), end - start, start))["id"]
+
+    def _row(self, passage: Passage) -> int:
+        key = _DocRows.key(passage.doc_id)
+        for row in self._doc_rows.candidates(key):
+            if self._doc_id_at(row) == passage.doc_id:
+                return row
+        row = len(self._doc_offsets)
+        if row > np.iinfo(np.int32).max:
+            raise RagError(f"{self.folder / DOCS}: more than {np.iinfo(np.int32).max} documents")
+        line = (json.dumps({"id": passage.doc_id, "title": passage.title, "domain": passage.domain},
+                           ensure_ascii=False) + "\n").encode()
+        self._doc_offsets.append(self._doc_pos)
+        self._docs.write(line)
+        self._doc_pos += len(line)
+        self._doc_rows.add(key, row)
+        return row
 
     def add(self, passage: Passage) -> None:
-        row = self._doc_index.get(passage.doc_id)
-        if row is None:
-            row = self._doc_index[passage.doc_id] = len(self._docs)
-            self._docs.append({"id": passage.doc_id, "title": passage.title, "domain": passage.domain})
+        if self._current is None or self._current[0] != passage.doc_id:
+            self._current = (passage.doc_id, self._row(passage))
         line = (json.dumps({"pid": passage.pid, "doc_id": passage.doc_id, "title": passage.title,
                             "text": passage.text, "domain": passage.domain}, ensure_ascii=False) + "\n").encode()
         self._offsets.append(self._pos)
-        self._doc_rows.append(row)
-        self._fh.write(line)
+        self._rows.append(self._current[1])
+        self._passages.write(line)
         self._pos += len(line)
 
     def close(self) -> dict[str, int]:
-        self._ctx.__exit__(None, None, None)
-        np.save(self.folder / OFFSETS, np.asarray(self._offsets, dtype=np.int64))
-        np.save(self.folder / PASSAGE_DOCS, np.asarray(self._doc_rows, dtype=np.int32))
-        write_json(self.folder / DOCS, self._docs)
-        return {"passages": len(self._offsets), "documents": len(self._docs)}
+        """Finish every file (each replaces its final name only now); returns the passage and document counts."""
+        counts = {"passages": len(self._offsets), "documents": len(self._doc_offsets)}
+        try:
+            for array in (self._offsets, self._rows, self._doc_offsets):
+                array.finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self._files.close()
+        return counts
+
+    def abort(self) -> None:
+        """Remove every file written so far (nothing of this writer is left at the final names)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self._files.__exit__(RagError, RagError("passage table not finished"), None)
 
 
 def write_passage_store(folder: str | Path, passages: Iterable[Passage]) -> dict[str, int]:
@@ -58,32 +225,72 @@ def write_passage_store(folder: str | Path, passages: Iterable[Passage]) -> dict
         for passage in passages:
             writer.add(passage)
     except BaseException:
-        writer._ctx.__exit__(Exception, Exception(), None)
+        writer.abort()
         raise
     return writer.close()
+
+
+class DocTable(Sequence[dict]):
+    """The document table as a read-only sequence: `len`, `table[row]` and iteration, without a list in memory."""
+
+    def __init__(self, store: PassageStore) -> None:
+        self._store = store
+
+    def __len__(self) -> int:
+        return self._store.n_docs
+
+    @overload
+    def __getitem__(self, row: int) -> dict: ...
+    @overload
+    def __getitem__(self, row: slice) -> list[dict]: ...
+
+    def __getitem__(self, row: int | slice) -> dict | list[dict]:
+        if isinstance(row, slice):
+            return [self._store.doc(i) for i in range(*row.indices(len(self)))]
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"document row {row} out of range ({len(self)} documents)")
+        return self._store.doc(row)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._store.iter_docs()
 
 
 class PassageStore:
     """Read side: random access to passages and their documents.
 
-    Opening checks the table is whole (each file present and readable, the arrays of one length, the last
-    offset inside passages.jsonl, every document row inside docs.json) and, with `expected`, that it holds
-    that many passages; a problem is a RagError naming the file.
+    Opening memory-maps the integer arrays and checks, reading only a few bytes, that the table is whole:
+    each file present and readable, the passage arrays of one length, the last offsets inside their files,
+    both JSONL files ending in a newline, the first and last passages' document rows inside the document
+    table (every row is checked when it is used, and all at once by `verify`), and with `expected`, that it
+    holds that many passages. A problem is a one-line RagError naming the file.
     """
 
     def __init__(self, folder: str | Path, expected: int | None = None) -> None:
         self.folder = Path(folder)
-        for name in (PASSAGES, OFFSETS, PASSAGE_DOCS, DOCS):
+        self.legacy = not (self.folder / DOCS).is_file() and (self.folder / LEGACY_DOCS).is_file()
+        doc_files = (LEGACY_DOCS,) if self.legacy else (DOCS, DOC_OFFSETS)
+        for name in (PASSAGES, OFFSETS, PASSAGE_DOCS, *doc_files):
             if not (self.folder / name).is_file():
                 raise RagError(f"{self.folder / name}: missing; the passage table is incomplete: rebuild the index")
         self.offsets = _load_array(self.folder / OFFSETS)
         self.passage_docs = _load_array(self.folder / PASSAGE_DOCS)
-        docs = read_json(self.folder / DOCS)
-        if not isinstance(docs, list):
-            raise RagError(f"{self.folder / DOCS}: expected a JSON list of documents; rebuild the index")
-        self.docs: list[dict] = docs
+        self._legacy_docs: list[dict] | None = None
+        self.doc_offsets: np.ndarray | None = None
+        if self.legacy:
+            self._legacy_docs = _read_legacy_docs(self.folder / LEGACY_DOCS)
+            self.n_docs = len(self._legacy_docs)
+        else:
+            self.doc_offsets = _load_array(self.folder / DOC_OFFSETS)
+            self.n_docs = len(self.doc_offsets)
+        self._size = (self.folder / PASSAGES).stat().st_size
+        self._docs_size = 0 if self.legacy else (self.folder / DOCS).stat().st_size
         self._check(expected)
-        self._fh = open(self.folder / PASSAGES, "rb")
+        self._fd = os.open(self.folder / PASSAGES, os.O_RDONLY)
+        self._docs_fd = -1 if self.legacy else os.open(self.folder / DOCS, os.O_RDONLY)
+
+    # ------------------------------------------------------------------ checks
 
     def _check(self, expected: int | None) -> None:
         n = len(self.offsets)
@@ -93,29 +300,96 @@ class PassageStore:
         if expected is not None and n != expected:
             raise RagError(f"{self.folder / OFFSETS}: {n} passages, the manifest counts {expected}: a file of "
                            "another index; rebuild the index")
-        size = (self.folder / PASSAGES).stat().st_size
-        if n and int(self.offsets[-1]) >= size:
-            raise RagError(f"{self.folder / PASSAGES}: {size} bytes, but passage {n - 1} starts at byte "
-                           f"{int(self.offsets[-1])}: truncated; rebuild the index")
+        _check_lines(self.folder / PASSAGES, self.folder / OFFSETS, self.offsets, self._size, "passage")
+        if self.doc_offsets is not None:
+            _check_lines(self.folder / DOCS, self.folder / DOC_OFFSETS, self.doc_offsets, self._docs_size,
+                         "document")
         if n:
-            with open(self.folder / PASSAGES, "rb") as fh:
-                fh.seek(size - 1)
-                if fh.read(1) != b"\n":
-                    raise RagError(f"{self.folder / PASSAGES}: the last passage is cut off (no final newline): "
-                                   "truncated; rebuild the index")
-        if n and int(np.max(self.passage_docs)) >= len(self.docs):
-            raise RagError(f"{self.folder / DOCS}: {len(self.docs)} documents, but passages refer to row "
-                           f"{int(np.max(self.passage_docs))}: truncated or of another index; rebuild the index")
+            for pid in (0, n - 1):
+                self._row_of(pid)
+
+    def _row_of(self, pid: int) -> int:
+        row = int(self.passage_docs[pid])
+        if not 0 <= row < self.n_docs:
+            docs = LEGACY_DOCS if self.legacy else DOCS
+            raise RagError(f"{self.folder / PASSAGE_DOCS}: passage {pid} refers to document row {row}, but "
+                           f"{docs} holds {self.n_docs} documents: truncated or of another index; rebuild the index")
+        return row
+
+    def verify(self) -> None:
+        """Full check, reading the arrays once in blocks (memory stays flat): offsets strictly increasing
+        from 0 and every passage's document row inside the document table. Raises RagError naming the file."""
+        for path, offsets, what in ((self.folder / OFFSETS, self.offsets, "passage"),
+                                    (self.folder / DOC_OFFSETS, self.doc_offsets, "document")):
+            if offsets is None:
+                continue
+            previous = -1
+            for start in range(0, len(offsets), CHUNK):
+                block = np.asarray(offsets[start:start + CHUNK], dtype=np.int64)
+                steps = np.diff(block, prepend=previous)
+                if len(steps) and int(steps.min()) <= 0:
+                    bad = start + int(np.argmax(steps <= 0))
+                    raise RagError(f"{path}: {what} {bad} does not start after the one before: damaged; "
+                                   "rebuild the index")
+                previous = int(block[-1]) if len(block) else previous
+        for start in range(0, len(self.passage_docs), CHUNK):
+            rows = np.asarray(self.passage_docs[start:start + CHUNK])
+            outside = np.flatnonzero((rows < 0) | (rows >= self.n_docs))
+            if len(outside):
+                self._row_of(start + int(outside[0]))
+
+    # ------------------------------------------------------------------ access
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def __enter__(self) -> PassageStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def get(self, pid: int) -> dict:
-        self._fh.seek(int(self.offsets[pid]))
-        return json.loads(self._fh.readline())
+        """Passage `pid` as written: {"pid", "doc_id", "title", "text", "domain"}."""
+        return _read_line(self._fd, self.offsets, pid, self._size, self.folder / PASSAGES, "passage")
+
+    @property
+    def docs(self) -> DocTable:
+        """The document table as a sequence (`len(store.docs)`, `store.docs[row]`, iteration); holds no list."""
+        return DocTable(self)
+
+    def doc(self, row: int) -> dict:
+        """Document `row` of the table: {"id", "title", "domain"}."""
+        if self._legacy_docs is not None:
+            return self._legacy_docs[row]
+        assert self.doc_offsets is not None
+        return _read_line(self._docs_fd, self.doc_offsets, row, self._docs_size, self.folder / DOCS, "document")
+
+    def doc_row(self, pid: int) -> int:
+        """Row in the document table of passage `pid`'s document (one row per document id)."""
+        return self._row_of(pid)
+
+    def doc_rows(self, pids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Document-table rows of many passages at once; -1 where the passage id is negative (an empty slot)."""
+        pids = np.asarray(pids, dtype=np.int64)
+        rows = np.full(pids.shape, -1, dtype=np.int64)
+        valid = pids >= 0
+        rows[valid] = self.passage_docs[pids[valid]]
+        bad = valid & ((rows < 0) | (rows >= self.n_docs))
+        if bad.any():
+            self._row_of(int(pids[bad][0]))
+        return rows
 
     def doc_of(self, pid: int) -> dict:
-        return self.docs[int(self.passage_docs[pid])]
+        return self.doc(self._row_of(pid))
+
+    def iter_docs(self) -> Iterator[dict]:
+        if self._legacy_docs is not None:
+            yield from self._legacy_docs
+            return
+        with open(self.folder / DOCS, "rb") as fh:
+            for line in fh:
+                yield json.loads(line)
 
     def __iter__(self) -> Iterator[dict]:
         with open(self.folder / PASSAGES, "rb") as fh:
@@ -123,7 +397,58 @@ class PassageStore:
                 yield json.loads(line)
 
     def close(self) -> None:
-        self._fh.close()
+        for fd in (self._fd, self._docs_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._docs_fd = -1
+
+
+def _read_line(fd: int, offsets: np.ndarray, i: int, size: int, path: Path, what: str) -> dict:
+    """Line i of a JSONL file with a byte offset per line, read with one pread (safe across threads)."""
+    if fd < 0:
+        raise RagError(f"{path}: the passage store is closed")
+    n = len(offsets)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"{what} {i} out of range ({n} in {path.name})")
+    start = int(offsets[i])
+    end = int(offsets[i + 1]) if i < n - 1 else size
+    try:
+        return json.loads(os.pread(fd, end - start, start))
+    except (ValueError, UnicodeDecodeError):
+        raise RagError(f"{path}: {what} {i} (bytes {start} to {end}) is not a JSON line: damaged; "
+                       "rebuild the index") from None
+
+
+def _check_lines(path: Path, offsets_path: Path, offsets: np.ndarray, size: int, what: str) -> None:
+    """The cheap checks of a JSONL file against its offsets: first at 0, last inside, final newline."""
+    n = len(offsets)
+    if not n:
+        return
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise RagError(f"{offsets_path}: the first {what} starts at byte {first}, not 0: damaged; rebuild the index")
+    if last >= size:
+        raise RagError(f"{path}: {size} bytes, but {what} {n - 1} starts at byte {last}: truncated; "
+                       "rebuild the index")
+    with open(path, "rb") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) != b"\n":
+            raise RagError(f"{path}: the last {what} is cut off (no final newline): truncated; rebuild the index")
+
+
+def _read_legacy_docs(path: Path) -> list[dict]:
+    key = str(Path(os.path.abspath(path)))
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s: a passage table of format 1 (the document table as one JSON list, %.0f MB, loaded "
+                       "whole by every process that opens it); it still works: rebuild the index to have it "
+                       "memory-mapped", path, path.stat().st_size / 2**20)
+    docs = read_json(path)
+    if not isinstance(docs, list):
+        raise RagError(f"{path}: expected a JSON list of documents; rebuild the index")
+    return docs
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -134,5 +459,5 @@ def _load_array(path: Path) -> np.ndarray:
         raise RagError(f"{path}: unreadable ({exc}): truncated or damaged; rebuild the index") from None
     if array.ndim != 1 or array.dtype.kind not in "iu":
         raise RagError(f"{path}: holds a {array.dtype} array of shape {array.shape}, expected one integer per "
-                       "passage; rebuild the index")
+                       "row; rebuild the index")
     return array

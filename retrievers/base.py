@@ -34,16 +34,16 @@ class Retriever(Protocol):
 
 
 def aggregate_passages(pids: np.ndarray, scores: np.ndarray, store, k: int) -> list[Hit]:
-    """Turn a ranked passage list into a ranked document list (best passage score per document)."""
-    seen: dict[str, Hit] = {}
-    for pid, score in zip(pids.tolist(), scores.tolist()):
-        if pid < 0:
-            continue
-        doc = store.doc_of(pid)
-        if doc["id"] in seen:
+    """Turn a ranked passage list into a ranked document list (best passage score per document).
+
+    Documents are told apart by their row in the store's document table (one row per document id), so
+    only the kept passages and their documents are read from disk."""
+    seen: dict[int, Hit] = {}
+    for pid, row, score in zip(pids.tolist(), store.doc_rows(pids).tolist(), scores.tolist()):
+        if pid < 0 or row in seen:
             continue  # passages arrive best first, so the first one is the document's best
-        passage = store.get(pid)
-        seen[doc["id"]] = Hit(doc["id"], doc["title"], float(score), passage["text"], pid, doc.get("domain"))
+        doc, passage = store.doc(row), store.get(pid)
+        seen[row] = Hit(doc["id"], doc["title"], float(score), passage["text"], pid, doc.get("domain"))
         if len(seen) == k:
             break
     return list(seen.values())

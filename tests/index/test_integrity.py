@@ -129,7 +129,8 @@ def test_truncated_index_faiss_refused_on_open_naming_it(dense):
     _one_line(err)
 
 
-@pytest.mark.parametrize("name", ["passages.jsonl", "passage_offsets.npy", "passage_docs.npy", "docs.json"])
+@pytest.mark.parametrize("name", ["passages.jsonl", "passage_offsets.npy", "passage_docs.npy", "docs.jsonl",
+                                  "doc_offsets.npy"])
 def test_truncated_passage_files_refused_on_open_naming_them(dense, bm25, name):
     for folder, opener in ((dense, lambda: DenseRetriever(dense, encoder=fake_encoder())),
                            (bm25, lambda: BM25Retriever(bm25))):
@@ -146,7 +147,8 @@ def test_missing_file_refused_on_open(bm25):
         open_retriever(bm25)
 
 
-@pytest.mark.parametrize("name", ["index.faiss", "passages.jsonl", "passage_offsets.npy", "passage_docs.npy"])
+@pytest.mark.parametrize("name", ["index.faiss", "passages.jsonl", "passage_offsets.npy", "passage_docs.npy",
+                                  "docs.jsonl", "doc_offsets.npy"])
 def test_old_index_without_files_still_checked_by_content(dense, name, caplog):
     """An index from before `files` opens with one warning; damaged files still give an error naming them."""
     _edit_manifest(dense, files=...)
