@@ -1,7 +1,7 @@
 """Re-ranking: a cross-encoder scores (question, passage) pairs of a first-stage run and reorders them.
 
 The model is a sentence-transformers `CrossEncoder` (any HF encoder id or folder; by default the packaged
-MiniLM with a new one-logit scoring head). Training (`rag train reranker`) runs on sentence-transformers'
+MiniLM with a new mean-pooled scoring head; see `load_base_cross_encoder`). Training (`rag train reranker`) runs on sentence-transformers'
 `CrossEncoderTrainer` with a pointwise loss (binary cross-entropy over the gold passage and BM25 hard
 negatives) or a listwise one (ListNet over the gold passage and its negatives as one list). Full tuning
 saves a plain CrossEncoder folder (`CrossEncoder(path)` loads it anywhere); a PEFT method (core/peft)
@@ -32,12 +32,18 @@ logger = logging.getLogger(__name__)
 RUN_META = "reranker_run.json"
 PEFT_DIR = "peft"
 HEAD_WEIGHTS = "head.safetensors"
-FORMAT_VERSION = 1
-LOSSES = ("bce", "listnet")
+FORMAT_VERSION = 2  # 2: head.safetensors holds head_state() (mean-pooled heads)
+LOSSES = ("bce", "listnet", "mnrl")
 
 
 @dataclass
 class RerankerTrainConfig(TrainConfig):
+    # The default recipe (chosen on 60 held-out training questions, docs/experiments/rerank): mean-pooled head,
+    # listwise loss over the gold passage and 7 BM25 negatives, 120 steps of 4 questions, lr 1e-4.
+    max_steps: int = opt(120, "optimizer steps", min=1)
+    batch_size: int = opt(4, "examples per step (listnet/mnrl: questions, each with its negatives; bce: pairs)", min=1)
+    lr: float = opt(1e-4, "peak learning rate (linear warm-up, then linear decay)", gt=0, finite=True)
+    warmup_steps: int = opt(12, "linear warm-up steps", min=0)
     corpus: str = opt("", "corpus JSONL or a folder holding corpus.jsonl")
     train: str = opt("", "KILT JSONL of training questions (gold pages in the corpus)")
     dev: str | None = opt(None, "KILT JSONL: BM25 top --rerank-depth re-ranked before and after training (Rprec, recall@5, success@1, success@10)")
@@ -45,13 +51,14 @@ class RerankerTrainConfig(TrainConfig):
                     check="model")
     peft: str = opt("full", "PEFT method (core/peft registry)", check="peft")
     rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)", min=1)
-    loss: str = opt("bce", "bce (pointwise: gold vs each negative) or listnet (listwise over gold + negatives)",
-                    choices=LOSSES)
+    loss: str = opt("listnet", "bce (pointwise: gold vs each negative), listnet (listwise: softmax of the scores against "
+                           "the softmax of the 0/1 labels) or mnrl (softmax cross-entropy: the gold passage against "
+                           "its hard negatives and 4 in-batch negatives)", choices=LOSSES)
     bm25_index: str | None = opt(None, "BM25 index of the corpus for negatives and dev candidates (built if unset)")
     negatives: int = opt(7, "BM25 hard negatives per question (non-gold pages of its top --negative-depth)", min=1)
     negative_depth: int = opt(30, "BM25 depth the negatives are drawn from", min=1)
     rerank_depth: int = opt(50, "dev evaluation: re-rank this many BM25 candidates", min=1)
-    max_length: int = opt(256, "tokens per (question, passage) pair", min=8)
+    max_length: int = opt(128, "tokens per (question, passage) pair", min=8)
     words_per_passage: int = opt(100, "words of a page used as its passage", min=1)
     eval_batch_size: int = opt(64, "pairs per scoring batch", min=1)
 
@@ -63,22 +70,70 @@ def _resolve_base(name: str) -> str:
     return resolve_model(name)
 
 
+def _is_sequence_classifier(path: str) -> bool:
+    """A checkpoint that already has a scoring head (a trained cross-encoder, e.g. ms-marco-MiniLM)."""
+    from transformers import AutoConfig
+
+    try:
+        archs = AutoConfig.from_pretrained(path, trust_remote_code=False).architectures or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def load_base_cross_encoder(base: str, max_length: int = 256, device: str | None = None) -> Any:
-    """A CrossEncoder with one output logit; a bi-encoder checkpoint gets a new (seeded) scoring head."""
+    """A CrossEncoder with one output score.
+
+    A checkpoint with a sequence-classification head (a trained cross-encoder) is used as it is. Any other
+    encoder gets a mean-pooled scoring head: Transformer -> mean Pooling -> Dense(dim, 1), seeded. Mean
+    pooling, not the [CLS] pooler, because an encoder trained as a mean-pooled bi-encoder (the packaged
+    MiniLM) gives nearly the same [CLS] vector for every pair (mean pairwise cosine 0.67 against 0.14 for
+    mean pooling over 200 FanOutQA dev pairs), and a head on it learns from almost no signal. The folder
+    saved from either is a plain sentence-transformers CrossEncoder (`CrossEncoder(path)`).
+    """
     import torch
     from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Dense, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers.utils import logging as hf_logging
 
+    path = _resolve_base(base)
+    if _is_sequence_classifier(path):
+        return CrossEncoder(path, num_labels=1, max_length=max_length, device=device, trust_remote_code=False)
     level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new head's "MISSING classifier" load report is expected
+    hf_logging.set_verbosity_error()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            ce = CrossEncoder(_resolve_base(base), num_labels=1, max_length=max_length, device=device,
-                              trust_remote_code=False)
+            encoder = Transformer(path, transformer_task="feature-extraction", max_seq_length=max_length)
+            dim = encoder.get_embedding_dimension()
+            modules = [encoder, Pooling(dim, "mean"), Dense(dim, 1, activation_function=None,
+                                                             module_output_name="scores")]
+            ce = CrossEncoder(modules=modules, device=device)
     finally:
         hf_logging.set_verbosity(level)
     return ce
+
+
+def head_state(ce: Any) -> dict[str, Any]:
+    """The scoring head's tensors: the modules after the encoder (mean-pooled head), or the HF model's
+    `classifier` (sequence-classification head); saved beside a PEFT adapter, which covers the encoder."""
+    state = {f"module{i}.{k}": v.detach().contiguous() for i, module in enumerate(ce) if i > 0
+             for k, v in module.state_dict().items()}
+    state.update({f"hf.{k}": v.detach().contiguous() for k, v in ce[0].model.state_dict().items()
+                  if "classifier" in k.split(".")})
+    return state
+
+
+def load_head_state(ce: Any, state: dict[str, Any]) -> None:
+    for i, module in enumerate(ce):
+        if i > 0:
+            part = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"module{i}.")}
+            if part:
+                module.load_state_dict(part)
+    hf = {k[3:]: v for k, v in state.items() if k.startswith("hf.")}
+    if hf:
+        ce[0].model.load_state_dict(hf, strict=False)
 
 
 def is_reranker_run(path: str | Path) -> bool:
@@ -107,8 +162,7 @@ def load_reranker(spec: str | Path, device: str | None = None, max_length: int |
 
     ce = load_base_cross_encoder(meta["base"], max_length or meta["max_length"], device)
     ce[0].model = load_peft(ce[0].model, path / PEFT_DIR)  # the HF model inside the CrossEncoder's module
-    head = load_file(str(path / HEAD_WEIGHTS))
-    ce[0].model.load_state_dict(head, strict=False)
+    load_head_state(ce, load_file(str(path / HEAD_WEIGHTS)))
     return ce
 
 
@@ -184,26 +238,34 @@ def training_examples(config: RerankerTrainConfig, corpus: Any, bm25_dir: Path) 
     rng = np.random.default_rng(config.seed)
     examples: list[RerankExample] = []
     random_fill = 0
+    ids = [d.id for d in corpus.documents]
     for start in range(0, len(pairs), 256):
         chunk = pairs[start:start + 256]
         for pair, hits in zip(chunk, retriever.retrieve([p.query for p in chunk], k=config.negative_depth)):
+            # Each page is read as re-ranking will read it: its best BM25 passage for this question
+            # (a page's lead passage where BM25 did not return it), so training and use see the same text.
+            best = {h.doc_id: passage_of(h.provenance()) for h in hits if h.text}
             barred = set(pair.gold_ids) | {pair.positive_id}
             negs = [h.doc_id for h in hits if h.doc_id not in barred and h.doc_id in corpus][:config.negatives]
-            ids = [d.id for d in corpus.documents]
             while len(negs) < config.negatives and len(ids) > len(barred) + len(negs):
                 pick = ids[int(rng.integers(len(ids)))]
                 if pick not in barred and pick not in negs:
                     negs.append(pick)
                     random_fill += 1
-            examples.append(RerankExample(pair.query, pair.gold_ids,
-                                          document_text(pair.positive_id, corpus, config.words_per_passage),
-                                          [document_text(n, corpus, config.words_per_passage) for n in negs]))
+            positive = best.get(pair.positive_id) or document_text(pair.positive_id, corpus, config.words_per_passage)
+            examples.append(RerankExample(pair.query, pair.gold_ids, positive,
+                                          [best.get(n) or document_text(n, corpus, config.words_per_passage)
+                                           for n in negs]))
     return examples, {"train_file": report.to_json(), "examples": len(examples), "random_negatives": random_fill}
 
 
 def _dataset(examples: Sequence[RerankExample], loss: str) -> Any:
     from datasets import Dataset
 
+    if loss == "mnrl":
+        n = min(len(e.negatives) for e in examples) if examples else 0
+        return Dataset.from_dict({"query": [e.question for e in examples], "positive": [e.positive for e in examples],
+                                  **{f"negative_{i + 1}": [e.negatives[i] for e in examples] for i in range(n)}})
     if loss == "listnet":
         return Dataset.from_dict({"query": [e.question for e in examples],
                                   "docs": [[e.positive, *e.negatives] for e in examples],
@@ -218,10 +280,16 @@ def _dataset(examples: Sequence[RerankExample], loss: str) -> Any:
 
 
 def _loss(ce: Any, name: str) -> Any:
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, ListNetLoss
+    from sentence_transformers.cross_encoder.losses import (
+        BinaryCrossEntropyLoss,
+        ListNetLoss,
+        MultipleNegativesRankingLoss,
+    )
 
     if name not in LOSSES:
         raise RagError(f"--loss must be one of {', '.join(LOSSES)}, not {name!r}")
+    if name == "mnrl":
+        return MultipleNegativesRankingLoss(ce)
     return ListNetLoss(ce) if name == "listnet" else BinaryCrossEntropyLoss(ce)
 
 
@@ -294,8 +362,8 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
         examples, info = training_examples(config, corpus, bm25_dir)
         ce = load_base_cross_encoder(config.base, config.max_length, config.device)
         _apply_method(ce, config)
-        trainable = sum(p.numel() for p in ce.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in ce.model.parameters())
+        trainable = sum(p.numel() for p in ce.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in ce.parameters())
         dev = dev_candidates(config, bm25_dir) if config.dev else None
         metrics: dict[str, Any] = {"peft": config.peft, "loss": config.loss, "trainable_params": trainable,
                                    "total_params": total, "trainable_fraction": trainable / total, **info}
@@ -338,9 +406,7 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
                 save_peft(ce[0].model, tmp / PEFT_DIR, name=config.peft)
                 for p in head_params:
                     p.requires_grad_(True)
-                head = {k: v.detach().contiguous() for k, v in ce[0].model.state_dict().items()
-                        if "classifier" in k.split(".")}
-                save_file(head, str(tmp / HEAD_WEIGHTS))
+                save_file(head_state(ce), str(tmp / HEAD_WEIGHTS))
             write_json(tmp / RUN_META, meta)
             write_json(tmp / "rag_config.json", {k: getattr(config, k) for k in config.__dataclass_fields__})
             write_json(tmp / "metrics.json", metrics)

@@ -28,16 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rag data prepare fanoutqa folder (train.jsonl, dev.jsonl, dev_multihop.jsonl)")
     parser.add_argument("--bm25-index", required=True, type=Path, help="BM25 index of the corpus")
     parser.add_argument("--out", required=True, type=Path, help="study folder")
-    parser.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--depth", type=int, default=50, help="BM25 candidates re-ranked per question")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per seed")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per training step")
-    parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
-    parser.add_argument("--negatives", type=int, default=3, help="BM25 hard negatives per question")
-    parser.add_argument("--max-length", type=int, default=192, help="tokens per pair")
+    parser.add_argument("--steps", type=int, default=120, help="training steps per seed")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="examples per training step (listnet/mnrl: questions with their negatives; bce: pairs)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    parser.add_argument("--negatives", type=int, default=7, help="BM25 hard negatives per question")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per pair")
     parser.add_argument("--peft", default="full", help="PEFT method of the re-ranker")
     parser.add_argument("--base", default="minilm", help="encoder the cross-encoder starts from")
-    parser.add_argument("--loss", default="bce", choices=["bce", "listnet"], help="training loss")
+    parser.add_argument("--loss", default="listnet", choices=["bce", "listnet", "mnrl"], help="training loss")
 
 
 def _per_question(guesses: list[dict[str, Any]], gold_rows: list[dict[str, Any]]) -> dict[str, list[float]]:
