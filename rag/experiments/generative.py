@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="KILT training questions (FanOutQA train)")
     parser.add_argument("--dev", required=True, help="KILT dev questions (FanOutQA dev)")
     parser.add_argument("--out", required=True, type=Path, help="study folder")
-    parser.add_argument("--model", default=None, help="base model: seq2seq, or a decoder-only LM such as gemma-3-270m "
-                        "(default: warm-started MiniLM bert2bert)")
+    parser.add_argument("--model", default=None, help="base model: a decoder-only LM (default gemma-3-270m) or a "
+                        "seq2seq one (minilm-bert2bert: the warm-started smoke-test model)")
     parser.add_argument("--prompt", default=None, help="decoder-only models: prompt template with {question} "
                         "(default: the trainer's, 'Question: {question}\\nTitle:')")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
             row(f"(b) pre-train + fine-tune, {round(preset.low_resource * 100)}% Qs", method,
                 results[f"pretrain+finetune{tag}-{method}"], n_low)
 
-    model_name = args.model or "warm-started MiniLM bert2bert (EncoderDecoderModel)"
+    model_name = args.model or "gemma-3-270m"
     kind = next((m.get("model_kind") for m in results.values() if m.get("model_kind")), None)
     if kind == "causal":
         model_name += f" (decoder-only; prompt {results[f'pretrain-{methods[0]}'].get('prompt')!r})"

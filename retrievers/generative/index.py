@@ -39,16 +39,25 @@ DUPLICATES_FILE = "duplicates.json"
 
 @dataclass
 class TrieBuildConfig:
-    model: str | None = opt(None, "model id/path or generative run folder (its tokenizer and start/eos ids)")
+    model: str | None = opt(None, "model id/path or generative run folder (its tokenizer and start/eos ids); "
+                                  "default gemma-3-270m")
     store_text: bool = opt(True, "keep document texts in docs.jsonl (for readers)")
     prompt: str | None = opt(None, "decoder-only models: prompt template with {question}; titles are tokenised as "
                                    "they follow it (default: the run's, else 'Question: {question}\\nTitle:'); "
                                    "seq2seq models ignore it")
-    title_end: str | None = opt(None, "decoder-only models: what ends a title: eos (the tokenizer's EOS, what fine-tuning "
-                                      "teaches) or newline (what a pretrained LM writes after a title: zero-shot); "
-                                      "default: the run's, else eos", choices=("eos", "newline"))
-    length_penalty: float = opt(1.0, "decoding default of rag retrieve: beam scores are summed log-probs / generated "
-                                     "tokens ** this (0 = summed log-probs)", min=0, finite=True)
+    title_end: str | None = opt(None, "decoder-only models: what ends a title: eos (the tokenizer's EOS) or newline "
+                                      "(what a pretrained LM writes after a title, so zero-shot use works); "
+                                      "default: the run's, else newline where the tokenizer has one, else eos",
+                                choices=("eos", "newline"))
+    length_penalty: float | None = opt(None, "decoding default of rag retrieve: beam scores are summed log-probs / "
+                                             "generated tokens ** this (0 = summed log-probs); default: 0 for "
+                                             "newline-ended titles, else 1", min=0, finite=True)
+
+
+def default_length_penalty(spec: Any) -> float:
+    """Summed log-probs for newline-ended titles (chosen on 20 dev questions, docs/experiments/generative-gemma:
+    length-normalised scores favour long titles there), length-normalised otherwise."""
+    return 0.0 if getattr(spec, "title_end", None) == "newline" and spec.prompt else 1.0
 
 
 def unique_titles(documents) -> tuple[list[str], list[Any], dict[str, list[str]]]:
@@ -133,7 +142,8 @@ def build_trie_index(corpus_path: str | Path, out: str | Path, config: TrieBuild
         manifest["generative"] = {
             "model": model_ref or DEFAULT_MODEL, "corpus": str(corpus.path), "corpus_checksum": corpus.checksum,
             "model_kind": spec.kind, "prompt": spec.prompt, "build_seconds": round(build_seconds, 3),
-            **({"title_end": spec.title_end} if spec.prompt else {}), "length_penalty": config.length_penalty,
+            **({"title_end": spec.title_end} if spec.prompt else {}),
+            "length_penalty": default_length_penalty(spec) if config.length_penalty is None else config.length_penalty,
             **({"prompt_check": check} if check is not None else {}),
             "docs": len(corpus), "titles": len(doc_ids), "docs_file": DOCS_FILE, "store_text": config.store_text,
             "duplicate_titles": {"count": len(dups), "extra_docs": sum(len(v) - 1 for v in dups.values()),

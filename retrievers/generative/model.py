@@ -2,11 +2,12 @@
 
 ``load_generative(spec)`` accepts
 
-* ``None`` / ``"minilm-bert2bert"``: the default encoder-decoder warm-started from the packaged MiniLM.
-  Its cross-attention starts random, so it is materialised ONCE (seed 0) into
-  ``$RAG_HOME/models/minilm-bert2bert-seed0`` and read from there afterwards: a PEFT run that names
-  it as its base gets back exactly the base it was trained on;
-* ``"gemma-3-270m"``: the packaged Gemma-3-270M, a decoder-only LM (core/gemma.py converts it once);
+* ``None`` / ``"gemma-3-270m"``: the default, the packaged Gemma-3-270M, a decoder-only LM (core/gemma.py
+  converts it once);
+* ``"minilm-bert2bert"``: an encoder-decoder warm-started from the packaged MiniLM, a smoke-test model only
+  (its decoder never learned to generate and its cross-attention starts random). It is materialised ONCE
+  (seed 0) into ``$RAG_HOME/models/minilm-bert2bert-seed0`` and read from there afterwards: a PEFT run that
+  names it as its base gets back exactly the base it was trained on;
 * any HF seq2seq or causal-LM folder or hub id (BART, T5, an EncoderDecoderModel folder; Llama, Qwen, GPT-2):
   the model config tells them apart (``is_encoder_decoder``; a causal LM has a ``*ForCausalLM`` /
   ``*LMHeadModel`` architecture); a model with neither head is refused in one line. Remote code is never run;
@@ -41,7 +42,8 @@ MODEL_DIR = "model"
 PEFT_DIR = "peft"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
-DEFAULT_MODEL = "minilm-bert2bert"
+DEFAULT_MODEL = "gemma-3-270m"  # core.gemma.GEMMA_ALIAS: the only pretrained generative LM installable offline
+SEQ2SEQ_FALLBACK = "minilm-bert2bert"  # warm-started encoder-decoder: for smoke tests, never a measure of a method
 _WARM_START_SEED = 0
 SEQ2SEQ, CAUSAL = "seq2seq", "causal"
 # What ends a causal LM's title: its EOS (the default; what fine-tuning teaches), or the newline a pretrained LM
@@ -61,7 +63,7 @@ def default_base_path() -> Path:
     from core.io import atomic_dir
     from core.models import _minilm_path, rag_home, warm_start_bert2bert
 
-    path = rag_home() / "models" / f"{DEFAULT_MODEL}-seed{_WARM_START_SEED}"
+    path = rag_home() / "models" / f"{SEQ2SEQ_FALLBACK}-seed{_WARM_START_SEED}"
     if (path / "config.json").exists():
         return path
     logger.info("materialising the warm-started MiniLM encoder-decoder in %s", path)
@@ -84,9 +86,9 @@ def resolve_base(spec: str | Path | None) -> str:
     from core.gemma import GEMMA_ALIAS, gemma_path
     from core.models import resolve_model
 
-    if spec is None or str(spec) == DEFAULT_MODEL:
+    if str(spec) == SEQ2SEQ_FALLBACK:
         return str(default_base_path())
-    if str(spec) == GEMMA_ALIAS:
+    if spec is None or str(spec) == GEMMA_ALIAS:
         return gemma_path()
     return resolve_model(str(spec))
 
@@ -177,17 +179,23 @@ def causal_spec(tokenizer: Any, prompt: str | None = None, config: Any = None, t
     from retrievers.generative.prompt import DEFAULT_PROMPT, PromptEncoder
 
     prompt = prompt or DEFAULT_PROMPT
-    title_end = title_end or "eos"
+    encoder = PromptEncoder(tokenizer, prompt)
+    if title_end is None:
+        # Auto: a newline where the tokenizer writes one after a title (what a pretrained LM puts there, so
+        # zero-shot decoding and fine-tuning share one trie), else EOS (e.g. WordPiece drops newlines).
+        try:
+            return TitleSpec(CAUSAL, encoder.start_token_id, newline_id(tokenizer, encoder.suffix), prompt, "newline")
+        except RagError:
+            title_end = "eos"
     if title_end not in TITLE_ENDS:
         raise RagError(f"title end must be one of {', '.join(TITLE_ENDS)}, not {title_end!r}")
-    encoder = PromptEncoder(tokenizer, prompt)
     end = causal_eos(tokenizer, config) if title_end == "eos" else newline_id(tokenizer, encoder.suffix)
     return TitleSpec(CAUSAL, encoder.start_token_id, end, prompt, title_end)
 
 
 def title_spec(model: Any, tokenizer: Any, prompt: str | None = None, title_end: str | None = None) -> TitleSpec:
     """The TitleSpec of a loaded model (``prompt`` and ``title_end`` are used by causal LMs only; defaults:
-    DEFAULT_PROMPT, eos)."""
+    DEFAULT_PROMPT, and a newline where the tokenizer has one after a title, else EOS)."""
     if model_kind(model) == CAUSAL:
         return causal_spec(tokenizer, prompt, model.config, title_end)
     start, eos = decoder_ids(model, tokenizer)
@@ -241,7 +249,7 @@ def load_pretrained(path: str, name: str | None = None):
 
 
 def load_base(spec: str | Path | None):
-    """(model, tokenizer) of a plain model (default: the warm-started MiniLM bert2bert)."""
+    """(model, tokenizer) of a plain model (default: Gemma-3-270M)."""
     return load_pretrained(resolve_base(spec), str(spec) if spec is not None else DEFAULT_MODEL)
 
 
@@ -344,7 +352,7 @@ def load_tokenizer_and_spec(spec: str | Path | None, prompt: str | None = None,
                 return tokenizer, causal_spec(tokenizer, meta.get("prompt"), title_end=run_end)
             _ignore_prompt(prompt)
             return tokenizer, TitleSpec(SEQ2SEQ, int(meta["decoder_start_token_id"]), int(meta["eos_token_id"]))
-    if spec is None or str(spec) == DEFAULT_MODEL:
+    if str(spec) == SEQ2SEQ_FALLBACK:
         from core.models import _minilm_path
         _ignore_prompt(prompt)
         tokenizer = _load_tokenizer(Path(_minilm_path()))

@@ -116,7 +116,7 @@ def open_generative(index_dir: str | Path, model: Any = None, beams: int | None 
         raise ManifestMismatch(f"{index_dir}: the trie ends titles with {gen.get('title_end', 'eos')}, {spec} was "
                                f"trained to end them with {run_meta.get('title_end', 'eos')}; rebuild the trie with "
                                f"--model {spec}")
-    ts = title_spec(net, tokenizer, prompt, gen.get("title_end"))
+    ts = title_spec(net, tokenizer, prompt, gen.get("title_end", "eos"))  # tries before title_end were EOS-ended
     if (ts.start_token_id, ts.eos_token_id) != (trie.start_token_id, trie.eos_token_id):
         raise ManifestMismatch(f"{index_dir}: trie start/eos ids ({trie.start_token_id}, {trie.eos_token_id}) != "
                                f"the model's {'prompt end' if kind == CAUSAL else 'decoder start'}/eos ids "

@@ -59,7 +59,9 @@ class GenerativeTrainConfig(TrainConfig):
     corpus: str = opt("", "corpus JSONL or folder (finetune: defaults to the --init run's corpus)")
     train: str | None = opt(None, "finetune: KILT JSONL")
     dev: str | None = opt(None, "KILT JSONL evaluated with the trie")
-    model: str = opt(DEFAULT_MODEL, "base seq2seq model (ignored with init)")
+    model: str = opt(DEFAULT_MODEL, "base model (ignored with init): a decoder-only LM (Gemma-3-270M offline; Llama, "
+                                    "Qwen from a hub) or a seq2seq one (BART/T5; minilm-bert2bert: a smoke-test "
+                                    "model whose decoder never learned to generate)")
     init: str | None = opt(None, "a generative run folder to start from")
     peft: str = opt("full", "PEFT method (core/peft registry; prefix does not fit seq2seq models)", check="peft")
     rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)", min=1)
@@ -83,8 +85,9 @@ class GenerativeTrainConfig(TrainConfig):
                                       "passage); the title follows after a space (seq2seq models ignore it)",
                       check=check_template)
     label_smoothing: float = opt(0.0, "label smoothing of the target cross-entropy (CorpusBrain: 0.1)", min=0, lt=1)
-    title_end: str = opt("eos", "decoder-only models: what ends a title: eos (the tokenizer's EOS) or newline",
-                         choices=("eos", "newline"))
+    title_end: str | None = opt(None, "decoder-only models: what ends a title: eos (the tokenizer's EOS) or newline "
+                                      "(default: newline where the tokenizer has one, else eos)",
+                                choices=("eos", "newline"))
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -225,8 +228,9 @@ class GenerativeDevEvaluator:
                  beams: int = 10, limit: int = 0, batch_size: int = 8, max_source_length: int = 128,
                  multi_title: bool = False, ks: Sequence[int] = EVAL_KS) -> None:
         """``start``: the model's TitleSpec (causal LMs: with its prompt), or a seq2seq decoder start id + ``eos``."""
-        from retrievers.generative.index import corpus_trie
+        from retrievers.generative.index import corpus_trie, default_length_penalty
 
+        self.length_penalty = default_length_penalty(start) if hasattr(start, "title_end") else 1.0
         self.rows, self.report = dev_rows(corpus, dev_path, limit, with_report=True)
         self.trie, doc_ids, _ = corpus_trie(corpus, tokenizer, start, eos)
         self.prompt = self.trie.meta.get("prompt")
@@ -236,6 +240,7 @@ class GenerativeDevEvaluator:
 
     def describe(self) -> dict[str, Any]:
         return {"dev_questions": len(self.rows), "dev_file": self.report.to_json(), "eval_beams": self.beams,
+                "eval_length_penalty": self.length_penalty,
                 "eval_multi_title": self.multi_title, "trie_titles": len(self.trie)}
 
     def rankings(self, model: Any) -> tuple[list[list[tuple[str, float]]], float]:
@@ -247,7 +252,7 @@ class GenerativeDevEvaluator:
                                [r["input"] for r in self.rows], num_beams=self.beams,
                                num_return_sequences=self.beams, batch_size=self.batch_size,
                                multi_title=self.multi_title, max_input_length=self.max_source_length,
-                               prompt=self.prompt)
+                               prompt=self.prompt, length_penalty=self.length_penalty)
         return ranked, time.perf_counter() - t0
 
     def score(self, ranked: list[list[tuple[str, float]]]) -> dict[str, float]:
