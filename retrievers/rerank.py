@@ -204,6 +204,19 @@ def rerank(ce: Any, questions: Sequence[str], candidates: Sequence[Sequence[dict
     return out
 
 
+def rerank_hits(ce: Any, questions: Sequence[str], rankings: Sequence[Sequence[Any]], k: int | None = None,
+                batch_size: int = 64) -> list[list[Any]]:
+    """`rerank` for retriever output (lists of `retrievers.base.Hit`): the same hits, reordered and rescored."""
+    from dataclasses import replace
+
+    ranked = rerank(ce, questions, [[h.provenance() for h in hits] for hits in rankings], k=k, batch_size=batch_size)
+    out = []
+    for hits, lst in zip(rankings, ranked):
+        by_id = {h.doc_id: h for h in hits}
+        out.append([replace(by_id[d["wikipedia_id"]], score=float(d["score"])) for d in lst])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 @dataclass

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="a trained reader (run folder of `rag train reader`) or a base model "
                                    "(default: minilm-bert2bert for fid, gemma-3-270m for causal)")
     p.add_argument("--k", type=positive_int, default=5, help="passages per question")
+    p.add_argument("--rerank", type=Path, help="re-rank the retrieved candidates with this re-ranker (a `rag train "
+                                                "reranker` run or a CrossEncoder folder) before reading (default: off)")
+    p.add_argument("--rerank-depth", type=positive_int, default=50,
+                   help="with --rerank: candidates retrieved and re-ranked; the best --k are read")
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per reading batch")
     p.add_argument("--max-passage-tokens", type=positive_int, help="tokens per passage (default: the reader's)")
     p.add_argument("--max-answer-tokens", type=positive_int, help="longest answer generated")
@@ -52,11 +56,20 @@ def _answer(args: argparse.Namespace) -> int:
     queries = load_queries(args.queries)
     with record.timed("load_s"):
         retriever = open_retriever(args.index)
+        reranker = None
+        if args.rerank:  # before the reader: a wrong folder fails before the expensive load
+            from retrievers.rerank import load_reranker
+            reranker = load_reranker(args.rerank, device=args.device)
         reader = load_reader(args.kind, args.model, device=args.device, config_overrides={
             "max_passage_tokens": args.max_passage_tokens, "max_answer_tokens": args.max_answer_tokens,
             "num_beams": args.num_beams})
     with record.timed("retrieve_s"):
-        rankings = retrieve_queries(retriever, [q.text for q in queries], args.k)
+        depth = max(args.k, args.rerank_depth) if args.rerank else args.k
+        rankings = retrieve_queries(retriever, [q.text for q in queries], depth)
+    if reranker is not None:
+        from retrievers.rerank import rerank_hits
+        with record.timed("rerank_s"):
+            rankings = rerank_hits(reranker, [q.text for q in queries], rankings, k=args.k)
     passages = [[ReaderPassage.from_hit(h) for h in hits] for hits in rankings]
     with record.timed("read_s"):
         answers = reader.answer_with_meta([q.text for q in queries], passages, args.batch_size)

@@ -130,3 +130,45 @@ def test_rag_rerank_cli_reorders_a_guess_file_and_refuses_to_overwrite_its_input
     assert main(["rerank", "--run", str(guess), "--model", str(run), "--out", str(guess)]) == 2
     assert main(["rerank", "--run", str(guess), "--model", str(run), "--out", str(out)]) == 2  # exists
     assert "exists" in capsys.readouterr().err
+
+
+def test_an_encoder_without_a_scoring_head_gets_a_mean_pooled_one_and_a_trained_cross_encoder_keeps_its_own(toy, tmp_path):
+    from retrievers.rerank import load_base_cross_encoder
+
+    ce = load_base_cross_encoder(str(toy["base"]), max_length=32)
+    assert [type(m).__name__ for m in ce] == ["Transformer", "Pooling", "Dense"]
+    assert ce[1].get_config_dict()["pooling_mode"] == "mean" and ce.num_labels == 1
+    ce.save_pretrained(str(tmp_path / "ce"))
+    # a saved folder whose encoder is a sequence classifier (here: made from the tiny base) is used as it is
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    cfg = BertConfig.from_pretrained(str(toy["base"]), num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "seqcls")
+    AutoTokenizer.from_pretrained(str(toy["base"])).save_pretrained(tmp_path / "seqcls")
+    trained = load_base_cross_encoder(str(tmp_path / "seqcls"), max_length=32)
+    assert len(trained) == 1 and type(trained[0].model).__name__ == "BertForSequenceClassification"
+
+
+def test_rerank_hits_reorders_retriever_output_and_keeps_each_hit(tmp_path):
+    from retrievers.base import Hit
+    from retrievers.rerank import rerank_hits
+
+    hits = [[Hit("a", "A", 9.0, "nothing here", pid=3), Hit("c", "C", 1.0, "a red fox jumps", pid=7),
+             Hit("b", "B", 5.0, "red fox", pid=5)]]
+    out = rerank_hits(KeywordCE(), ["red fox jumps"], hits, k=2)
+    assert [h.doc_id for h in out[0]] == ["c", "b"]
+    assert out[0][0].pid == 7 and out[0][0].text == "a red fox jumps" and out[0][0].score == 3.0
+
+
+def test_rag_answer_refuses_a_rerank_folder_that_is_not_one_before_reading(toy, tmp_path, capsys):
+    from rag.cli import main
+    from retrievers.bm25 import build_bm25_index
+    from retrievers.index_kinds import index_config
+
+    index = tmp_path / "bm25"
+    build_bm25_index(toy["corpus"], index, index_config("bm25", {"words_per_passage": 30, "stride": 30}))
+    empty = tmp_path / "not-a-reranker"
+    empty.mkdir()
+    out = tmp_path / "answers.jsonl"
+    assert main(["answer", "--index", str(index), "--queries", str(toy["dev"]), "--out", str(out),
+                 "--rerank", str(empty)]) == 2
+    assert "neither a re-ranker run" in capsys.readouterr().err and not out.exists()
