@@ -73,6 +73,11 @@ class ReaderConfig:
     noise_density: float = field(default=0.15, metadata={"help": "denoising: fraction of passage tokens corrupted"})
     mean_span: float = field(default=3.0, metadata={"help": "denoising: mean corrupted span length"})
     corruption_seed: int = field(default=0, metadata={"help": "denoising: combined with the passage key"})
+    cit_proxy: str = field(default="auto", metadata={
+        "help": "what passage_nll (the CIT likelihood) scores: span (masked salient spans, decoder-only readers), "
+                "passage (the whole passage under the reader's denoising objective) or auto (span for causal, "
+                "passage for fid)", "choices": ("auto", "span", "passage")})
+    max_spans: int = field(default=8, metadata={"help": "span proxy: salient spans masked per passage at most"})
 
 
 @runtime_checkable
@@ -190,11 +195,23 @@ class BaseReader(torch.nn.Module):
             self.model.train(was_training)
         return out
 
+    proxies: tuple[str, ...] = ("passage",)  # the CIT proxies this kind implements; the first is its default
+
+    def cit_proxy(self) -> str:
+        """The proxy passage_nll scores ("auto" resolved to the kind's default); a RagError for one it lacks."""
+        proxy = self.config.cit_proxy
+        if proxy in ("auto", "", None):
+            return self.proxies[0]
+        if proxy not in self.proxies:
+            raise RagError(f"--cit-proxy {proxy}: the {self.kind} reader implements {', '.join(self.proxies)}")
+        return proxy
+
     def objective_signature(self) -> dict[str, Any]:
         """What ℓ(d) depends on besides the weights: a cache of ℓ0 is valid only for the same signature."""
         c = self.config
-        return {"kind": self.kind, "objective": self.denoising_objective(), "max_passage_tokens": c.max_passage_tokens,
-                "noise_density": c.noise_density, "mean_span": c.mean_span, "corruption_seed": c.corruption_seed,
+        return {"kind": self.kind, "objective": self.denoising_objective(), "proxy": self.cit_proxy(),
+                "max_passage_tokens": c.max_passage_tokens, "noise_density": c.noise_density,
+                "mean_span": c.mean_span, "corruption_seed": c.corruption_seed, "max_spans": c.max_spans,
                 "vocab_size": len(self.tokenizer)}
 
     # implemented by each kind

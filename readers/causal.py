@@ -6,8 +6,25 @@ Prompt:
     Question: QUESTION
     Answer: ANSWER<eos>
 
-Denoising objective for CIT (`passage_nll`): plain next-token NLL over the passage tokens
-(`TITLE: TEXT`, after the BOS token where the tokenizer has one).
+The likelihood CIT constrains (`passage_nll`), chosen by `ReaderConfig.cit_proxy`:
+
+- `span` (the default; decoder-only masked span prediction, the analogue of the span corruption an
+  Atlas/T5 reader is pre-trained on): the salient spans of the passage (years, numbers, capitalised
+  multi-word names: `readers.cloze.salient_spans`, at most `max_spans`, found in the passage as cut to
+  `max_passage_tokens`) are replaced by numbered blanks, and the model reads the blanked passage and then
+  writes the spans after their numbers:
+
+      TITLE: ... the ____ (1) river ... in ____ (2) ...
+      (1) Seine
+      (2) 1789
+
+  Only the span tokens (` Seine`, ` 1789`) are scored (the blanked passage and the `\\n(i)` markers are
+  context); ℓ(d) is the mean over spans of each span's mean token NLL, so a long name weighs as much as a
+  year. A passage without a salient span has no value: its entry is NaN, it is counted in
+  `stats["cit_no_span_passages"]`, and CIT skips it. Only the logits at span positions are computed.
+- `passage`: plain next-token NLL over the passage tokens (`TITLE: TEXT`, after the BOS token where the
+  tokenizer has one): what the reader's pre-training optimised, dominated by the many tokens that carry no
+  answer.
 
 Passages are cut so the prompt fits the model's positions (each cut is counted). A model without a
 pad token pads with its EOS token (warned); generation pads on the left.
@@ -94,8 +111,10 @@ class CausalReader(BaseReader):
         self.max_positions = model_max_positions(model.config)
         self._keeps_logits = True
 
+    proxies = ("span", "passage")
+
     def denoising_objective(self) -> str:
-        return "next-token"
+        return "masked-salient-span" if self.cit_proxy() == "span" else "next-token"
 
     # ------------------------------------------------------------------ prompts
     def _prompt(self, question: str, passages: Sequence[ReaderPassage]) -> list[int]:
@@ -173,6 +192,95 @@ class CausalReader(BaseReader):
         return [t.strip().split("\n")[0].strip() for t in texts]
 
     def passage_nll(self, passages: Sequence[ReaderPassage]) -> torch.Tensor:
+        """ℓ(d) per passage under the configured proxy (see the module doc); NaN where `span` finds no span."""
+        if self.cit_proxy() == "span":
+            return self.span_nll(passages)
+        return self.next_token_nll(passages)
+
+    # ------------------------------------------------------------------ masked salient spans
+    def _cut_text(self, passage: ReaderPassage, limit: int) -> str:
+        """The passage text as far as `TITLE: TEXT` fits in `limit` tokens (character offsets of a fast
+        tokenizer; else word by word)."""
+        head = f"{passage.title}: " if passage.title else ""
+        full = head + passage.text
+        try:
+            enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        except (NotImplementedError, TypeError, ValueError, KeyError):
+            ids, offsets = self.tokens(full, None, None), None
+        if len(ids) <= limit:
+            return passage.text
+        if offsets is not None:
+            return full[len(head):max(len(head), int(offsets[limit - 1][1]))]
+        words = passage.text.split(" ")
+        kept = 0
+        while kept < len(words) and len(self.tokens(head + " ".join(words[:kept + 1]), None, None)) <= limit:
+            kept += 1
+        return " ".join(words[:kept])
+
+    def span_inputs(self, passage: ReaderPassage) -> tuple[list[int], list[int]] | None:
+        """(ids, span_of) of the masked-span row of a passage: `span_of[t]` is the 0-based span whose token
+        ids[t] is, -1 for context. None when the passage has no salient span."""
+        from readers.cloze import salient_spans
+
+        room = (self.max_positions or 10**9) - len(self.bos)
+        text = self._cut_text(passage, min(self.config.max_passage_tokens, room))
+        spans = salient_spans(text, passage.title, self.config.max_spans)
+        while spans:
+            parts, pos = [], 0
+            for i, (start, end, _, _) in enumerate(spans, 1):
+                parts += [text[pos:start], f"____ ({i})"]
+                pos = end
+            parts.append(text[pos:])
+            head = f"{passage.title}: " if passage.title else ""
+            ids = self.bos + self.tokens(head + "".join(parts), None, None)
+            span_of = [-1] * len(ids)
+            for i, (_, _, span, _) in enumerate(spans, 1):
+                marker, target = self.tokens(f"\n({i})", None, None), self.tokens(f" {span}", None, None)
+                ids += marker + target
+                span_of += [-1] * len(marker) + [i - 1] * len(target)
+            if len(ids) <= (self.max_positions or 10**9):
+                return ids, span_of
+            spans = spans[:-1]  # blanks and answers past the model's positions: drop the last span
+        return None
+
+    def span_nll(self, passages: Sequence[ReaderPassage]) -> torch.Tensor:
+        """Masked-salient-span NLL per passage (mean over spans of the span's mean token NLL); NaN for a
+        passage without a span (counted in stats["cit_no_span_passages"])."""
+        rows, span_ofs, where = [], [], []
+        for j, p in enumerate(passages):
+            built = self.span_inputs(p)
+            if built is None:
+                self.stats["cit_no_span_passages"] += 1
+                continue
+            rows.append(built[0])
+            span_ofs.append(built[1])
+            where.append(j)
+        out = torch.full((len(passages),), float("nan"), device=self.device)
+        if not rows:
+            return out
+        labels = [[t if s >= 0 else -100 for t, s in zip(ids, so)] for ids, so in zip(rows, span_ofs)]
+        batch = self._batch(rows, labels, left=False)
+        width = batch["input_ids"].shape[1]
+        sid = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, so in enumerate(span_ofs):
+            sid[i, :len(so)] = torch.tensor(so, dtype=torch.long)
+        lab, sid = batch["labels"][:, 1:], sid[:, 1:].to(self.device)
+        keep = (lab != -100).any(dim=0).nonzero().squeeze(1)
+        logits = self._logits(batch, keep)
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), lab[:, keep], ignore_index=-100,
+                                                reduction="none")                      # (rows, kept positions)
+        sid = sid[:, keep]
+        n_spans = int(sid.max()) + 1
+        onehot = (sid.unsqueeze(-1) == torch.arange(n_spans, device=sid.device)).float()  # (rows, kept, spans)
+        counts = onehot.sum(dim=1)
+        per_span = (nll.unsqueeze(-1) * onehot).sum(dim=1) / counts.clamp(min=1.0)
+        present = (counts > 0).float()
+        value = (per_span * present).sum(dim=1) / present.sum(dim=1)
+        return out.to(value.dtype).index_copy(0, torch.tensor(where, device=value.device), value)
+
+    def next_token_nll(self, passages: Sequence[ReaderPassage]) -> torch.Tensor:
+        """Plain next-token NLL over `TITLE: TEXT` (the `passage` proxy)."""
         room = (self.max_positions or 10**9) - len(self.bos)
         rows, labels = [], []
         for p in passages:

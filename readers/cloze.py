@@ -77,3 +77,19 @@ def cloze_questions(documents: Iterable[dict[str, Any]], seed: int = 0, per_doc:
             break
     stats["questions"] = len(rows)
     return rows, dict(stats)
+
+
+def salient_spans(text: str, title: str = "", max_spans: int = 0) -> list[tuple[int, int, str, str]]:
+    """Non-overlapping (start, end, span, type) of the salient spans of a whole passage, in text order: the
+    cloze candidates (years, numbers, capitalised multi-word names other than the title) of every sentence.
+    `max_spans` > 0 keeps that many, spread evenly over the passage (deterministic). What the masked-span
+    CIT proxy of decoder-only readers masks (readers/causal.py)."""
+    found: list[tuple[int, int, str, str]] = []
+    for start, end, span, kind in candidate_spans(text, title):
+        if found and start < found[-1][1]:
+            continue  # overlaps the previous span: keep the earlier one
+        found.append((start, end, span, kind))
+    if max_spans > 0 and len(found) > max_spans:
+        step = len(found) / max_spans
+        found = [found[int(i * step)] for i in range(max_spans)]
+    return found

@@ -3,7 +3,8 @@
 The passages come from any index folder the toolkit builds (`retrievers.open_retriever`); retrieval is
 done once per question file and cached in the run folder (`retrieval/NAME.jsonl`, checked against the
 index, k and the file's checksum). The loss is the QA loss plus λ times the CIT hinge (readers/cit.py);
-ℓθ, ℓ0, their ratio, L_QA and L_CIT are logged every step (curves.csv, curves-train.png). The dev set
+every step logs L_QA and, with λ > 0, ℓθ, ℓ0, their ratio, L_CIT and the fraction of passages where the
+hinge is active (curves.csv, curves-train.png); with λ = 0 nothing of CIT is computed. The dev set
 is answered every `--eval-every` steps (EM/F1/KILT-EM/KILT-F1). The run folder ends with `reader/`
 (reader.json + weights: the whole model, or with PEFT only the trained parts and the base model's name),
 which `rag answer --model RUN_DIR` loads.
@@ -39,8 +40,17 @@ class ReaderTrainConfig(TrainConfig):
     peft: str = field(default="full", metadata={"help": "full | iaa | lora | ... (core.peft methods)", "check": "peft"})
     cit_weight: float = field(default=0.0, metadata={"help": "λ of the CIT term (0 = plain training)", "min": 0,
                                                       "finite": True})
-    cit_margin: float = field(default=0.0, metadata={"help": "m: ℓθ may fall to ℓ0 - m without penalty",
-                                                      "finite": True})
+    cit_margin: float = field(default=0.0, metadata={"help": "m: ℓθ may fall to (1 - r)·ℓ0 - m without penalty "
+                                                              "(nats per token)", "finite": True})
+    cit_margin_relative: float = field(default=0.0, metadata={
+        "help": "r: relative margin; 0.05 lets the reader's likelihood of a passage get up to 5 percent better than the "
+                "reference (ℓθ ≥ 0.95·ℓ0) before the penalty fires", "min": 0, "lt": 1, "finite": True})
+    cit_proxy: str = field(default="auto", metadata={
+        "help": "the likelihood CIT holds: span (masked salient spans: years, numbers, names), passage (whole-passage "
+                "NLL) or auto (span for causal readers, passage for fid)", "choices": ("auto", "span", "passage")})
+    peft_targets: str = field(default="", metadata={
+        "help": "lora: comma-separated linear module names to adapt, or all-linear (every linear layer but the LM "
+                "head); empty: the attention query/value projections"})
     max_passage_tokens: int = field(default=128, metadata={"help": "tokens per passage", "min": 1})
     max_answer_tokens: int = field(default=24, metadata={"help": "answer tokens", "min": 1})
     dev_limit: int = field(default=0, metadata={"help": "answer only the first N dev questions (0 = all)", "min": 0})
@@ -114,6 +124,24 @@ def score_answers(examples: list[Example], answers: list[tuple[str, dict[str, An
             "KILT-em": kilt.get("KILT-em", 0.0), "KILT-f1": kilt.get("KILT-f1", 0.0)}
 
 
+def lora_targets(model: Any, spec: str) -> list[str] | None:
+    """Module names for `--peft-targets`: None (the method's default), a list as given, or for `all-linear` the
+    names of every linear layer of the model except its output head."""
+    import torch
+
+    spec = spec.strip()
+    if not spec:
+        return None
+    if spec != "all-linear":
+        return [t.strip() for t in spec.split(",") if t.strip()]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    names = {name.rpartition(".")[2] for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head}
+    return sorted(names)
+
+
 def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                  retriever: Any = None) -> dict[str, Any]:
     """Train one reader into `out`; returns the metrics written to metrics.json."""
@@ -127,13 +155,18 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
 
     if not cfg.index or not cfg.train:
         raise RagError("rag train reader needs --index and --train")
+    cit = CITConfig(cfg.cit_weight, cfg.cit_margin, cfg.cit_margin_relative)  # bad values: one line, before any work
+    if cfg.peft_targets and cfg.peft != "lora":
+        raise RagError(f"--peft-targets applies to --peft lora, not {cfg.peft}")
     from core.io import read_jsonl
 
     if not any(_answers(row) for row in read_jsonl(cfg.train)):
         raise RagError(f"{cfg.train}: no question has an answer to train on")
     # The model is loaded (and refused if it is the wrong kind) before the run folder is written.
-    reader_cfg = ReaderConfig(max_passage_tokens=cfg.max_passage_tokens, max_answer_tokens=cfg.max_answer_tokens)
+    reader_cfg = ReaderConfig(max_passage_tokens=cfg.max_passage_tokens, max_answer_tokens=cfg.max_answer_tokens,
+                              cit_proxy=cfg.cit_proxy)
     reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=cfg.device)
+    reader.cit_proxy()  # a proxy the kind lacks is refused here
     run = RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite)
     cache_dir = run.path / RETRIEVAL_DIR
     train_set, retriever = retrieve_cached(cache_dir, "train", cfg.train, cfg.index, cfg.k, retriever)
@@ -145,12 +178,26 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
         dev_set, retriever = retrieve_cached(cache_dir, "dev", cfg.dev, cfg.index, cfg.k, retriever)
         if cfg.dev_limit:
             dev_set = dev_set[:cfg.dev_limit]
-    reference = ReferenceNLL(reader, run.path / REFERENCE_FILE)  # frozen copy of the initial reader
+    # ℓ0 (only when λ > 0): keyed by the initial weights, scored by the reader itself with its adapters off
+    # (PEFT), or precomputed for every training passage before the weights move (full tuning, bitfit)
+    reference = ReferenceNLL(reader, run.path / REFERENCE_FILE) if cit.weight > 0 else None
     if cfg.peft != "full":
         from core.peft import apply_peft
-        reader.model = apply_peft(reader.model, cfg.peft)
+        targets = lora_targets(reader.model, cfg.peft_targets)
+        reader.model = apply_peft(reader.model, cfg.peft, **({"target_modules": targets} if targets else {}))
     reader.to(pick_device(cfg.device))
-    objective = CITObjective(reader, reference, CITConfig(cfg.cit_weight, cfg.cit_margin))
+    reference_mode = None
+    if reference is not None:
+        from core.peft import can_disable_adapters
+        if can_disable_adapters(reader.model):
+            reference_mode = "adapters-off"
+        else:
+            reference_mode = "precomputed"
+            n = reference.precompute([p for e in train_set for p in e.passages])
+            reference.freeze()
+            reference.save()
+            log.info("CIT reference: ℓ0 of %d training passages precomputed", n)
+    objective = CITObjective(reader, reference, cit)
     sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed)
 
     def batch_for_step(step: int) -> list[Example]:
@@ -160,15 +207,20 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
         return objective([e.question for e in batch], [e.passages for e in batch], [e.answers[0] for e in batch])
 
     def evaluate() -> dict[str, float]:
-        reference.save()
+        if reference is not None:
+            reference.save()
         return score_answers(dev_set, answer_examples(reader, dev_set, cfg.eval_batch_size), cfg.k)
 
     def save_final(path: Path) -> None:
-        reference.save()
         save_reader(reader, path / "reader", cfg.model, cfg.peft)
         loop.extra_metrics.update({
-            "reader_stats": dict(reader.stats), "train_examples": len(train_set), "dev_examples": len(dev_set),
-            "cit_reference_passages": len(reference.values), "cit_frozen_reader_passages": reference.frozen_calls})
+            "reader_stats": dict(reader.stats), "train_examples": len(train_set), "dev_examples": len(dev_set)})
+        if reference is not None:
+            reference.save()
+            loop.extra_metrics.update({
+                "cit_proxy": reader.cit_proxy(), "cit_reference": reference_mode,
+                "cit_reference_passages": len(reference.values), "cit_reference_scored": reference.frozen_calls,
+                "cit_skipped_passages": len(objective.skipped)})
 
     loop = TrainLoop(run, reader.model, cfg, batch_for_step, loss_fn, evaluate if dev_set else None,
                      save_final=save_final, resume=resume)

@@ -6,11 +6,13 @@ and ``full``.
 """
 from core.peft.api import apply_peft, count_parameters, load_peft, peft_config, save_peft, trainable_state_dict
 from core.peft.config import PeftError, PeftMethodConfig
+from core.peft.disable import adapters_disabled, can_disable_adapters
 from core.peft.layers import LayerStack, find_layer_stacks
 from core.peft.registry import PEFT_METHODS, PeftMethod, method_lr, method_names
 
 __all__ = [
-    "PEFT_METHODS", "PeftError", "PeftMethod", "PeftMethodConfig", "LayerStack", "apply_peft",
+    "PEFT_METHODS", "PeftError", "PeftMethod", "PeftMethodConfig", "LayerStack", "adapters_disabled", "apply_peft",
+    "can_disable_adapters",
     "count_parameters", "find_layer_stacks", "load_peft", "peft_config", "save_peft",
     "trainable_state_dict", "method_lr", "method_names",
 ]

@@ -90,11 +90,14 @@ class BottleneckAdapter(nn.Module):
         self.up = nn.Linear(r, width, bias=False, **kw)
         self.act = ACT2FN[activation]
         self._state = state  # plain object shared by the stack's adapters, not a submodule
+        self.enabled = True  # False: the hook leaves the block's output alone (core.peft.disable)
         if self.chain is not None:
             nn.init.eye_(self.chain.weight)
         nn.init.zeros_(self.up.weight)
 
     def after_layer(self, layer: nn.Module, args: Any, output: Any) -> Any:
+        if not self.enabled:
+            return output
         hidden = hidden_of(output)
         pre = self.down(hidden)
         if self._state is not None:

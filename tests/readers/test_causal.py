@@ -39,7 +39,7 @@ def test_passage_nll_is_next_token_nll(reader):
     row = reader.bos + ids
     with torch.no_grad():
         logp = torch.log_softmax(reader.model(input_ids=torch.tensor([row])).logits[0].float(), -1)
-        nll = reader.passage_nll([p])[0]
+        nll = reader.next_token_nll([p])[0]
     start = len(reader.bos) or 1
     expected = -torch.stack([logp[i - 1, row[i]] for i in range(start, len(row))]).mean()
     torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-4)

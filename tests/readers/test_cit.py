@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from core.errors import RagError
 from readers.base import ReaderConfig
 from readers.causal import CausalReader
 from readers.cit import CITConfig, CITObjective, ReferenceNLL, cit_penalty
@@ -18,7 +19,7 @@ ANS = ["Paris", "Berlin"]
 
 
 def make(kind, tok, seed=0, dropout=True):
-    cfg = ReaderConfig(max_passage_tokens=40, max_answer_tokens=8)
+    cfg = ReaderConfig(max_passage_tokens=40, max_answer_tokens=8, cit_proxy="passage")  # whole-passage proxy
     if kind == "fid":
         return FiDReader(build_seq2seq("bert2bert", tok, seed), tok, cfg)
     return CausalReader(build_causal("gpt2", tok, seed), tok, cfg)
@@ -42,7 +43,7 @@ def test_lambda_zero_gradients_equal_plain_training(kind, bert_tokenizer):
     assert g_plain.keys() == g_cit.keys()
     for name in g_plain:
         torch.testing.assert_close(g_cit[name], g_plain[name], rtol=0, atol=0)
-    assert {"loss_qa", "loss_cit", "nll_theta", "nll_ref", "nll_ratio"} <= logs.keys()
+    assert set(logs) == {"loss_qa"}  # nothing of CIT is computed or logged with λ = 0
 
 
 def test_penalty_zero_then_positive_with_gradient():
@@ -97,8 +98,9 @@ def test_reference_is_computed_once_per_passage_and_cached(tmp_path, bert_tokeni
     torch.testing.assert_close(reloaded(PASSAGES), again)
     assert reloaded.frozen_calls == 0
     other = make("fid", bert_tokenizer)
-    other.config.noise_density = 0.3  # another objective: the cache is not reused
-    assert ReferenceNLL(other, path).values == {}
+    other.config.noise_density = 0.3  # another objective: the cache is refused, naming what differs
+    with pytest.raises(RagError, match="differs in noise_density"):
+        ReferenceNLL(other, path)
 
 
 @pytest.mark.parametrize("kind", ["fid", "causal"])
@@ -113,6 +115,7 @@ def test_toy_task_cit_holds_passage_nll_near_reference(kind, bert_tokenizer):
         reader = make(kind, bert_tokenizer)
         reader.config.max_answer_tokens = 24
         objective = CITObjective(reader, ReferenceNLL(reader), CITConfig(weight=weight, margin=margin))
+        objective.reference(passages[0] + passages[1])  # ℓ0 before training (full tuning: no adapter to switch off)
         opt = torch.optim.Adam(reader.model.parameters(), lr=3e-3)
         reader.model.train()
         torch.manual_seed(0)
@@ -121,7 +124,7 @@ def test_toy_task_cit_holds_passage_nll_near_reference(kind, bert_tokenizer):
             loss, logs = objective(questions, passages, answers)
             loss.backward()
             opt.step()
-        _, logs = objective(questions, passages, answers)
+        _, logs = CITObjective(reader, objective.reference, CITConfig(1.0, margin))(questions, passages, answers)
         results[weight] = logs
     plain, cit = results[0.0], results[20.0]
     assert plain["nll_theta"] < plain["nll_ref"] - 3 * margin          # plain training falls well below

@@ -49,7 +49,8 @@ def train_args(root, model, kind, out, *extra):
 def test_train_writes_run_folder_and_answer_reads_it(setup, tmp_path, kind):
     root, models = setup
     out = tmp_path / "run"
-    assert main(train_args(root, models[kind], kind, out, "--cit-weight", "1.0", "--cit-margin", "0.1")) == 0
+    proxy = ["--cit-proxy", "passage"] if kind == "causal" else []  # these passages have few salient spans
+    assert main(train_args(root, models[kind], kind, out, "--cit-weight", "1.0", "--cit-margin", "0.1", *proxy)) == 0
     for name in ("config.json", "metrics.json", "curves.csv", "curves-train.png", "curves-dev.png",
                  "cit_reference.json", "retrieval/train.jsonl", "retrieval/dev.jsonl", "reader/reader.json",
                  "reader/model.safetensors", "dev_predictions.jsonl"):
@@ -67,6 +68,48 @@ def test_train_writes_run_folder_and_answer_reads_it(setup, tmp_path, kind):
     assert len(rows) == 3 and all(isinstance(r["output"][0]["answer"], str) for r in rows)
     assert len(rows[0]["output"][0]["provenance"]) == 2
     assert main(["eval", "kilt", str(guesses), str(root / "data" / "dev.jsonl"), "--ks", "1,2"]) == 0
+
+
+def test_lambda_zero_writes_no_cit_and_references_need_no_copy(setup, tmp_path, monkeypatch):
+    from readers import cit
+
+    root, models = setup
+    plain = tmp_path / "plain"
+    monkeypatch.setattr(cit.ReferenceNLL, "__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ℓ0")))
+    assert main(train_args(root, models["causal"], "causal", plain)) == 0
+    monkeypatch.undo()
+    assert not (plain / "cit_reference.json").exists()
+    curves = (plain / "curves.csv").read_text()
+    assert ",train,loss_qa," in curves and ",train,loss_cit," not in curves and ",train,cit_active," not in curves
+    assert "cit_reference" not in json.loads((plain / "metrics.json").read_text())
+    # full tuning: ℓ0 of every training passage precomputed once; LoRA: scored with the adapters off, no copy
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    assert main(train_args(root, models["causal"], "causal", full, "--cit-weight", "1")) == 0
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert metrics["cit_reference"] == "precomputed" and metrics["cit_proxy"] == "span"
+    assert metrics["cit_reference_scored"] == metrics["cit_reference_passages"] > 0
+    assert main(train_args(root, models["causal"], "causal", lora, "--cit-weight", "1", "--peft", "lora",
+                           "--peft-targets", "all-linear")) == 0
+    metrics = json.loads((lora / "metrics.json").read_text())
+    assert metrics["cit_reference"] == "adapters-off" and 0 < metrics["trainable_fraction"] < 1
+    peft_cfg = json.loads((lora / "reader" / "peft" / "peft_config.json").read_text())
+    assert set(peft_cfg["config"]["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
+
+
+def test_bad_cit_flags_are_refused_before_any_work(setup, tmp_path, capsys):
+    root, models = setup
+    for extra, message in ((["--cit-weight", "-1"], "cit-weight"), (["--cit-margin", "abc"], "cit-margin"),
+                           (["--cit-margin-relative", "1.5"], "cit-margin-relative"),
+                           (["--cit-proxy", "span"], "the fid reader implements passage")):
+        out = tmp_path / "bad"
+        kind = "fid" if "span" in extra else "causal"
+        try:
+            rc = main(train_args(root, models[kind], kind, out, *extra))
+        except SystemExit as exc:  # argparse's own error for a flag's range
+            rc = exc.code
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert message in err and not out.exists(), err
 
 
 def test_same_seed_same_result_and_exact_resume(setup, tmp_path):
