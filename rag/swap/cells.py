@@ -455,12 +455,45 @@ def reader_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
     return _score(cell, workdir, guess_rows(queries, rankings, answers))
 
 
+def _rerank_available() -> str | None:
+    return _module_missing("retrievers.rerank", "sentence_transformers")
+
+
+def rerank_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
+    """A cross-encoder (`run:` a `rag train reranker` run or a CrossEncoder folder) re-ranking the top
+    `options.depth` (default 50) of its `retriever` model on this corpus variant; KILT metrics of the top k."""
+    reason = _rerank_available()
+    if reason:
+        raise CellUnavailable(reason)
+    from core.tasks import guess_rows, load_queries
+    from retrievers.base import retrieve_queries
+    from retrievers.index_kinds import open_retriever
+    from retrievers.rerank import load_reranker, rerank_hits
+
+    if not cell.model.run:
+        raise RagError(f"model {cell.model.name!r}: a rerank cell needs run: RERANKER_RUN")
+    if cell.retriever_model is None or cell.index_dir is None:
+        raise RagError(f"model {cell.model.name!r}: a rerank cell needs retriever: MODEL (bm25, dense or generative)")
+    options = dict(cell.model.options)
+    depth = max(int(options.pop("depth", 50)), cell.k)
+    reranker = load_reranker(cell.model.run, device=options.pop("device", None))
+    queries = load_queries(cell.task_path)
+    retriever = open_retriever(cell.index_dir, **cell.retriever_model.options)
+    rankings = retrieve_queries(retriever, [q.text for q in queries], depth, cell.retriever_model.batch_size)
+    ranked = rerank_hits(reranker, [q.text for q in queries], rankings, k=cell.k,
+                         batch_size=int(options.pop("batch_size", cell.model.batch_size)))
+    return _score(cell, workdir, guess_rows(queries, ranked))
+
+
 CELL_KINDS.update({
     "bm25": CellKind(retrieval_cell, "bm25", None, "BM25 (bm25s) over the corpus variant; no model"),
     "dense": CellKind(retrieval_cell, "dense", None,
                       "bi-encoder (alias or `rag train retriever --kind dense` run) + Faiss over the variant"),
     "generative": CellKind(retrieval_cell, "trie", _generative_available,
                            "CorpusBrain run folder (`run:`); title trie of the corpus variant"),
+    "rerank": CellKind(rerank_cell, None, _rerank_available,
+                       "cross-encoder run folder (`run:`; `rag train reranker`) re-ranking the top options.depth "
+                       "(default 50) of a `retriever:` model"),
     "reader": CellKind(reader_cell, None, _reader_available,
                        "reader run folder (`reader:`; fid / causal, e.g. CIT) over a `retriever:` model", answers=True),
 })

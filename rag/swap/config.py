@@ -39,12 +39,12 @@ RESERVED_DERIVE_OPTIONS = ("corpus", "out_dir", "tasks", "overwrite")   # set by
 class ModelSpec:
     """One model variant (a row group of the table)."""
     name: str
-    kind: str                              # a CELL_KINDS key: bm25 | dense | generative | reader
+    kind: str                              # a CELL_KINDS key: bm25 | dense | generative | rerank | reader
     method: str = ""                       # how it was trained: none, untuned, full, iaa, lora, cit λ=0.1 ...
     encoder: str | None = None             # dense: alias, folder, or run folder of `rag train retriever --kind dense`
-    run: str | None = None                 # generative: run folder (reader: same as `reader`)
+    run: str | None = None                 # generative / rerank: run folder (reader: same as `reader`)
     reader: str | None = None              # reader: run folder of `rag train reader` / `rag experiment cit`
-    retriever: str | None = None           # reader: the model (name) whose rankings feed it
+    retriever: str | None = None           # reader / rerank: the model (name) whose rankings feed it
     k: int | None = None                   # documents retrieved (default: the config's k)
     num_cpus: float = 1.0
     num_gpus: float = 0.0                  # used only where the cluster has GPUs
@@ -621,6 +621,11 @@ def _check_model_options(m: ModelSpec, at: str, where: _Where) -> None:
     for k in m.options:
         if not isinstance(k, str):
             raise where.fail(key, f"the key {_describe(k)} is not a name; write it as a string")
+    if m.kind == "rerank":
+        for option in ("depth", "batch_size"):
+            value = m.options.get(option)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise where.fail(f"{key}.{option}", f"expected an integer >= 1, got {_describe(value)}")
     if m.kind != "reader":
         return
     for option in ("passages", "batch_size"):
@@ -762,7 +767,7 @@ def validate_config(config: SwapConfig, source: str | Path | None = None) -> Non
             if m.retriever not in models:
                 raise where.fail(f"{at}.retriever", f"unknown model {m.retriever!r}; models: {', '.join(models)}")
             feeder = _retriever_source(m, models, where, at)
-            if m.kind == "reader" and CELL_KINDS[feeder.kind].index is None:
+            if m.kind in ("reader", "rerank") and CELL_KINDS[feeder.kind].index is None:
                 raise where.fail(f"{at}.retriever", f"{feeder.name!r} ranks nothing (kind {feeder.kind!r} reads no "
                                                     "index); name a bm25, dense or generative model")
         if m.kind == "reader":
@@ -771,6 +776,13 @@ def validate_config(config: SwapConfig, source: str | Path | None = None) -> Non
             if m.retriever is None:
                 raise where.fail(at, "a reader model needs retriever: MODEL (a bm25, dense or generative model "
                                      "of this config)")
+        if m.kind == "rerank":
+            if not m.run:
+                raise where.fail(at, "a rerank model needs run: RUN_DIR (a `rag train reranker` run or a CrossEncoder "
+                                     "folder)")
+            if m.retriever is None:
+                raise where.fail(at, "a rerank model needs retriever: MODEL (a bm25, dense or generative model of "
+                                     "this config)")
         if m.kind == "generative" and not m.run:
             raise where.fail(at, "a generative model needs run: RUN_DIR (a CorpusBrain run folder)")
     answers = any(CELL_KINDS[m.kind].answers for m in config.models)

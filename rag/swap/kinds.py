@@ -1,5 +1,5 @@
 """The cell-kind registry: CELL_KINDS (name -> CellKind) names what a swap config's `kind:` may be; rag/swap/cells.py
-registers the built-in kinds (bm25, dense, generative, reader). Kept apart from cells.py so that config validation
+registers the built-in kinds (bm25, dense, generative, rerank, reader). Kept apart from cells.py so that config validation
 (rag/swap/config.py) can read it without importing the cells."""
 from __future__ import annotations
 

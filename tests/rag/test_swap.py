@@ -307,3 +307,34 @@ def test_retrained_encoder_gets_a_new_index(tmp_path: Path):
     after = cs.plan_swap(config, tmp_path / "out").cells[0]
     assert before.index_dir != after.index_dir and before.spec_hash != after.spec_hash
     assert before.weights != after.weights and set(after.weights) == {"model.encoder"}
+
+
+def test_rerank_cells_rerank_their_retrievers_ranking(tmp_path: Path):
+    from retrievers.rerank import load_base_cross_encoder
+    from tests.retrievers.test_rerank import _tiny_cross_encoder_base
+
+    ce_dir = tmp_path / "ce"
+    load_base_cross_encoder(str(_tiny_cross_encoder_base(tmp_path / "tiny")), max_length=32).save_pretrained(str(ce_dir))
+    config = _config(tmp_path, models={"bm25": {"kind": "bm25"},
+                                       "ce": {"kind": "rerank", "run": str(ce_dir), "retriever": "bm25",
+                                              "options": {"depth": 5}}},
+                     corpora={"original": {"path": str(tmp_path / "data" / "original")}})
+    rows = {r["model"]: r for r in cs.run_swap(config, tmp_path / "out", workers=0)}
+    assert rows["ce"]["status"] == "ok", rows["ce"]
+    assert rows["ce"]["metrics"]["n"] == rows["bm25"]["metrics"]["n"] and "Rprec" in rows["ce"]["metrics"]
+    # the re-ranked guesses hold the same candidates as BM25's top 5, in the cross-encoder's order
+    reranked = _lines(Path(rows["ce"]["workdir"]) / "guesses.jsonl")
+    first_stage = _lines(Path(rows["bm25"]["workdir"]) / "guesses.jsonl")
+    for ce_row, bm25_row in zip(reranked, first_stage):
+        ce_ids = [p["wikipedia_id"] for p in ce_row["output"][0]["provenance"]]
+        assert sorted(ce_ids) == sorted(p["wikipedia_id"] for p in bm25_row["output"][0]["provenance"])
+        scores = [p["score"] for p in ce_row["output"][0]["provenance"]]
+        assert scores == sorted(scores, reverse=True)
+    with pytest.raises(RagError, match="a rerank model needs run"):
+        _config(tmp_path, models={"bm25": {"kind": "bm25"}, "ce": {"kind": "rerank", "retriever": "bm25"}})
+    with pytest.raises(RagError, match="a rerank model needs retriever"):
+        _config(tmp_path, models={"ce": {"kind": "rerank", "run": str(ce_dir)}})
+    with pytest.raises(RagError, match="options.depth"):
+        _config(tmp_path, models={"bm25": {"kind": "bm25"},
+                                  "ce": {"kind": "rerank", "run": str(ce_dir), "retriever": "bm25",
+                                         "options": {"depth": 0}}})
