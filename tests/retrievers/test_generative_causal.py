@@ -552,8 +552,16 @@ def test_titles_may_end_with_a_newline_for_zero_shot(small_corpus, small_queries
     assert meta["title_end"] == "newline" and meta["eos_token_id"] == newline
     assert open_retriever(trie_dir, model=str(run), beams=2).retrieve(["capital of France"], k=2)[0]
     eos_trie = tmp_path / "eos-trie"
-    build_trie_index(small_corpus, eos_trie, TrieBuildConfig(model=str(model)))
+    build_trie_index(small_corpus, eos_trie, TrieBuildConfig(model=str(model), title_end="eos"))
     with pytest.raises(ManifestMismatch, match="newline"):
         open_retriever(eos_trie, model=str(run))
     with pytest.raises(RagError, match="newline"):  # WordPiece drops newlines
         causal_spec(tok, title_end="newline")
+    # the defaults: a newline where the tokenizer has one (with summed log-probs), EOS where it has none
+    auto = build_trie_index(small_corpus, tmp_path / "auto-trie", TrieBuildConfig(model=str(model)))["generative"]
+    assert auto["title_end"] == "newline" and auto["length_penalty"] == 0.0
+    assert causal_spec(tok).title_end == "eos"
+    default_run = tmp_path / "default-run"
+    train_generative(_config(small_corpus, model, train=str(small_queries), max_steps=1), default_run)
+    assert json.loads((default_run / "generative_run.json").read_text())["title_end"] == "newline"
+    assert open_retriever(tmp_path / "auto-trie", model=str(default_run), beams=2).retrieve(["capital of France"], k=2)[0]
