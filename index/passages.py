@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, overload
@@ -123,9 +124,16 @@ class _DocRows:
         return np.frombuffer(digest, np.uint64)[0]
 
     def candidates(self, key: np.uint64) -> list[int]:
-        rows = self._new_rows[:self._fill][self._new_keys[:self._fill] == key].tolist()
-        lo, hi = np.searchsorted(self._keys, key, "left"), np.searchsorted(self._keys, key, "right")
-        return rows + self._rows[lo:hi].tolist()
+        rows: list[int] = []
+        if self._fill:
+            recent = self._new_keys[:self._fill] == key
+            if recent.any():
+                rows = self._new_rows[:self._fill][recent].tolist()
+        i = int(self._keys.searchsorted(key))
+        while i < len(self._keys) and self._keys[i] == key:
+            rows.append(int(self._rows[i]))
+            i += 1
+        return rows
 
     def add(self, key: np.uint64, row: int) -> None:
         self._new_keys[self._fill], self._new_rows[self._fill] = key, row
@@ -257,14 +265,72 @@ class DocTable(Sequence[dict]):
         return self._store.iter_docs()
 
 
+class _IntFile:
+    """Entries of a 1-D integer .npy file read by `pread`: nothing is mapped, so any pattern of lookups leaves
+    the process's RSS where it was (the pages stay in the kernel's page cache), and threads may share it."""
+
+    _CODES = {("i", 1): "b", ("i", 2): "h", ("i", 4): "i", ("i", 8): "q",
+              ("u", 1): "B", ("u", 2): "H", ("u", 4): "I", ("u", 8): "Q"}
+
+    def __init__(self, path: Path, array: np.ndarray) -> None:
+        self.path, self.n, self.dtype = path, len(array), array.dtype
+        self.itemsize = array.dtype.itemsize
+        self.start = int(getattr(array, "offset", 0))  # the .npy header's length
+        order = {"<": "<", ">": ">"}.get(array.dtype.str[0], "<")
+        code = self._CODES[(array.dtype.kind, self.itemsize)]
+        self._one, self._two = struct.Struct(order + code), struct.Struct(order + 2 * code)
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def _index(self, i: int, what: str) -> int:
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(f"{what} {i} out of range ({self.n} in {self.path.name})")
+        return i
+
+    def _read(self, count: int, i: int) -> bytes:
+        if self.fd < 0:
+            raise RagError(f"{self.path}: the passage store is closed")
+        size = count * self.itemsize
+        raw = os.pread(self.fd, size, self.start + i * self.itemsize)
+        if len(raw) != size:
+            raise RagError(f"{self.path}: ends inside entry {i}: truncated since it was opened; rebuild the index")
+        return raw
+
+    def one(self, i: int, what: str = "entry") -> int:
+        return int(self._one.unpack(self._read(1, self._index(i, what)))[0])
+
+    def line_span(self, i: int, size: int, what: str) -> tuple[int, int, int]:
+        """(i, start, end) of line i of the JSONL file these are the offsets of; `size` is that file's length."""
+        i = self._index(i, what)
+        if i == self.n - 1:
+            return i, self.one(i), size
+        start, end = self._two.unpack(self._read(2, i))
+        return i, int(start), int(end)
+
+    def block(self, i: int, count: int) -> np.ndarray:
+        return np.frombuffer(self._read(count, i), self.dtype).astype(np.int64)
+
+    def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    __del__ = close  # raw descriptors are not closed by the garbage collector otherwise
+
+
 class PassageStore:
     """Read side: random access to passages and their documents.
 
-    Opening memory-maps the integer arrays and checks, reading only a few bytes, that the table is whole:
-    each file present and readable, the passage arrays of one length, the last offsets inside their files,
-    both JSONL files ending in a newline, the first and last passages' document rows inside the document
-    table (every row is checked when it is used, and all at once by `verify`), and with `expected`, that it
-    holds that many passages. A problem is a one-line RagError naming the file.
+    Opening checks, reading only a few bytes, that the table is whole: each file present and readable, the
+    passage arrays of one length, the first offsets at 0 and the last inside their files, both JSONL files
+    ending in a newline, the first and last passages' document rows inside the document table (every row is
+    checked when it is used, and all at once by `verify`), and with `expected`, that it holds that many
+    passages. A problem is a one-line RagError naming the file.
+
+    `offsets`, `passage_docs` and `doc_offsets` are the arrays memory-mapped (for bulk use; nothing is read
+    until used). Lookups (`get`, `doc`, `doc_of`, `doc_rows`) read the few bytes they need with `pread`
+    instead, so a long-running retriever does not accumulate mapped pages in its RSS.
     """
 
     def __init__(self, folder: str | Path, expected: int | None = None) -> None:
@@ -286,9 +352,22 @@ class PassageStore:
             self.n_docs = len(self.doc_offsets)
         self._size = (self.folder / PASSAGES).stat().st_size
         self._docs_size = 0 if self.legacy else (self.folder / DOCS).stat().st_size
-        self._check(expected)
-        self._fd = os.open(self.folder / PASSAGES, os.O_RDONLY)
-        self._docs_fd = -1 if self.legacy else os.open(self.folder / DOCS, os.O_RDONLY)
+        self._fds: list[Any] = []
+        try:
+            self._offsets = self._keep(_IntFile(self.folder / OFFSETS, self.offsets))
+            self._rows = self._keep(_IntFile(self.folder / PASSAGE_DOCS, self.passage_docs))
+            self._doc_offsets = (None if self.doc_offsets is None
+                                 else self._keep(_IntFile(self.folder / DOC_OFFSETS, self.doc_offsets)))
+            self._check(expected)
+            self._fd = self._keep(os.open(self.folder / PASSAGES, os.O_RDONLY))
+            self._docs_fd = -1 if self.legacy else self._keep(os.open(self.folder / DOCS, os.O_RDONLY))
+        except BaseException:
+            self.close()
+            raise
+
+    def _keep(self, handle: Any) -> Any:
+        self._fds.append(handle)
+        return handle
 
     # ------------------------------------------------------------------ checks
 
@@ -300,16 +379,15 @@ class PassageStore:
         if expected is not None and n != expected:
             raise RagError(f"{self.folder / OFFSETS}: {n} passages, the manifest counts {expected}: a file of "
                            "another index; rebuild the index")
-        _check_lines(self.folder / PASSAGES, self.folder / OFFSETS, self.offsets, self._size, "passage")
-        if self.doc_offsets is not None:
-            _check_lines(self.folder / DOCS, self.folder / DOC_OFFSETS, self.doc_offsets, self._docs_size,
-                         "document")
+        _check_lines(self.folder / PASSAGES, self._offsets, self._size, "passage")
+        if self._doc_offsets is not None:
+            _check_lines(self.folder / DOCS, self._doc_offsets, self._docs_size, "document")
         if n:
             for pid in (0, n - 1):
                 self._row_of(pid)
 
     def _row_of(self, pid: int) -> int:
-        row = int(self.passage_docs[pid])
+        row = self._rows.one(pid, "passage")
         if not 0 <= row < self.n_docs:
             docs = LEGACY_DOCS if self.legacy else DOCS
             raise RagError(f"{self.folder / PASSAGE_DOCS}: passage {pid} refers to document row {row}, but "
@@ -319,21 +397,20 @@ class PassageStore:
     def verify(self) -> None:
         """Full check, reading the arrays once in blocks (memory stays flat): offsets strictly increasing
         from 0 and every passage's document row inside the document table. Raises RagError naming the file."""
-        for path, offsets, what in ((self.folder / OFFSETS, self.offsets, "passage"),
-                                    (self.folder / DOC_OFFSETS, self.doc_offsets, "document")):
-            if offsets is None:
+        for ints, what in ((self._offsets, "passage"), (self._doc_offsets, "document")):
+            if ints is None:
                 continue
             previous = -1
-            for start in range(0, len(offsets), CHUNK):
-                block = np.asarray(offsets[start:start + CHUNK], dtype=np.int64)
+            for start in range(0, ints.n, CHUNK):
+                block = ints.block(start, min(CHUNK, ints.n - start))
                 steps = np.diff(block, prepend=previous)
-                if len(steps) and int(steps.min()) <= 0:
+                if int(steps.min()) <= 0:
                     bad = start + int(np.argmax(steps <= 0))
-                    raise RagError(f"{path}: {what} {bad} does not start after the one before: damaged; "
+                    raise RagError(f"{ints.path}: {what} {bad} does not start after the one before: damaged; "
                                    "rebuild the index")
-                previous = int(block[-1]) if len(block) else previous
-        for start in range(0, len(self.passage_docs), CHUNK):
-            rows = np.asarray(self.passage_docs[start:start + CHUNK])
+                previous = int(block[-1])
+        for start in range(0, self._rows.n, CHUNK):
+            rows = self._rows.block(start, min(CHUNK, self._rows.n - start))
             outside = np.flatnonzero((rows < 0) | (rows >= self.n_docs))
             if len(outside):
                 self._row_of(start + int(outside[0]))
@@ -351,7 +428,7 @@ class PassageStore:
 
     def get(self, pid: int) -> dict:
         """Passage `pid` as written: {"pid", "doc_id", "title", "text", "domain"}."""
-        return _read_line(self._fd, self.offsets, pid, self._size, self.folder / PASSAGES, "passage")
+        return _read_line(self._fd, self._offsets, pid, self._size, "passage")
 
     @property
     def docs(self) -> DocTable:
@@ -362,23 +439,17 @@ class PassageStore:
         """Document `row` of the table: {"id", "title", "domain"}."""
         if self._legacy_docs is not None:
             return self._legacy_docs[row]
-        assert self.doc_offsets is not None
-        return _read_line(self._docs_fd, self.doc_offsets, row, self._docs_size, self.folder / DOCS, "document")
+        assert self._doc_offsets is not None
+        return _read_line(self._docs_fd, self._doc_offsets, row, self._docs_size, "document")
 
     def doc_row(self, pid: int) -> int:
         """Row in the document table of passage `pid`'s document (one row per document id)."""
         return self._row_of(pid)
 
     def doc_rows(self, pids: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Document-table rows of many passages at once; -1 where the passage id is negative (an empty slot)."""
-        pids = np.asarray(pids, dtype=np.int64)
-        rows = np.full(pids.shape, -1, dtype=np.int64)
-        valid = pids >= 0
-        rows[valid] = self.passage_docs[pids[valid]]
-        bad = valid & ((rows < 0) | (rows >= self.n_docs))
-        if bad.any():
-            self._row_of(int(pids[bad][0]))
-        return rows
+        """Document-table rows of many passages; -1 where the passage id is negative (an empty slot)."""
+        ids = np.asarray(pids, dtype=np.int64).tolist()
+        return np.array([self._row_of(pid) if pid >= 0 else -1 for pid in ids], dtype=np.int64)
 
     def doc_of(self, pid: int) -> dict:
         return self.doc(self._row_of(pid))
@@ -397,23 +468,23 @@ class PassageStore:
                 yield json.loads(line)
 
     def close(self) -> None:
-        for fd in (self._fd, self._docs_fd):
-            if fd >= 0:
-                os.close(fd)
+        for handle in getattr(self, "_fds", ()):
+            if isinstance(handle, _IntFile):
+                handle.close()
+            else:
+                os.close(handle)
+        self._fds = []
         self._fd = self._docs_fd = -1
 
+    __del__ = close  # a retriever dropped without close() must not leak its descriptors
 
-def _read_line(fd: int, offsets: np.ndarray, i: int, size: int, path: Path, what: str) -> dict:
+
+def _read_line(fd: int, offsets: _IntFile, i: int, size: int, what: str) -> dict:
     """Line i of a JSONL file with a byte offset per line, read with one pread (safe across threads)."""
+    path = offsets.path.parent / (PASSAGES if what == "passage" else DOCS)
     if fd < 0:
         raise RagError(f"{path}: the passage store is closed")
-    n = len(offsets)
-    if i < 0:
-        i += n
-    if not 0 <= i < n:
-        raise IndexError(f"{what} {i} out of range ({n} in {path.name})")
-    start = int(offsets[i])
-    end = int(offsets[i + 1]) if i < n - 1 else size
+    i, start, end = offsets.line_span(i, size, what)
     try:
         return json.loads(os.pread(fd, end - start, start))
     except (ValueError, UnicodeDecodeError):
@@ -421,18 +492,18 @@ def _read_line(fd: int, offsets: np.ndarray, i: int, size: int, path: Path, what
                        "rebuild the index") from None
 
 
-def _check_lines(path: Path, offsets_path: Path, offsets: np.ndarray, size: int, what: str) -> None:
+def _check_lines(path: Path, offsets: _IntFile, size: int, what: str) -> None:
     """The cheap checks of a JSONL file against its offsets: first at 0, last inside, final newline."""
-    n = len(offsets)
+    n = offsets.n
     if not n:
         return
-    first, last = int(offsets[0]), int(offsets[-1])
+    first, last = offsets.one(0), offsets.one(n - 1)
     if first != 0:
-        raise RagError(f"{offsets_path}: the first {what} starts at byte {first}, not 0: damaged; rebuild the index")
+        raise RagError(f"{offsets.path}: the first {what} starts at byte {first}, not 0: damaged; rebuild the index")
     if last >= size:
         raise RagError(f"{path}: {size} bytes, but {what} {n - 1} starts at byte {last}: truncated; "
                        "rebuild the index")
-    with open(path, "rb") as fh:
+    with open(path, "rb", buffering=0) as fh:
         fh.seek(size - 1)
         if fh.read(1) != b"\n":
             raise RagError(f"{path}: the last {what} is cut off (no final newline): truncated; rebuild the index")

@@ -159,8 +159,8 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 def test_open_reads_no_file_whole(tmp_path, monkeypatch):
     folder = tmp_path / "big"
-    write_passage_store(folder, _passages(30000, per_doc=1))  # docs.jsonl about 1.5 MB
-    assert (folder / P.DOCS).stat().st_size > 1_000_000
+    write_passage_store(folder, _passages(12000, per_doc=1))
+    assert (folder / P.DOCS).stat().st_size > 600_000 and (folder / P.PASSAGES).stat().st_size > 900_000
 
     def no_whole_reads(*_a, **_k):
         raise AssertionError("read whole")
@@ -171,7 +171,7 @@ def test_open_reads_no_file_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(json, "load", no_whole_reads)
     io_before = _rchar()
     tracemalloc.start()
-    store = PassageStore(folder, expected=30000)
+    store = PassageStore(folder, expected=12000)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     read = _rchar() - io_before if io_before is not None else None
@@ -180,7 +180,7 @@ def test_open_reads_no_file_whole(tmp_path, monkeypatch):
         assert read < 100_000, f"opening read {read} bytes"
     assert not any(isinstance(v, (list, dict)) and len(v) > 100 for v in vars(store).values())
     assert isinstance(store.offsets, np.memmap) and isinstance(store.doc_offsets, np.memmap)
-    assert store.doc_of(29999)["id"] == "doc-29999"
+    assert store.doc_of(11999)["id"] == "doc-11999"
     store.close()
 
 
@@ -318,3 +318,19 @@ def test_verify_index_scans_the_rows(small_corpus, tmp_path):
     BM25Retriever(out)  # opening checks only the first and last rows
     report = verify_index(out)
     assert not report["ok"] and any("passage 1 refers to document row 1000000" in p for p in report["problems"])
+
+
+def test_stores_dropped_or_closed_release_their_files(store_dir):
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        pytest.skip("needs /proc")
+    before = len(list(fd_dir.iterdir()))
+    for _ in range(20):
+        PassageStore(store_dir).get(3)  # dropped without close()
+    assert len(list(fd_dir.iterdir())) == before
+    store = PassageStore(store_dir)
+    store.close()
+    store.close()
+    with pytest.raises(RagError, match="closed") as err:
+        store.get(0)
+    _one_line(err)
