@@ -224,3 +224,37 @@ def test_retrieval_cache_is_keyed_by_the_index_content(setup, tmp_path, caplog):
     again, _ = retrieve_cached(tmp_path / "cache", "train", queries, index, 2)
     assert "stale" in caplog.text
     assert top not in {p.doc_id for p in again[0].passages}
+
+
+@pytest.mark.slow
+def test_cit_smoke_schema_on_a_tiny_causal_reader(setup, tmp_path):
+    """`rag experiment cit --smoke` (here with --small sizes and a tiny GPT-2): results.json's `arms`, the penalty
+    active on some steps of the λ = 10 arm, a BM25 index built when --index is not given."""
+    _, models = setup
+    docs = [{"id": f"{topic[:3]}{i}", "title": f"{topic} item {i}", "domain": topic,
+             "text": f"The {topic.lower()} item number {i} was founded by the council in {1700 + 13 * i + len(topic)} "
+                     f"after a long public debate with {100 + i} members."}
+            for topic in ("Arts", "Geography", "Science") for i in range(5)]
+    write_jsonl(tmp_path / "corpus" / "corpus.jsonl", docs)
+    out = tmp_path / "smoke"
+    assert main(["experiment", "cit", "--smoke", "--small", "--heldout-topics", "Science", "--epochs", "2",
+                 "--corpus", str(tmp_path / "corpus"), "--model", models["causal"], "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "index" / "manifest.json").exists()
+    arms = results["arms"]
+    assert [a["name"] for a in arms] == ["lambda=0", "lambda=10"] and [a["cit_weight"] for a in arms] == [0.0, 10.0]
+    for arm in arms:
+        assert arm["seeds"] == [0] and arm["n"] == 4
+        assert {"em_seen", "em_seen_cf", "memorisation_seen_cf", "em_heldout"} <= arm["metrics"].keys()
+        for key in ("em_seen", "em_heldout"):
+            m = arm["metrics"][key]
+            assert 0 <= m["mean"] <= 1 and len(m["ci95"]) == 2 and m["n"] > 0
+        assert {"span_nll_ratio", "passage_nll_ratio"} <= arm["metrics"].keys()
+    assert arms[0]["cit_active_fraction"] == 0.0 and 0 <= arms[1]["cit_active_fraction"] <= 1
+    assert arms[0]["steps"] == arms[1]["steps"] == 6  # 2 epochs x 3 batches of 2; λ = 10 logged L_CIT every step
+    diff = arms[1]["vs_first_arm"]["em_seen"]
+    assert diff["n"] == 4 and diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1]
+    assert not (out / "runs" / "lambda-0" / "seed-0" / "cit_reference.json").exists()
+    assert json.loads((out / "runs" / "lambda-10" / "seed-0" / "metrics.json").read_text())["cit_reference"] \
+        == "adapters-off"
+    assert "penalty active" in (out / "report.md").read_text()
