@@ -48,9 +48,10 @@ TRAINERS: dict[str, dict[str, Trainer]] = {
     },
     "reranker": {
         "cross-encoder": Trainer("cross-encoder re-ranker (sentence-transformers CrossEncoderTrainer): BM25 hard "
-                                 "negatives, pointwise (bce) or listwise (listnet) loss, any PEFT method",
+                                 "negatives, listwise (listnet, the default), pointwise (bce) or mnrl loss, any "
+                                 "PEFT method",
                                  "retrievers.rerank:RerankerTrainConfig", "retrievers.rerank:train_reranker",
-                                 full_lr=2e-5, required=("corpus", "train"),
+                                 full_lr=1e-4, required=("corpus", "train"),
                                  summary=("peft", "loss", "trainable_params", "examples", "seconds_per_step",
                                           "train_loss", "dev_step0", "dev")),
     },
