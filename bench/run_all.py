@@ -46,6 +46,9 @@ def headline(name: str, res: dict[str, Any]) -> dict[str, Any]:
         h["rows"] = [{k: r.get(k) for k in ("variant", "trainable_params", "median_step_s", "peak_rss_mb", "skipped")}
                      for r in res.get("rows", [])]
         h["ratios"] = res.get("ratios")
+    elif name == "passage_store_memory":
+        h["growth"] = res.get("growth")
+        h["goal_10pct_met"] = res.get("goal_met")
     elif name == "bm25":
         h["rows"] = [{k: r.get(k) for k in ("backend", "passages", "index_s", "qps_single", "qps_batch",
                                              "overlap@10_vs_bm25s", "Rprec")} for r in res.get("rows", [])]
