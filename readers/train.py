@@ -184,7 +184,8 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     if cfg.peft != "full":
         from core.peft import apply_peft
         targets = lora_targets(reader.model, cfg.peft_targets)
-        reader.model = apply_peft(reader.model, cfg.peft, **({"target_modules": targets} if targets else {}))
+        reader.model = (apply_peft(reader.model, cfg.peft, target_modules=targets) if targets
+                        else apply_peft(reader.model, cfg.peft))
     reader.to(pick_device(cfg.device))
     reference_mode = None
     if reference is not None:
