@@ -30,16 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="study folder")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--depth", type=int, default=50, help="BM25 candidates re-ranked per question")
-    parser.add_argument("--steps", type=int, default=120, help="training steps per seed")
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="examples per training step (listnet/mnrl: questions with their negatives; bce: pairs)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    parser.add_argument("--negatives", type=int, default=7, help="BM25 hard negatives per question")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per pair")
-    parser.add_argument("--peft", default="full", help="PEFT method of the re-ranker")
-    parser.add_argument("--base", default="minilm", help="encoder the cross-encoder starts from")
-    parser.add_argument("--loss", default="listnet", choices=["bce", "listnet", "mnrl"], help="training loss")
+    from retrievers.rerank import LOSSES, RerankerTrainConfig  # the study's defaults are the trainer's recipe
 
+    recipe = RerankerTrainConfig()
+    parser.add_argument("--steps", type=int, default=recipe.max_steps, help="training steps per seed")
+    parser.add_argument("--batch-size", type=int, default=recipe.batch_size,
+                        help="examples per training step (listnet/mnrl: questions with their negatives; bce: pairs)")
+    parser.add_argument("--lr", type=float, default=recipe.lr, help="peak learning rate")
+    parser.add_argument("--negatives", type=int, default=recipe.negatives, help="BM25 hard negatives per question")
+    parser.add_argument("--max-length", type=int, default=recipe.max_length, help="tokens per pair")
+    parser.add_argument("--peft", default=recipe.peft, help="PEFT method of the re-ranker")
+    parser.add_argument("--base", default=recipe.base, help="encoder the cross-encoder starts from")
+    parser.add_argument("--loss", default=recipe.loss, choices=list(LOSSES), help="training loss")
 
 def _per_question(guesses: list[dict[str, Any]], gold_rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     from eval.kilt import per_question

@@ -370,14 +370,15 @@ def build_index(spec: IndexSpec) -> str:
 
 # --------------------------------------------------------------------------- cell kinds
 
-def _retrieve(cell: CellSpec, workdir: Path, index_dir: str, model: ModelSpec):
+def _retrieve(cell: CellSpec, workdir: Path, index_dir: str, model: ModelSpec, k: int | None = None):
+    """The cell's queries and `model`'s top k (default: the cell's k) from `index_dir`."""
     from core.tasks import load_queries
     from retrievers.base import retrieve_queries
     from retrievers.index_kinds import open_retriever
 
     queries = load_queries(cell.task_path)
     retriever = open_retriever(index_dir, **model.options)
-    rankings = retrieve_queries(retriever, [q.text for q in queries], cell.k, model.batch_size)
+    rankings = retrieve_queries(retriever, [q.text for q in queries], k or cell.k, model.batch_size)
     return queries, rankings
 
 
@@ -465,9 +466,7 @@ def rerank_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
     reason = _rerank_available()
     if reason:
         raise CellUnavailable(reason)
-    from core.tasks import guess_rows, load_queries
-    from retrievers.base import retrieve_queries
-    from retrievers.index_kinds import open_retriever
+    from core.tasks import guess_rows
     from retrievers.rerank import load_reranker, rerank_hits
 
     if not cell.model.run:
@@ -477,9 +476,7 @@ def rerank_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
     options = dict(cell.model.options)
     depth = max(int(options.pop("depth", 50)), cell.k)
     reranker = load_reranker(cell.model.run, device=options.pop("device", None))
-    queries = load_queries(cell.task_path)
-    retriever = open_retriever(cell.index_dir, **cell.retriever_model.options)
-    rankings = retrieve_queries(retriever, [q.text for q in queries], depth, cell.retriever_model.batch_size)
+    queries, rankings = _retrieve(cell, workdir, cell.index_dir, cell.retriever_model, k=depth)
     ranked = rerank_hits(reranker, [q.text for q in queries], rankings, k=cell.k,
                          batch_size=int(options.pop("batch_size", cell.model.batch_size)))
     return _score(cell, workdir, guess_rows(queries, ranked))

@@ -621,17 +621,13 @@ def _check_model_options(m: ModelSpec, at: str, where: _Where) -> None:
     for k in m.options:
         if not isinstance(k, str):
             raise where.fail(key, f"the key {_describe(k)} is not a name; write it as a string")
-    if m.kind == "rerank":
-        for option in ("depth", "batch_size"):
-            value = m.options.get(option)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise where.fail(f"{key}.{option}", f"expected an integer >= 1, got {_describe(value)}")
-    if m.kind != "reader":
-        return
-    for option in ("passages", "batch_size"):
+    counts = {"rerank": ("depth", "batch_size"), "reader": ("passages", "batch_size")}.get(m.kind, ())
+    for option in counts:
         value = m.options.get(option)
         if value is not None and (not _is_int(value) or value < 1):
             raise where.fail(f"{key}.{option}", f"expected an integer >= 1, got {_describe(value)}")
+    if m.kind != "reader":
+        return
     kind = m.options.get("kind")
     if kind is not None:
         from readers.kinds import READER_KINDS

@@ -230,7 +230,7 @@ class GenerativeDevEvaluator:
         """``start``: the model's TitleSpec (causal LMs: with its prompt), or a seq2seq decoder start id + ``eos``."""
         from retrievers.generative.index import corpus_trie, default_length_penalty
 
-        self.length_penalty = default_length_penalty(start) if hasattr(start, "title_end") else 1.0
+        self.length_penalty = default_length_penalty(start)  # 1 for a seq2seq start id or an EOS-ended spec
         self.rows, self.report = dev_rows(corpus, dev_path, limit, with_report=True)
         self.trie, doc_ids, _ = corpus_trie(corpus, tokenizer, start, eos)
         self.prompt = self.trie.meta.get("prompt")
