@@ -1,7 +1,9 @@
 """The run folder of a tuned dense retriever: what `rag train retriever --kind dense` writes, and loading it.
 
 A run folder holds `dense_run.json` (base model, method, max sequence length, MoE config, the base's
-embedding fingerprint), `peft/` (the trained parameters) and, with MoE heads, `moe.safetensors`.
+embedding fingerprint) and the trained model: `model/`, a sentence-transformers folder (full, bitfit, lora:
+retrievers/dense_export.py), or `peft/` (the trained parameters of the other methods) and, with MoE heads,
+`moe.safetensors`.
 Every encoder argument accepts such a folder (retrievers/encoders.py dispatches on `is_dense_run`).
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from retrievers.fingerprint import embedding_fingerprint
 RUN_META = "dense_run.json"
 PEFT_DIR = "peft"
 MOE_WEIGHTS = "moe.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # base + peft/ (+ moe.safetensors): what the MoE loop writes
+FORMAT_VERSIONS = (1, 2)  # 2: also "model", a sentence-transformers folder inside the run (full, bitfit, lora)
 
 
 def load_base(encoder: str, device: str | None, max_seq_length: int | None):
@@ -41,8 +44,10 @@ def load_dense_run(path: str | Path, device: str | None = None, **_: Any):
 
     path = Path(path)
     meta = read_json(path / RUN_META)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in FORMAT_VERSIONS:
         raise RagError(f"{path / RUN_META}: unsupported format_version {meta.get('format_version')!r}")
+    if meta.get("model"):  # a sentence-transformers folder (retrievers/dense_export.py)
+        return _load_exported(path / meta["model"], device)
     if not (path / PEFT_DIR).exists():
         raise RagError(f"{path}: the run has no trained weights yet ({PEFT_DIR}/ is missing); did training finish?")
     st = load_base(meta["base_model"], device, meta.get("max_seq_length"))
@@ -60,6 +65,18 @@ def load_dense_run(path: str | Path, device: str | None = None, **_: Any):
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _load_exported(folder: Path, device: str | None):
+    from sentence_transformers import SentenceTransformer
+
+    if not (folder / "modules.json").is_file():
+        raise RagError(f"{folder}: the run's sentence-transformers folder is missing or incomplete (no modules.json)"
+                       "; did training finish?")
+    st = SentenceTransformer(str(folder), device=device, trust_remote_code=False)
+    for p in st.parameters():
+        p.requires_grad_(False)
+    return st.eval()
 
 
 def is_dense_run(path: str) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 
 from core.config import opt
 from core.errors import RagError
-from core.training.config import TrainConfig
+from core.training.hf import ScaleConfig
 from retrievers.dense_run import FORMAT_VERSION, MOE_WEIGHTS, PEFT_DIR, RUN_META, load_base, load_dense_run  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ EVAL_KS = (5, 20)
 
 
 @dataclass
-class DenseTrainConfig(TrainConfig):
+class DenseTrainConfig(ScaleConfig):
     corpus: str = opt("", "corpus JSONL or a folder holding corpus.jsonl")
     train: str = opt("", "KILT JSONL of training questions (gold pages in the corpus)")
     dev: str | None = opt(None, "KILT JSONL evaluated every --eval-every steps (Rprec, recall@5/20)")
@@ -57,6 +57,10 @@ class DenseTrainConfig(TrainConfig):
     max_seq_length: int = opt(128, "tokens per query or passage", min=1)
     words_per_passage: int = opt(100, "words of a page used as its positive passage", min=1)
     scale: float = opt(20.0, "MultipleNegativesRankingLoss scale (1 / temperature)", gt=0, finite=True)
+    mini_batch_size: int = opt(0, "0 = off; N = GradCache (CachedMultipleNegativesRankingLoss): the loss of the whole "
+                                  "batch, embedded N texts at a time, so a large batch fits the memory of a small one "
+                                  "(--gradient-accumulation-steps instead averages smaller batches, with fewer "
+                                  "in-batch negatives)", min=0)
     moe_experts: int = opt(0, "0 = no MoE; N = one head per domain (N = number of domains); 1 = shared head",
                            min=0)
     domain_field: str = opt("domain", "corpus field naming a document's domain")
@@ -299,6 +303,33 @@ def build_model(config: DenseTrainConfig, domains: list[str], device: str):
     return model, st, base_params, base_fingerprint
 
 
+def _refuse_scale_for_moe(config: DenseTrainConfig) -> None:
+    """MoE heads still train in the toolkit's own loop (core/training/loop.py): one process, fp32."""
+    asked = [flag for flag, on in (("--workers", config.workers > 1), ("--gpus-per-worker", config.gpus_per_worker),
+                                   ("--bf16", config.bf16), ("--fp16", config.fp16),
+                                   ("--gradient-accumulation-steps", config.gradient_accumulation_steps > 1),
+                                   ("--gradient-checkpointing", config.gradient_checkpointing)) if on]
+    if asked:
+        raise RagError(f"{', '.join(asked)}: not available with --moe-experts yet (MoE heads train in the "
+                       "toolkit's single-process loop)")
+
+
+def _fit_library(config: DenseTrainConfig, out: Path, resume: bool, overwrite: bool, corpus) -> tuple[dict, Any]:
+    """Claim the run folder here, then train in this process or in Ray Train workers."""
+    from core.training import RunFolder
+    from retrievers.dense_fit import KIND, fit_on_ray, fit_with_trainer
+
+    data = build_training_data(config, corpus)  # bad training input fails here, before the run folder exists
+    run = RunFolder(out, config, KIND, resume=resume, overwrite=overwrite)
+    try:
+        if config.workers > 1 or config.gpus_per_worker:
+            metrics = fit_on_ray(config, out)
+            return metrics, load_dense_run(out)
+        return fit_with_trainer(config, out, corpus, data=data)
+    finally:
+        run.close()
+
+
 def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
               corpus=None) -> tuple[dict[str, Any], Any]:
     """train_dense, also returning the trained model (tests compare it with the reloaded run folder)."""
@@ -309,6 +340,7 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
     from core.corpus import Corpus
     from core.peft import peft_config
     from core.training import RunFolder, TrainLoop
+    from core.training.hf import check_scale
     from core.training.loop import EpochSampler, pick_device
     from retrievers.encoders import DenseEncoder
     from retrievers.moe import EXPERT_IDS, router_loss
@@ -318,8 +350,13 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
         raise RagError("--corpus and --train are required")
     overrides = {} if config.rank is None else {"rank": config.rank}
     peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before any work
+    check_scale(config, str(pick_device(config.device)) if config.workers == 1 else
+                ("cuda" if config.gpus_per_worker else "cpu"))
     corpus = corpus or Corpus.load(config.corpus)
     moe_cfg = moe_config_for(config, corpus_domains(corpus, config.domain_field))
+    if moe_cfg is None:  # the library trainer (retrievers/dense_fit.py)
+        return _fit_library(config, Path(out), resume, overwrite, corpus)
+    _refuse_scale_for_moe(config)
     data = build_training_data(config, corpus)
     evaluator = (DevEvaluator(corpus, config.dev, config.eval_docs, config.eval_seed, config.words_per_passage,
                               config.domain_field, config.eval_batch_size,

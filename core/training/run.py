@@ -69,6 +69,14 @@ class RunFolder:
             self.close()
             raise
 
+    @classmethod
+    def attach(cls, out: str | Path, kind: str) -> RunFolder:
+        """The run folder of a run another process holds (a training worker): writes curves and metrics, no lock."""
+        run = cls.__new__(cls)
+        run.path, run.kind = Path(out), kind
+        run.config = read_json(run.path / CONFIG)["config"] if (run.path / CONFIG).is_file() else {}
+        return run
+
     def _claim(self, resume: bool, overwrite: bool, inputs: dict[str, str]) -> None:
         existing = self.path / CONFIG
         if self.path.exists() and not self.path.is_dir():

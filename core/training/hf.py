@@ -1,0 +1,314 @@
+"""transformers' `Trainer` under the toolkit's rules.
+
+The library runs the loop (mixed precision, gradient accumulation and checkpointing, distributed data
+parallelism, resume); this module adds what the toolkit promises on top:
+
+* `ScaleConfig`: the knobs every library-backed `rag train` command shares (`--bf16`, `--fp16`,
+  `--gradient-accumulation-steps`, `--gradient-checkpointing`, `--report-to`, `--workers`, ...);
+* `SafeCheckpoints`: checkpoints without pickle. transformers writes `optimizer.pt`, `scheduler.pt`,
+  `rng_state.pth` and `training_args.bin` with `torch.save`; here the trained weights and optimizer tensors go
+  to safetensors and everything else (scheduler, RNG of python/numpy/torch/CUDA, scaler) to JSON;
+* `RunFolderCallback`: the run folder's `curves.csv` (train loss, lr, grad norm; dev metrics), an evaluation
+  at the last step whatever `--eval-every` says, and the step-0 / final dev scores kept for the summary.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import RagError
+from core.training.checkpoint import flatten_optimizer_state, rng_state, set_rng_state, unflatten_optimizer_state
+from core.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "optimizer_state.json"
+REPORTERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _check_report_to(value: str) -> None:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in REPORTERS]
+    if bad or not names:
+        raise ValueError(f"--report-to {value!r}: choose from {', '.join(REPORTERS)} (comma-separated)")
+
+
+@dataclass
+class ScaleConfig(TrainConfig):
+    """TrainConfig plus what a library trainer can do: precision, accumulation, checkpointing, workers."""
+
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CPU or GPU)"})
+    fp16: bool = field(default=False, metadata={"help": "float16 autocast with loss scaling (GPU only)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "batches per optimizer step (the effective batch is batch-size x this x workers)", "min": 1})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: less memory, about a third more time"})
+    report_to: str = field(default="csv", metadata={
+        "help": "where curves go besides the run folder's curves.csv: csv (only that), tensorboard, wandb, mlflow",
+        "check": _check_report_to})
+    workers: int = field(default=1, metadata={
+        "help": "training processes (Ray Train, data parallel; in-batch negatives gathered across them)", "min": 1})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (needs GPUs or a Ray cluster "
+                                                                  "that declares them)", "min": 0, "finite": True})
+    cpus_per_worker: int = field(default=1, metadata={"help": "CPUs (and torch threads) per worker", "min": 1})
+    address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local Ray)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bf16 and self.fp16:
+            raise RagError("--bf16 and --fp16 exclude each other: choose one")
+
+
+def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None = None) -> None:
+    """The one-line refusals that must come before any work (the model check once it is loaded)."""
+    if config.fp16 and not device.startswith("cuda"):
+        raise RagError(f"--fp16 needs a CUDA GPU (this run is on {device}); use --bf16 on a CPU")
+    if config.gpus_per_worker and config.address is None and not torch.cuda.is_available():
+        raise RagError("--gpus-per-worker: this machine has no GPU and no --address of a Ray cluster with GPUs "
+                       "was given")
+    if config.workers > 1 or config.gpus_per_worker:
+        import importlib.util
+        if importlib.util.find_spec("ray.train") is None:
+            raise RagError("--workers/--gpus-per-worker need Ray Train: pip install 'ray[train]'")
+    if "tensorboard" in config.report_to:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise RagError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    if model is not None and config.gradient_checkpointing:
+        from core.peft.iaa import ChainState
+        if any(isinstance(getattr(m, "_state", None), ChainState) for m in model.modules()):
+            raise RagError("--gradient-checkpointing: iaa's connected adapters pass a state from layer to layer, "
+                           "which a recomputed layer cannot see; use another method or leave checkpointing off")
+        inner = _checkpointable(model)
+        if inner is None:
+            raise RagError(f"--gradient-checkpointing: {type(model).__name__} cannot checkpoint its layers "
+                           "(no transformers model with gradient-checkpointing support inside)")
+
+
+def _checkpointable(model: torch.nn.Module) -> Any:
+    for module in model.modules():
+        if getattr(module, "supports_gradient_checkpointing", False):
+            return module
+    return None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing on every transformers model inside (frozen inputs still get gradients)."""
+    for module in model.modules():
+        if getattr(module, "supports_gradient_checkpointing", False) and hasattr(module,
+                                                                                 "gradient_checkpointing_enable"):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def training_arguments(cls: Any, config: ScaleConfig, output_dir: Path, device: str, **extra: Any) -> Any:
+    """TrainingArguments (or a subclass) from a ScaleConfig: one schedule, one seed, no pickled extras."""
+    report = [r.strip() for r in config.report_to.split(",") if r.strip() not in ("", "none", "csv")]
+    eval_steps = config.eval_every or config.max_steps
+    return cls(
+        output_dir=str(output_dir), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.lr,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, lr_scheduler_type="linear",
+        max_grad_norm=config.grad_clip or float("inf"), seed=config.seed, data_seed=config.seed,
+        bf16=config.bf16, fp16=config.fp16,  # gradient checkpointing is enabled on the model itself
+        logging_steps=max(1, config.log_every or config.max_steps), logging_first_step=True,
+        save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or config.max_steps,
+        save_total_limit=2, eval_steps=eval_steps, report_to=report or "none",
+        use_cpu=not device.startswith("cuda"), dataloader_drop_last=True, disable_tqdm=False,
+        ddp_find_unused_parameters=False, **extra)
+
+
+class SafeCheckpoints:
+    """Mixin for a transformers Trainer subclass: checkpoint files in safetensors and JSON only.
+
+    `trainable_state()` / `load_trainable(state)` are the model's trained parameters (PEFT: only the added
+    ones); the frozen base is not copied into every checkpoint.
+    """
+
+    args: Any
+    optimizer: Any
+    lr_scheduler: Any
+    accelerator: Any
+    model: Any
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        model = getattr(self.model, "module", self.model)
+        return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        model = getattr(self.model, "module", self.model)
+        params = dict(model.named_parameters())
+        missing = sorted(set(state) - set(params))
+        if missing:
+            raise RagError(f"checkpoint does not fit the model: unknown parameters {missing[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state(), str(out / TRAINABLE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(resume_from_checkpoint) / TRAINABLE_FILE
+        if not path.is_file():
+            raise RagError(f"{path}: missing; the checkpoint is incomplete (delete it to resume from an earlier one)")
+        self.load_trainable(load_file(str(path)))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        from safetensors.torch import save_file
+
+        if not self.args.should_save:
+            return
+        tensors, meta = flatten_optimizer_state(self.optimizer.state_dict())
+        save_file(tensors, os.path.join(output_dir, OPTIMIZER_FILE))
+        state = {"optimizer": meta, "scheduler": self.lr_scheduler.state_dict()}
+        Path(output_dir, STATE_FILE).write_text(json.dumps(state, default=_jsonable), encoding="utf-8")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        from safetensors.torch import load_file
+
+        if checkpoint is None:
+            return
+        state = json.loads(Path(checkpoint, STATE_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
+        self.optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            Path(output_dir, "scaler.json").write_text(json.dumps(scaler.state_dict(), default=_jsonable))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        path = Path(checkpoint or "", "scaler.json")
+        if scaler is not None and checkpoint is not None and path.is_file():
+            scaler.load_state_dict(json.loads(path.read_text()))
+
+    def _rng_file(self, folder: str) -> Path:
+        return Path(folder, f"rng_state_{self.args.process_index}.json")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        state = rng_state()
+        if torch.cuda.is_available():
+            state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        os.makedirs(output_dir, exist_ok=True)
+        self._rng_file(output_dir).write_text(json.dumps(state), encoding="utf-8")
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._rng_file(checkpoint).is_file():
+            return
+        state = json.loads(self._rng_file(checkpoint).read_text(encoding="utf-8"))
+        set_rng_state(state)
+        if torch.cuda.is_available() and "cuda" in state:
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _jsonable(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+DEV_SKIP = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+
+
+class RunFolderCallback:
+    """Curves into the run folder, and an evaluation at the last step (built lazily: transformers' base class)."""
+
+    def __new__(cls, run: Any, evaluates: bool, is_main: bool = True) -> Any:
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def __init__(self) -> None:
+                self.dev_by_step: dict[int, dict[str, float]] = {}
+                self.train_logs: dict[str, float] = {}
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+                if evaluates and state.global_step >= state.max_steps:
+                    control.should_evaluate = True  # the end of the run is always evaluated
+                return control
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+                       **kw: Any) -> None:
+                logs = logs or {}
+                values = {("lr" if k == "learning_rate" else k): float(v) for k, v in logs.items()
+                          if k in ("loss", "learning_rate", "grad_norm") and v is not None}
+                if "loss" in values:
+                    self.train_logs = values
+                    if is_main:
+                        run.log(state.global_step, "train", values)
+
+            def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                            **kw: Any) -> None:
+                dev = {_strip(k): float(v) for k, v in (metrics or {}).items()
+                       if not any(k.endswith(s) for s in DEV_SKIP) and isinstance(v, (int, float))}
+                self.dev_by_step[state.global_step] = dev
+                if is_main:
+                    run.log(state.global_step, "dev", dev)
+                    logger.info("dev at step %d: %s", state.global_step, json.dumps(dev))
+
+        return _Callback()
+
+
+def quiet_progress(trainer: Any) -> None:
+    """Keep transformers' progress bar but not its log lines, which it writes to stdout (the CLI's JSON)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class _Quiet(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_Quiet())
+
+
+def _strip(key: str) -> str:
+    key = key.removeprefix("eval_")
+    return key.split("_", 1)[1] if key.startswith("kilt-dev_") else key
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (its trainer_state.json written last) under `folder`."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
+            and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if done else None
+
+
+def step_zero_and_end(dev_by_step: dict[int, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    if not dev_by_step:
+        return {}, {}
+    return dev_by_step.get(0, {}), dev_by_step[max(dev_by_step)]
+
+
+def report_change(before: dict[str, float], after: dict[str, float], metric: str,
+                  say: Callable[[str], Any] | None = None) -> None:
+    """Print the untuned and the tuned dev score side by side; say plainly when tuning made it worse."""
+    if metric not in before or metric not in after:
+        return
+    change = after[metric] - before[metric]
+    line = f"dev {metric}: {before[metric]:.4f} at step 0 (untuned) -> {after[metric]:.4f} at the end ({change:+.4f})"
+    if change < 0:
+        line += "  WORSE than the untuned model: check --lr, --max-steps and the training data"
+    (say or (lambda text: print(text, file=sys.stderr)))(line)

@@ -1,0 +1,81 @@
+"""Write a tuned dense retriever as folders other tools load, and the toolkit's `dense_run.json` beside them.
+
+* `full`, `bitfit`: `RUN/model/` is a sentence-transformers folder (`SentenceTransformer("RUN/model")`).
+* `lora`: `RUN/model/` is the sentence-transformers folder with the LoRA update merged into the weights, and
+  `RUN/adapter/` the PEFT adapter itself (`adapter_config.json`, `adapter_model.safetensors`), loadable with
+  `peft.PeftModel.from_pretrained(base, "RUN/adapter")` onto the base encoder's transformer. The adapter is not
+  put at the top of the sentence-transformers folder because that route goes through transformers' PEFT
+  integration, which (transformers 5.24) demands peft >= 0.22, a version PyPI does not have yet.
+* `iaa`, `adapter`, `prefix`: the toolkit's `peft/` folder (method config + trained tensors). A plain
+  sentence-transformers folder is not possible for them: their modules are not sentence-transformers' own, and
+  sentence-transformers >= 6 imports any other module class only with `trust_remote_code=True`, which the
+  toolkit never sets by default; IAA's bottleneck is non-linear, so it cannot be merged into the weights.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from core.io import atomic_dir, write_json
+
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+RUN_FORMAT_VERSION = 2
+EXPORTED = ("full", "bitfit", "lora")
+
+
+def merged_lora_copy(st: Any) -> Any:
+    """A copy of the SentenceTransformer whose LoRA layers are folded into plain Linear weights."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(st)
+    for module in merged.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoraLayer):
+                child.merge()
+                setattr(module, name, child.get_base_layer())
+    return merged
+
+
+def save_peft_adapter(st: Any, base_path: str, out: Path) -> None:
+    """PEFT's own adapter files for the LoRA layers injected into the transformer of `st`."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from core.peft.wrapping import inner_model
+
+    hf = inner_model(st)
+    config = next(iter(hf.peft_config.values())) if getattr(hf, "peft_config", None) else None
+    if not isinstance(config, PeftLoraConfig):
+        raise ValueError("save_peft_adapter: the model carries no LoRA config")
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path = base_path
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    state = get_peft_model_state_dict(hf)
+    save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
+              str(out / "adapter_model.safetensors"))
+
+
+def save_dense_run(st: Any, config: Any, out: Path, base_fingerprint: list[float]) -> None:
+    """The tuned model (see the module doc) and `dense_run.json`, which the toolkit's loaders read first."""
+    from core.models import resolve_model
+    from core.peft import peft_config, save_peft
+    from retrievers.dense_run import PEFT_DIR, RUN_META
+
+    model_dir = None
+    if config.peft in EXPORTED:
+        with atomic_dir(out / MODEL_DIR, overwrite=True) as tmp:
+            (merged_lora_copy(st) if config.peft == "lora" else st).save_pretrained(str(tmp))
+        model_dir = MODEL_DIR
+        if config.peft == "lora":
+            with atomic_dir(out / ADAPTER_DIR, overwrite=True) as tmp:
+                save_peft_adapter(st, str(Path(resolve_model(config.encoder)).resolve()), tmp)
+    else:
+        overrides = {} if config.rank is None else {"rank": config.rank}
+        save_peft(st, out / PEFT_DIR, config.peft, peft_config(config.peft, **overrides))
+    write_json(out / RUN_META, {"format_version": RUN_FORMAT_VERSION, "base_model": config.encoder,
+                                "peft": config.peft, "max_seq_length": config.max_seq_length, "moe": None,
+                                "base_fingerprint": base_fingerprint, "model": model_dir})

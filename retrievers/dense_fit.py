@@ -1,0 +1,201 @@
+"""The dense bi-encoder trained by sentence-transformers' `SentenceTransformerTrainer`.
+
+The library runs the loop; the toolkit supplies the data (questions, pseudo-queries, BM25 hard negatives:
+retrievers/dense_train.py), the loss (`MultipleNegativesRankingLoss`, gathered across workers), the KILT dev
+evaluator (a `SentenceEvaluator`), checkpoints without pickle and the run folder (core/training/hf.py).
+Batches never hold two examples that share a text (`BatchSamplers.NO_DUPLICATES`): a duplicated gold page
+would otherwise be an in-batch negative of its own question.
+
+With `--workers N` (or `--gpus-per-worker`) the same function runs in N Ray Train workers (`TorchTrainer`,
+gloo on CPU, NCCL on GPU); worker 0 writes the run folder, a restarted worker group resumes from the run
+folder's last checkpoint. N workers of batch B train like one worker of batch N*B.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from core.errors import RagError
+
+logger = logging.getLogger(__name__)
+
+KIND = "retriever:dense"
+TRAINER_DIR = "checkpoints"
+
+
+def _evaluator_class() -> type:
+    from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
+
+    class KiltDevEvaluator(SentenceEvaluator):
+        """The toolkit's DevEvaluator (KILT Rprec, recall@5/20 on a document pool) as a SentenceEvaluator."""
+
+        def __init__(self, dev: Any, batch_size: int) -> None:
+            super().__init__()
+            self.dev, self.batch_size = dev, batch_size
+            self.name = "kilt-dev"
+            self.primary_metric = "Rprec"
+
+        def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1,
+                     **_: Any) -> dict[str, float]:
+            from retrievers.encoders import DenseEncoder
+
+            metrics = self.dev.evaluate(DenseEncoder(model, "training", self.batch_size))
+            self.primary_metric = "Rprec"
+            return self.prefix_name_to_metrics(metrics, self.name)
+
+    return KiltDevEvaluator
+
+
+def _trainer_class() -> type:
+    from sentence_transformers import SentenceTransformerTrainer
+
+    from core.training.hf import SafeCheckpoints
+
+    class DenseTrainer(SafeCheckpoints, SentenceTransformerTrainer):
+        """SentenceTransformerTrainer whose checkpoints hold only trained tensors, in safetensors + JSON."""
+
+    return DenseTrainer
+
+
+def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool = True,
+                     world_size: int = 1, data: Any = None) -> tuple[dict[str, Any], Any]:
+    """Train in this process (one of `world_size` data-parallel workers); the main one writes the run."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    from core.corpus import Corpus
+    from core.training.hf import (
+        RunFolderCallback,
+        check_scale,
+        enable_gradient_checkpointing,
+        last_checkpoint,
+        quiet_progress,
+        step_zero_and_end,
+        training_arguments,
+    )
+    from core.training.loop import count_params, current_rss_mb, pick_device
+    from core.training.run import RunFolder
+    from retrievers.dense_train import (
+        DevEvaluator,
+        _bm25_index_for,
+        build_model,
+        build_training_data,
+        corpus_domains,
+    )
+
+    corpus = corpus or Corpus.load(config.corpus)
+    data = data or build_training_data(config, corpus)
+    dev = (DevEvaluator(corpus, config.dev, config.eval_docs, config.eval_seed, config.words_per_passage,
+                        config.domain_field, config.eval_batch_size,
+                        bm25_index=_bm25_index_for(config, corpus) if config.eval_bm25_docs else None,
+                        bm25_docs=config.eval_bm25_docs) if config.dev else None)
+    device = str(pick_device(config.device)) if world_size == 1 else ("cuda" if config.gpus_per_worker else "cpu")
+    model, st, base_params, base_fingerprint = build_model(config, corpus_domains(corpus, config.domain_field),
+                                                           device)
+    check_scale(config, device, st)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(st)
+    columns = {"query": data.queries, "positive": data.positives}
+    if data.negatives is not None:
+        columns["negative"] = data.negatives
+    run = RunFolder.attach(out, KIND)
+    resume_from = last_checkpoint(out / TRAINER_DIR)
+    if resume_from is not None and is_main:
+        run.truncate_curves(int(resume_from.name.split("-")[1]))
+    callback = RunFolderCallback(run, evaluates=dev is not None, is_main=is_main)
+    args = training_arguments(SentenceTransformerTrainingArguments, config, out / TRAINER_DIR, device,
+                              batch_sampler=BatchSamplers.NO_DUPLICATES, eval_on_start=dev is not None,
+                              eval_strategy="steps" if dev is not None and config.eval_every else "no")
+    if config.mini_batch_size:
+        loss = CachedMultipleNegativesRankingLoss(st, scale=config.scale, mini_batch_size=config.mini_batch_size,
+                                                  gather_across_devices=world_size > 1)
+    else:
+        loss = MultipleNegativesRankingLoss(st, scale=config.scale, gather_across_devices=world_size > 1)
+    trainer = _trainer_class()(model=st, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
+                               evaluator=_evaluator_class()(dev, config.eval_batch_size) if dev else None,
+                               callbacks=[callback])
+    quiet_progress(trainer)
+    rss_start = current_rss_mb()
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - t0
+    done_steps = config.max_steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
+    dev_step0, dev_end = step_zero_and_end(callback.dev_by_step)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    if losses and not all(float(x) == float(x) and abs(float(x)) != float("inf") for x in losses):
+        raise RagError(f"training diverged (the loss became {losses[-1]}; lr {config.lr:g}): lower --lr")
+    trainable = sum(p.numel() for p in st.parameters() if p.requires_grad)
+    metrics: dict[str, Any] = {
+        **count_params(st), "encoder_params": base_params, "trainable_pct_of_encoder": 100.0 * trainable / base_params,
+        "peft": config.peft, "lr": config.lr, **data.report, **(dev.describe() if dev else {}), "moe": None,
+        "steps": config.max_steps, "resumed_from": config.max_steps - done_steps, "workers": world_size,
+        "examples_per_step": config.batch_size * config.gradient_accumulation_steps * world_size,
+        "precision": "bf16" if config.bf16 else "fp16" if config.fp16 else "fp32",
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "seconds_per_step": seconds / max(done_steps, 1), "train_seconds": round(seconds, 2),
+        "peak_rss_mb": round(max(rss_start, current_rss_mb()), 1),
+        "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None),
+        "final_train": callback.train_logs, "dev_step0": dev_step0, "dev": dev_end,
+        "dev_by_domain": dev.last_by_domain if dev else {}}
+    if is_main:
+        from retrievers.dense_export import save_dense_run
+        save_dense_run(st, config, out, base_fingerprint)
+        run.write_metrics(metrics)
+        metrics["plots"] = [str(p) for p in run.plot()]
+        run.write_metrics(metrics)
+    st.eval()
+    return metrics, st
+
+
+def ray_worker(payload: dict[str, Any]) -> None:
+    """One Ray Train worker: rebuild the config, train its shard of every batch, rank 0 writes the run."""
+    import ray.train
+    import torch
+
+    from retrievers.dense_train import DenseTrainConfig
+
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, int(payload["cpus_per_worker"])))
+    config = DenseTrainConfig(**payload["config"])
+    rank, world = context.get_world_rank(), context.get_world_size()
+    fit_with_trainer(config, Path(payload["out"]), is_main=rank == 0, world_size=world)
+
+
+def fit_on_ray(config: Any, out: Path) -> dict[str, Any]:
+    """Run `fit_with_trainer` in `config.workers` Ray Train workers and return the metrics worker 0 wrote."""
+    import dataclasses
+
+    from core.io import read_json
+    from core.ray_runtime import ray_session
+    from core.training.run import METRICS
+
+    payload = {"config": dataclasses.asdict(config), "out": str(out.resolve()),
+               "cpus_per_worker": config.cpus_per_worker}
+    cpus = config.workers * config.cpus_per_worker
+    with ray_session(address=config.address, num_cpus=None if config.address else cpus + 1) as ray:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        if config.gpus_per_worker and ray.cluster_resources().get("GPU", 0) < config.workers * config.gpus_per_worker:
+            raise RagError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker:g}: the Ray "
+                           f"cluster declares {ray.cluster_resources().get('GPU', 0):g} GPUs")
+        resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            ray_worker, train_loop_config=payload,
+            torch_config=TorchConfig(backend="nccl" if config.gpus_per_worker else "gloo"),
+            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(config.gpus_per_worker),
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name="rag-train", storage_path=str((out / "ray").resolve()),
+                                 failure_config=FailureConfig(max_failures=2)))
+        result = trainer.fit()
+        if getattr(result, "error", None):
+            raise RagError(f"Ray Train failed: {result.error}")
+    return read_json(out / METRICS)
