@@ -112,7 +112,9 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         run.truncate_curves(int(resume_from.name.split("-")[1]))
     callback = RunFolderCallback(run, evaluates=dev is not None, is_main=is_main)
     args = training_arguments(SentenceTransformerTrainingArguments, config, out / TRAINER_DIR, device,
-                              batch_sampler=BatchSamplers.NO_DUPLICATES, eval_on_start=dev is not None,
+                              batch_sampler=(BatchSamplers.NO_DUPLICATES if config.batch_sampler == "no_duplicates"
+                                             else BatchSamplers.BATCH_SAMPLER), eval_on_start=dev is not None,
+                              ddp_find_unused_parameters=True,  # e.g. BERT's pooler: mean pooling never uses it
                               eval_strategy="steps" if dev is not None and config.eval_every else "no")
     if config.mini_batch_size:
         loss = CachedMultipleNegativesRankingLoss(st, scale=config.scale, mini_batch_size=config.mini_batch_size,

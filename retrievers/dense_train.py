@@ -57,6 +57,9 @@ class DenseTrainConfig(ScaleConfig):
     max_seq_length: int = opt(128, "tokens per query or passage", min=1)
     words_per_passage: int = opt(100, "words of a page used as its positive passage", min=1)
     scale: float = opt(20.0, "MultipleNegativesRankingLoss scale (1 / temperature)", gt=0, finite=True)
+    batch_sampler: str = opt("no_duplicates", "no_duplicates: no two examples of a batch share a text (a duplicated "
+                                              "gold page is never its own question's negative); random: plain "
+                                              "shuffled batches", choices=("no_duplicates", "random"))
     mini_batch_size: int = opt(0, "0 = off; N = GradCache (CachedMultipleNegativesRankingLoss): the loss of the whole "
                                   "batch, embedded N texts at a time, so a large batch fits the memory of a small one "
                                   "(--gradient-accumulation-steps instead averages smaller batches, with fewer "

@@ -35,6 +35,8 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "optimizer_state.json"
 REPORTERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
 CHECKPOINT_PREFIX = "checkpoint-"
+IAA_CHECKPOINTING = ("--gradient-checkpointing: iaa's connected adapters pass a state from layer to layer, which a "
+                     "recomputed layer cannot see; use another method or leave checkpointing off")
 
 
 def _check_report_to(value: str) -> None:
@@ -85,11 +87,12 @@ def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None 
         import importlib.util
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise RagError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    if config.gradient_checkpointing and getattr(config, "peft", None) == "iaa":
+        raise RagError(IAA_CHECKPOINTING)
     if model is not None and config.gradient_checkpointing:
         from core.peft.iaa import ChainState
         if any(isinstance(getattr(m, "_state", None), ChainState) for m in model.modules()):
-            raise RagError("--gradient-checkpointing: iaa's connected adapters pass a state from layer to layer, "
-                           "which a recomputed layer cannot see; use another method or leave checkpointing off")
+            raise RagError(IAA_CHECKPOINTING)
         inner = _checkpointable(model)
         if inner is None:
             raise RagError(f"--gradient-checkpointing: {type(model).__name__} cannot checkpoint its layers "
@@ -125,7 +128,7 @@ def training_arguments(cls: Any, config: ScaleConfig, output_dir: Path, device: 
         save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or config.max_steps,
         save_total_limit=2, eval_steps=eval_steps, report_to=report or "none",
         use_cpu=not device.startswith("cuda"), dataloader_drop_last=True, disable_tqdm=False,
-        ddp_find_unused_parameters=False, **extra)
+        **{"ddp_find_unused_parameters": False, **extra})
 
 
 class SafeCheckpoints:

@@ -49,7 +49,7 @@ def write_toy_data(folder: Path) -> dict[str, Path]:
             "dev": write_jsonl(folder / "dev.jsonl", toy_questions("dev"))}
 
 
-def build_tiny_st(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_st(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
     """A randomly initialised 2-layer BERT with the packaged MiniLM tokenizer, saved as an ST folder."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -61,7 +61,8 @@ def build_tiny_st(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -
     hf = out.parent / (out.name + "-hf")
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=128)
+                     intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(hf)
     tok.save_pretrained(hf)
     st = SentenceTransformer(modules=[Transformer(str(hf), max_seq_length=64), Pooling(hidden), Normalize()],
