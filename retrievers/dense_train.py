@@ -5,16 +5,22 @@
 * Examples: questions of a KILT file (question -> gold page) plus, with ``--pseudo-queries N``, N
   sentences of corpus documents (sentence -> rest of its document); see retrievers/training_pairs.py.
 * Loss: sentence-transformers' ``MultipleNegativesRankingLoss`` over (query, positive, BM25 hard
-  negative): in-batch negatives plus one hard negative per example. Examples that would make another
-  example's gold page an in-batch negative are dropped from that batch (duplicate gold pages).
+  negative): in-batch negatives plus one hard negative per example; batches never hold two examples that
+  share a text (a duplicated gold page is never its own question's negative). ``--mini-batch-size`` swaps in
+  the cached (GradCache) version: the same loss, embedded a few texts at a time.
 * PEFT through core.peft (iaa, adapter, lora, prefix, bitfit, full); with ``--moe-experts N`` expert
   heads per domain (retrievers/moe.py) and domain-homogeneous batches.
-* The loop, checkpoints, resume, curves and metrics are core.training's.
+* Without MoE heads, sentence-transformers' ``SentenceTransformerTrainer`` runs the loop
+  (retrievers/dense_fit.py): ``--bf16``, ``--gradient-accumulation-steps``, ``--gradient-checkpointing``,
+  ``--report-to``, ``--workers N`` (Ray Train). MoE heads still train in core.training's own loop (one
+  process, fp32).
 
 The run folder holds config.json, ``dense_run.json`` (base model reference, method, max sequence
-length, MoE config), ``peft/`` (core.peft's config + safetensors of the trained parameters),
-``moe.safetensors`` (heads, router), metrics.json, curves.csv and PNG curves. Any encoder argument
-(`rag index build --encoder RUN`, `rag retrieve --encoder RUN`) accepts the folder: base + trained parts.
+length, MoE config), the model (``model/``: a sentence-transformers folder for full, bitfit and lora, with
+lora's PEFT adapter in ``adapter/``; ``peft/``: core.peft's config + safetensors for iaa, adapter and
+prefix; see retrievers/dense_export.py), ``moe.safetensors`` (heads, router), metrics.json, curves.csv and
+PNG curves. Any encoder argument (`rag index build --encoder RUN`, `rag retrieve --encoder RUN`) accepts
+the folder.
 
 Dev evaluation during training searches the dev questions against a pool of documents: every dev
 gold page, optionally each dev question's top ``--eval-bm25-docs`` BM25 documents, plus ``--eval-docs``

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,14 +199,19 @@ def _full_eval(args: argparse.Namespace, corpus, run: Path, preset: Preset) -> d
 
 # ---------------------------------------------------------------------------------------------- analysis
 
-def read_loss_curve(run: Path, metric: str = "mnrl") -> list[tuple[int, float]]:
+def read_loss_curve(run: Path, metrics: Sequence[str] = ("mnrl", "loss")) -> list[tuple[int, float]]:
+    """The ranking loss: `mnrl` where the run logs it apart (MoE: loss = mnrl + router), else `loss`."""
     import csv
     path = run / "curves.csv"
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["split"] == "train" and r["metric"] == metric]
-    return sorted((int(r["step"]), float(r["value"])) for r in rows)
+        train = [r for r in csv.DictReader(fh) if r["split"] == "train"]
+    for metric in metrics:
+        rows = [r for r in train if r["metric"] == metric]
+        if rows:
+            return sorted((int(r["step"]), float(r["value"])) for r in rows)
+    return []
 
 
 def smooth(curve: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
