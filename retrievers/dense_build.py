@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,15 @@ from core.io import move_into_place, output_lock, prepare_output_dir, read_json,
 from index.faiss_index import FaissIndex
 from index.manifest import write_manifest
 from index.passages import PassageStore, write_passage_store
-from retrievers.encoders import PASSAGE_PRECISIONS, DenseEncoder, encoder_id, load_encoder
+from retrievers.encoders import PASSAGE_PRECISIONS, DenseEncoder, encoder_id, load_encoder, on_gpu
 
 logger = logging.getLogger(__name__)
 
 SHARDS = "embeddings"
 BUILD_KEY = "build_key.json"
 PASSAGES_DONE = "passages.done"
-PROGRESS_CHUNK = 1024  # passages per encode call within a shard (progress granularity)
+ENCODING = "encoding.json"  # how the staged shards were encoded (precision, device), across resumed runs
+PROGRESS_CHUNK = 1024  # passages per encode call within a shard on a CPU (progress granularity)
 # Temporary shard files: ours (".shard-00001.<pid>.tmp") and those of earlier versions ("shard-00001.npy.tmp.npy").
 TMP_PATTERNS = (".shard-*.tmp", "shard-*.npy.tmp.npy")
 
@@ -48,9 +49,10 @@ TMP_PATTERNS = (".shard-*.tmp", "shard-*.npy.tmp.npy")
 class DenseBuildConfig:
     encoder: str | None = opt(None, "alias, folder, hub id or run folder; None = packaged MiniLM", check="model")
     faiss: str = opt("Flat", "any Faiss index-factory string")
-    batch_size: int = opt(64, "passages per encode batch", min=1)
-    passage_precision: str = opt("float32", "'bfloat16': passages encoded by a bf16 copy (queries stay float32)",
-                                 choices=PASSAGE_PRECISIONS)
+    batch_size: int | None = opt(None, "passages per encode batch (None: 64 on a CPU, 256 on a GPU)", min=1)
+    passage_precision: str = opt("auto", "passage encoding precision; 'auto': float32 on a CPU, bfloat16 (float16 "
+                                 "before Ampere) on a GPU; on a CPU 'bfloat16' with token_sort is about 2.3x faster "
+                                 "(a bf16 copy; queries stay float32)", choices=PASSAGE_PRECISIONS)
     token_sort: bool = opt(False, "batch passages by token count (less padding)")
     nprobe: int | None = opt(None, "IVF: lists searched by default (None: 16, recall@10 0.997 in bench_faiss)", min=1)
     ef_search: int | None = opt(None, "HNSW: search depth by default (None: 128)", min=1)
@@ -209,7 +211,40 @@ def prepare_staging(out: Path, corpus_path: Path, config: DenseBuildConfig,
     return staging, read_json(staging / PASSAGES_DONE)
 
 
-def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int, shard_size: int,
+@dataclass
+class EncodeReport:
+    """What one encoding run did: shards encoded, and how (recorded in the manifest as `encoding`)."""
+    shards: int
+    precisions: set[str] = field(default_factory=set)
+    devices: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, shards: int, encoder: Any) -> EncodeReport:
+        """A run of `shards` shards by `encoder` (nothing is recorded when it encoded none)."""
+        if not shards:
+            return cls(0)
+        precision = getattr(encoder, "passage_precision", None)
+        return cls(shards, {precision} if precision else set(), {str(getattr(encoder, "device", "cpu"))})
+
+
+def encode_chunk(encoder: Any, shard_rows: int) -> int:
+    """Passages per encode call: on a GPU the whole shard (one call keeps the GPU busy, and sentence-transformers
+    sorts the whole shard by length); on a CPU chunks of PROGRESS_CHUNK, so progress is shown."""
+    return max(1, shard_rows) if on_gpu(str(getattr(encoder, "device", "cpu"))) else PROGRESS_CHUNK
+
+
+def record_encoding(staging: Path, report: EncodeReport) -> dict[str, str]:
+    """Add this run's precisions and devices to the staging folder's record; return the manifest's `encoding`
+    (a value joined with '+' when a resumed build encoded its shards in several ways)."""
+    path = staging / ENCODING
+    seen: dict[str, list[str]] = read_json(path) if path.exists() else {}
+    merged = {"passage_precision": sorted(set(seen.get("passage_precision", [])) | report.precisions),
+              "device": sorted(set(seen.get("device", [])) | report.devices)}
+    write_json(path, merged)
+    return {key: "+".join(values) or "unknown" for key, values in merged.items()}
+
+
+def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int | None, shard_size: int,
                           on_shard: Callable[[int], None] | None = None) -> int:
     """Encode every shard not yet on disk (single process). Returns how many were encoded now."""
     store = PassageStore(staging)
@@ -223,9 +258,9 @@ def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int,
         for shard in todo:
             start, end = ranges[shard]
             rows = [store.get(pid) for pid in range(start, end)]
-            parts = []
-            for lo in range(0, len(rows), PROGRESS_CHUNK):  # chunks only to move the progress bar
-                parts.append(encode_rows(encoder, rows[lo:lo + PROGRESS_CHUNK], batch_size))
+            parts, chunk = [], encode_chunk(encoder, len(rows))
+            for lo in range(0, len(rows), chunk):  # on a CPU, chunks only to move the progress bar
+                parts.append(encode_rows(encoder, rows[lo:lo + chunk], batch_size))
                 bar.update(len(parts[-1]))
             emb = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
             if emb.shape != (end - start, encoder.dim):
@@ -240,7 +275,7 @@ def encode_missing_shards(staging: Path, encoder: DenseEncoder, batch_size: int,
     return len(ranges) - done_before
 
 
-def encode_rows(encoder: DenseEncoder, rows: list[dict], batch_size: int) -> np.ndarray:
+def encode_rows(encoder: DenseEncoder, rows: list[dict], batch_size: int | None) -> np.ndarray:
     """Encode passage rows; a domain-routed encoder (MoE heads) also gets each row's `domain`."""
     texts = [_encode_text(row) for row in rows]
     if getattr(encoder, "wants_domains", False):
@@ -288,7 +323,7 @@ def validate_build_config(config: DenseBuildConfig) -> None:
     """Refuse a config the build cannot honour, before any work (one-line RagError naming the flag)."""
     for name in ("batch_size", "shard_size", "words_per_passage", "max_train_vectors"):
         value = getattr(config, name)
-        if not _positive_int(value):
+        if not _positive_int(value) and not (name == "batch_size" and value is None):
             raise RagError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
     if not _positive_int(config.stride) or config.stride > config.words_per_passage:
         raise RagError(f"--stride must be an integer from 1 to --words-per-passage ({config.words_per_passage}), "
@@ -351,10 +386,20 @@ def assemble_index(staging: Path, n: int, dim: int, config: DenseBuildConfig) ->
     return index
 
 
+def driver_encoder(config: DenseBuildConfig, encode_shards: Callable[..., Any] | None) -> DenseEncoder:
+    """The build's own encoder: it encodes, or, when `encode_shards` encodes elsewhere (Ray actors), only gives
+    the dimension and the fingerprint, so it is loaded on the CPU in float32 and never takes GPU memory."""
+    if encode_shards is None:
+        return load_encoder(config.encoder, device=config.device, batch_size=config.batch_size,
+                            passage_precision=config.passage_precision, token_sort=config.token_sort)
+    return load_encoder(config.encoder, device="cpu", passage_precision="float32", query_precision="float32")
+
+
 def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildConfig | None = None,
                       overwrite: bool = False, encoder: DenseEncoder | None = None,
-                      encode_shards: Callable[..., int] | None = None) -> dict[str, Any]:
-    """Build `out` from `corpus`. `encode_shards` lets the Ray runtime replace the local encoder loop."""
+                      encode_shards: Callable[..., int | EncodeReport] | None = None) -> dict[str, Any]:
+    """Build `out` from `corpus`. `encode_shards(staging, config)` lets the Ray runtime replace the local encoder
+    loop; it returns an EncodeReport, or a bare shard count (then encoded as `encoder` would have)."""
     config = config or DenseBuildConfig()
     validate_build_config(config)
     out = prepare_output_dir(out, overwrite)
@@ -373,9 +418,7 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
                 raise RagError(f"{corpus_path}: the corpus gives no passages (every document's text is empty)")
             if probe is not None:
                 check_training_size(probe, n, config)  # before loading the encoder: the count alone decides
-            encoder = encoder or load_encoder(config.encoder, device=config.device, batch_size=config.batch_size,
-                                              passage_precision=config.passage_precision,
-                                              token_sort=config.token_sort)
+            encoder = encoder or driver_encoder(config, encode_shards)
             dim = encoder.dim
             try:
                 sized = FaissIndex.create(dim, config.faiss)
@@ -390,9 +433,11 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
         remove_torn_shards(staging, n, config.shard_size, dim)  # a resumed build re-encodes torn shards
         t1 = time.perf_counter()
         if encode_shards is None:
-            encoded_now = encode_missing_shards(staging, encoder, config.batch_size, config.shard_size)
+            result: int | EncodeReport = encode_missing_shards(staging, encoder, config.batch_size, config.shard_size)
         else:
-            encoded_now = encode_shards(staging, config)
+            result = encode_shards(staging, config)
+        report = result if isinstance(result, EncodeReport) else EncodeReport.of(result, encoder)
+        encoded_now, encoding = report.shards, record_encoding(staging, report)
         remove_tmp_shards(staging)
         timings["encode_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -402,7 +447,7 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
         timings["index_s"] = time.perf_counter() - t2
         if not config.keep_embeddings:
             shutil.rmtree(staging / SHARDS, ignore_errors=True)
-        for name in (BUILD_KEY, PASSAGES_DONE):
+        for name in (BUILD_KEY, PASSAGES_DONE, ENCODING):
             (staging / name).unlink(missing_ok=True)
         manifest = write_manifest(
             staging, "dense", encoder=encoder_id(config.encoder), encoder_fingerprint=encoder.fingerprint(),
@@ -410,7 +455,7 @@ def build_dense_index(corpus: str | Path, out: str | Path, config: DenseBuildCon
             corpus_path=str(corpus_path), corpus_checksum=checksum,
             counts={"documents": n_docs, "passages": n, "shards_encoded_this_run": encoded_now},
             search_defaults=search_defaults(config.faiss, config.nprobe, config.ef_search),
-            config=asdict(config), timings={k: round(v, 3) for k, v in timings.items()},
+            config=asdict(config), encoding=encoding, timings={k: round(v, 3) for k, v in timings.items()},
             passages_per_second=round(n / max(timings["encode_s"], 1e-9), 2))
         move_into_place(staging, out, overwrite)
     return manifest
