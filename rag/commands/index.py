@@ -44,9 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="encode shards on a Ray actor pool (local Ray unless --address) (default: off)")
     ray.add_argument("--address", help="with --ray: join this Ray cluster (host:6379 or auto); the output folder "
                      "must be on storage every node sees (default: a local Ray)")
-    ray.add_argument("--workers", type=positive_int, help="with --ray: encoder actors (default: 2)")
+    ray.add_argument("--workers", type=positive_int, help="with --ray: encoder actors (default: the cluster's GPUs "
+                     "/ --gpus-per-worker when that is given, else 2)")
     ray.add_argument("--gpus-per-worker", type=number(float, min=0, finite=True), default=0.0,
-                     help="with --ray: GPUs per actor (fractions share a GPU; > 0 encodes on cuda) (default: 0)")
+                     help="with --ray: GPUs per actor (fractions share a GPU; > 0 encodes on cuda in half precision; "
+                          "refused when neither the machine nor Ray has a GPU) (default: 0)")
+    ray.add_argument("--cpus-per-worker", type=positive_int,
+                     help="with --ray: CPUs per actor, also its torch and tokenizer threads (default: 1)")
     build.set_defaults(func=run_build)
     verify = verbs.add_parser("verify", help="check every file of an index folder against its manifest's checksums",
                               description="Recompute the size and sha256 of every file the manifest records and "
@@ -72,15 +76,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def _ray_runtime(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     if not args.ray:
-        if args.address or args.workers is not None or args.gpus_per_worker:
-            raise RagError("--address, --workers and --gpus-per-worker need --ray")
+        if args.address or args.workers is not None or args.gpus_per_worker or args.cpus_per_worker is not None:
+            raise RagError("--address, --workers, --gpus-per-worker and --cpus-per-worker need --ray")
         return {}
     if args.kind != "dense":
         logger.info("%s indexing is single-process: --ray and its worker flags are ignored", args.kind)
         return {}
     from retrievers.ray_build import ray_encode_shards
-    return {"encode_shards": ray_encode_shards(workers=2 if args.workers is None else args.workers,
-                                               gpus_per_worker=args.gpus_per_worker or 0, address=args.address,
+    return {"encode_shards": ray_encode_shards(workers=args.workers, gpus_per_worker=args.gpus_per_worker or 0,
+                                               cpus_per_worker=args.cpus_per_worker or 1, address=args.address,
                                                batch_size=config.batch_size)}
 
 

@@ -212,7 +212,7 @@ def test_nothing_missing_starts_no_ray(corpus, tmp_path):
     from retrievers.dense_build import encode_missing_shards, prepare_staging
     staging, counts = prepare_staging(tmp_path / "idx", corpus, config)
     encode_missing_shards(staging, stable_encoder(), 32, SHARD)
-    assert ray_encode_shards(workers=2, encoder_factory=stable_encoder)(staging, config) == 0
+    assert ray_encode_shards(workers=2, encoder_factory=stable_encoder)(staging, config).shards == 0
     assert len(shard_ranges(counts["passages"], SHARD)) == 5 and not ray.is_initialized()
 
 
