@@ -1,27 +1,39 @@
-"""A thin Faiss wrapper: index-factory strings, inner product on normalised vectors, GPU when present."""
+"""A thin Faiss wrapper: index-factory strings, inner product on normalised vectors, GPUs on request."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from core.errors import RagError
+from index.faiss_gpu import gpu_count, place_on_gpus, search_replicas
+from index.faiss_lib import faiss  # a one-line error when neither the cpu nor the gpu extra is installed
+from index.faiss_params import ParamPlan, build_params, read_plan
 
 INDEX_FILE = "index.faiss"
 
 
 def faiss_has_gpu() -> bool:
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    return gpu_count() > 0
 
 
 class FaissIndex:
-    """Wraps any Faiss index built from a factory string (`Flat`, `HNSW32`, `IVF1024,PQ48`, ...)."""
+    """Wraps any Faiss index built from a factory string (`Flat`, `HNSW32`, `IVF1024,PQ48`, ...).
 
-    def __init__(self, index: faiss.Index, factory: str) -> None:
+    On GPUs, `index` is the first clone and `replicas` all of them (one per device unless sharded);
+    `plan` is the search-parameter shape read from the CPU index before cloning (index/faiss_params.py).
+    """
+
+    def __init__(self, index: Any, factory: str, *, plan: ParamPlan | None = None,
+                 replicas: Sequence[Any] = (), on_gpu: bool = False, gpu_resources: Sequence[Any] = ()) -> None:
         self.index = index
         self.factory = factory
+        self._plan = plan
+        self.replicas = list(replicas) or [index]
+        self.on_gpu = on_gpu
+        self._gpu_resources = list(gpu_resources)  # the GPU clones use them: keep them alive as long
 
     @classmethod
     def create(cls, dim: int, factory: str = "Flat") -> FaissIndex:
@@ -109,27 +121,40 @@ class FaissIndex:
     def add(self, vectors: np.ndarray) -> None:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
+    def plan(self) -> ParamPlan:
+        """The search-parameter shape: fixed at cloning for a GPU index, read afresh from a CPU one."""
+        return self._plan if self._plan is not None else read_plan(self.index)
+
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                ef_search: int | None = None, k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores, ids), best first; ids are -1 where fewer than k exist."""
-        params = faiss.ParameterSpace()
-        if nprobe is not None and "IVF" in self.factory:
-            params.set_index_parameter(self.index, "nprobe", nprobe)
-        if ef_search is not None and "HNSW" in self.factory:
-            params.set_index_parameter(self.index, "efSearch", ef_search)
-        if k_factor is not None and "RFlat" in self.factory:  # re-rank k * k_factor candidates exactly
-            params.set_index_parameter(self.index, "k_factor_rf", k_factor)
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        """Return (scores, ids), best first; ids are -1 where fewer than k exist.
 
-    def to_gpu(self, device: int = 0) -> FaissIndex:
-        """Move to a GPU when faiss-gpu is installed; a no-op otherwise."""
-        if not faiss_has_gpu():
-            return self
-        resources = faiss.StandardGpuResources()
-        return FaissIndex(faiss.index_cpu_to_gpu(resources, device, self.index), self.factory)
+        nprobe (IVF), ef_search (HNSW) and k_factor (refine: re-rank k * k_factor candidates exactly) hold
+        for this call only: they travel as SearchParameters, the index itself is never changed. A value an
+        index does not use is ignored; None keeps the index's own.
+        """
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        params = build_params(self.plan(), nprobe, ef_search, k_factor)
+        try:
+            if len(self.replicas) > 1:
+                return search_replicas(self.replicas, x, k, params)
+            return self.index.search(x, k, params=params)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise RagError(f"searching Faiss index {self.factory!r} failed: {reason}") from exc
+
+    def to_gpu(self, devices: Sequence[int] | None = None, shard: bool = False, fp16: bool = False) -> FaissIndex:
+        """This index cloned to GPUs (None: every visible one), replicated per device or sharded over them.
+
+        A one-line RagError, never a silent CPU fallback: faiss without GPU support, no GPU visible, or an
+        index Faiss has no GPU version of (HNSW, refine stages, fast-scan PQ; index/faiss_gpu.py).
+        """
+        placement = place_on_gpus(self.index, self.factory, devices, shard, fp16)
+        return FaissIndex(placement.replicas[0], self.factory, plan=self.plan(), replicas=placement.replicas,
+                          on_gpu=True, gpu_resources=placement.resources)
 
     def save(self, folder: str | Path) -> None:
-        index = faiss.index_gpu_to_cpu(self.index) if faiss_has_gpu() and hasattr(self.index, "getDevice") else self.index
+        index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         faiss.write_index(index, str(Path(folder) / INDEX_FILE))
 
     @classmethod
