@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import ManifestMismatch
+from core.errors import ManifestMismatch, RagError
+from index.faiss_gpu import available_gpus
 from index.faiss_index import FaissIndex
 from index.manifest import check_files, check_versions, read_manifest, require_keys
 from index.passages import PassageStore
@@ -20,6 +21,8 @@ __all__ = ["DenseRetriever", "DenseEncoder", "build_dense_index", "DenseBuildCon
 # What a dense folder's manifest must hold to be opened (besides kind and format_version).
 DENSE_KEYS = {"encoder": str, "encoder_fingerprint": list, "dim": int, "faiss": str, "counts.passages": int}
 FINGERPRINT_ATOL = 2e-3
+# What open_dense passes on to DenseRetriever (the swap harness checks a dense model's options against it).
+DENSE_OPTIONS = ("device", "gpu", "gpu_shard", "gpu_fp16", "nprobe", "ef_search", "batch_size", "k_factor")
 
 
 def same_fingerprint(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -36,7 +39,12 @@ class DenseRetriever:
 
     def __init__(self, index_dir: str | Path, encoder: str | DenseEncoder | None = None, device: str | None = None,
                  gpu: bool = False, nprobe: int | None = None, ef_search: int | None = None,
-                 batch_size: int = 64, k_factor: int | None = None) -> None:
+                 batch_size: int = 64, k_factor: int | None = None, gpu_shard: bool = False,
+                 gpu_fp16: bool = False) -> None:
+        if (gpu_shard or gpu_fp16) and not gpu:
+            raise RagError("gpu_shard / gpu_fp16 (--gpu-shard / --gpu-fp16) need gpu (--gpu)")
+        if gpu:
+            available_gpus()  # before the encoder loads: faiss without GPU support fails at once, in one line
         self.index_dir = Path(index_dir)
         self.manifest = read_manifest(index_dir, "dense")
         require_keys(index_dir, self.manifest, DENSE_KEYS)
@@ -64,8 +72,8 @@ class DenseRetriever:
                 "use the building encoder or rebuild the index")
         self.index = FaissIndex.load(index_dir, self.manifest["faiss"])
         self.index.check_shape(index_dir, passages, dim)
-        if gpu:
-            self.index = self.index.to_gpu()
+        if gpu:  # every visible GPU (CUDA_VISIBLE_DEVICES picks them)
+            self.index = self.index.to_gpu(shard=gpu_shard, fp16=gpu_fp16)
         self.store = PassageStore(index_dir, expected=passages)
         defaults = self.manifest.get("search_defaults") or {}  # set at build time (retrievers/dense_build.py)
         self.nprobe = nprobe if nprobe is not None else defaults.get("nprobe")
@@ -93,5 +101,5 @@ class DenseRetriever:
 
 
 def open_dense(index_dir: str | Path, encoder: str | None = None, **options: Any) -> DenseRetriever:
-    known = {k: v for k, v in options.items() if k in ("device", "gpu", "nprobe", "ef_search", "batch_size", "k_factor")}
+    known = {k: v for k, v in options.items() if k in DENSE_OPTIONS}
     return DenseRetriever(index_dir, encoder=encoder, **known)

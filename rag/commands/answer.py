@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from core.runinfo import RunRecord, record_path_for
+from rag.commands.retrieve import add_gpu_flags, gpu_options
 from rag.flags import positive_int
 from readers.kinds import READER_KINDS
 
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-answer-tokens", type=positive_int, help="longest answer generated")
     p.add_argument("--num-beams", type=positive_int, help="beam size (default 1: greedy)")
     p.add_argument("--device", help="torch device")
+    add_gpu_flags(p)
     p.set_defaults(func=run_answer)
 
 
@@ -53,9 +55,10 @@ def _answer(args: argparse.Namespace) -> int:
 
     record = RunRecord("answer", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                   if k != "func"})
+    gpu = gpu_options(args)  # before anything loads
     queries = load_queries(args.queries)
     with record.timed("load_s"):
-        retriever = open_retriever(args.index)
+        retriever = open_retriever(args.index, **gpu)
         reranker = None
         if args.rerank:  # before the reader: a wrong folder fails before the expensive load
             from retrievers.rerank import load_reranker

@@ -24,10 +24,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=positive_int, help="IVF indexes: lists to visit")
     p.add_argument("--ef-search", type=positive_int, help="HNSW indexes: search breadth")
     p.add_argument("--k-factor", type=positive_int, help="...,RFlat indexes: exactly re-rank k * k_factor candidates")
-    p.add_argument("--gpu", action="store_true", help="search on a GPU when faiss-gpu is installed")
+    add_gpu_flags(p)
     p.add_argument("--model", help="generative: the seq2seq model or run folder that generates titles")
     p.add_argument("--beams", type=positive_int, default=10, help="generative: beams (every beam is a ranked candidate)")
     p.set_defaults(func=run_retrieve)
+
+
+def add_gpu_flags(p: argparse.ArgumentParser) -> None:
+    """--gpu, --gpu-shard, --gpu-fp16: shared by `rag retrieve` and `rag answer`."""
+    p.add_argument("--gpu", action="store_true",
+                   help="dense: search the Faiss index on every visible GPU (needs the gpu extra, faiss-gpu-cu12; "
+                        "CUDA_VISIBLE_DEVICES picks the GPUs; HNSW, ...,RFlat and ...x4fs indexes have no GPU version)")
+    p.add_argument("--gpu-shard", action="store_true",
+                   help="with --gpu: split the index over the GPUs (each holds 1/n) instead of a full copy on each")
+    p.add_argument("--gpu-fp16", action="store_true",
+                   help="with --gpu: Flat vectors and IVF-PQ lookup tables in float16 (less GPU memory, scores "
+                        "change slightly)")
+
+
+def gpu_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The --gpu flags as retriever options, refused before anything loads where they cannot apply."""
+    from core.errors import RagError
+    from index.manifest import read_manifest
+
+    if (args.gpu_shard or args.gpu_fp16) and not args.gpu:
+        raise RagError("--gpu-shard and --gpu-fp16 need --gpu")
+    if not args.gpu:
+        return {}
+    kind = read_manifest(args.index).get("kind")
+    if kind != "dense":
+        raise RagError(f"--gpu: {args.index} is a {kind} index; only dense (Faiss) indexes search on a GPU")
+    return {"gpu": True, "gpu_shard": args.gpu_shard, "gpu_fp16": args.gpu_fp16}
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -61,10 +88,11 @@ def _retrieve(args: argparse.Namespace) -> int:
 
     record = RunRecord("retrieve", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                     if k != "func"})
+    gpu = gpu_options(args)
     queries = load_queries(args.queries)
     with record.timed("load_s"):
         retriever = open_retriever(args.index, encoder=args.encoder, nprobe=args.nprobe, ef_search=args.ef_search,
-                                   k_factor=args.k_factor, gpu=args.gpu, model=args.model, beams=args.beams)
+                                   k_factor=args.k_factor, model=args.model, beams=args.beams, **gpu)
     start = time.perf_counter()
     with record.timed("retrieve_s"):
         rankings = retrieve_queries(retriever, [q.text for q in queries], args.k, args.batch_size,

@@ -32,6 +32,7 @@ ANSWER_METRICS = ("accuracy", "em", "f1", "rougel", "KILT-accuracy", "KILT-em", 
 
 MAX_YAML_NODES = 10_000     # YAML nodes once every alias is expanded: more is refused (an alias bomb)
 MAX_DEPTH = 64              # nesting levels (PyYAML's scanner is quadratic in flow nesting: a deep file would hang)
+GPU_OPTIONS = ("gpu", "gpu_shard", "gpu_fp16")   # dense: search the Faiss index on GPUs (retrievers/dense.py)
 RESERVED_DERIVE_OPTIONS = ("corpus", "out_dir", "tasks", "overwrite")   # set by the harness, not by a config
 
 
@@ -621,6 +622,7 @@ def _check_model_options(m: ModelSpec, at: str, where: _Where) -> None:
     for k in m.options:
         if not isinstance(k, str):
             raise where.fail(key, f"the key {_describe(k)} is not a name; write it as a string")
+    _check_gpu_options(m, key, where)
     counts = {"rerank": ("depth", "batch_size"), "reader": ("passages", "batch_size")}.get(m.kind, ())
     for option in counts:
         value = m.options.get(option)
@@ -634,6 +636,25 @@ def _check_model_options(m: ModelSpec, at: str, where: _Where) -> None:
         if kind not in READER_KINDS:
             raise where.fail(f"{key}.kind", f"unknown reader kind {_describe(kind)}; known: "
                                             f"{', '.join(sorted(READER_KINDS))}")
+
+
+def _check_gpu_options(m: ModelSpec, key: str, where: _Where) -> None:
+    """options.gpu / gpu_shard / gpu_fp16: booleans, dense models only, and a GPU for the cell to search on."""
+    given = [o for o in GPU_OPTIONS if o in m.options]
+    if not given:
+        return
+    if m.kind != "dense":
+        raise where.fail(f"{key}.{given[0]}", f"only dense models search on a GPU (Faiss); this model is kind {m.kind!r}")
+    for option in given:
+        if not isinstance(m.options[option], bool):
+            raise where.fail(f"{key}.{option}", f"expected true or false, got {_describe(m.options[option])}")
+    if not m.options.get("gpu"):
+        extra = [o for o in ("gpu_shard", "gpu_fp16") if m.options.get(o)]
+        if extra:
+            raise where.fail(f"{key}.{extra[0]}", f"{extra[0]}: true needs gpu: true")
+        return
+    if not m.num_gpus:
+        raise where.fail(f"{key}.gpu", "gpu: true needs num_gpus > 0 (Ray hides the GPUs from a cell that asks for none)")
 
 
 def _retriever_source(m: ModelSpec, models: Mapping[str, ModelSpec], where: _Where, at: str) -> ModelSpec:
