@@ -83,7 +83,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
     )
     from core.training.loop import count_params, current_rss_mb, pick_device
     from core.training.run import RunFolder
-    from retrievers.dense_train import (
+    from retrievers.dense_parts import (
         DevEvaluator,
         _bm25_index_for,
         build_model,
@@ -124,16 +124,17 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
     trainer = _trainer_class()(model=st, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
                                evaluator=_evaluator_class()(dev, config.eval_batch_size) if dev else None,
                                callbacks=[callback])
-    quiet_progress(trainer)
+    progress = quiet_progress(trainer)
     rss_start = current_rss_mb()
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except RagError:
+        progress.close()  # the error gets a line of its own
+        raise
     seconds = time.perf_counter() - t0
     done_steps = config.max_steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
     dev_step0, dev_end = step_zero_and_end(callback.dev_by_step)
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    if losses and not all(float(x) == float(x) and abs(float(x)) != float("inf") for x in losses):
-        raise RagError(f"training diverged (the loss became {losses[-1]}; lr {config.lr:g}): lower --lr")
     trainable = sum(p.numel() for p in st.parameters() if p.requires_grad)
     metrics: dict[str, Any] = {
         **count_params(st), "encoder_params": base_params, "trainable_pct_of_encoder": 100.0 * trainable / base_params,
@@ -162,7 +163,7 @@ def ray_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from retrievers.dense_train import DenseTrainConfig
+    from retrievers.dense_parts import DenseTrainConfig
 
     context = ray.train.get_context()
     torch.set_num_threads(max(1, int(payload["cpus_per_worker"])))

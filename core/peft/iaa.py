@@ -14,6 +14,8 @@ that owns the stack resets it on entry and clears it on exit, so every call of a
 encoder pass, each incremental decoder step in ``generate()``) starts its own chain at z_0 = 0.
 Encoder and decoder stacks get separate chains. All maps act per position, so a decoder step
 with a KV cache computes exactly what a full teacher-forced pass computes for that position.
+Gradient checkpointing works: transformers (5.x) checkpoints a layer's `forward`, so its hooks (the
+adapter) run once, outside the recomputed part, and the chain sees each layer once per pass.
 
 ``adapter`` (the scattered ablation) reuses this module with the chain cut (no C at all).
 """
@@ -70,8 +72,9 @@ class ChainState:
         """z_{l-1}, checked to belong to this pass (same batch and positions as ``like``)."""
         if not self.active:
             raise PeftError(
-                "iaa: a layer ran outside its stack's forward (e.g. gradient-checkpoint recomputation); "
-                "the chain state is undefined there. Disable gradient checkpointing with iaa.")
+                "iaa: a layer ran outside its stack's forward (gradient-checkpoint recomputation that re-runs "
+                "module hooks: transformers older than 5 does); the chain state is undefined there. Upgrade "
+                "transformers or disable gradient checkpointing with iaa.")
         if self.z is not None and self.z.shape != like.shape:
             raise PeftError(f"iaa: chain state shape {tuple(self.z.shape)} does not match this layer's "
                             f"{tuple(like.shape)}; layers of one stack must see the same positions")
@@ -110,21 +113,11 @@ class BottleneckAdapter(nn.Module):
         return with_hidden(output, hidden + self.up(z))
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag (the old name still works but warns).
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), flag):
-            return bool(getattr(model, flag))
-    return False
-
-
 def attach_bottlenecks(model: nn.Module, config: BottleneckConfig, connected: bool) -> nn.Module:
     """Freeze ``model`` and hook a bottleneck adapter after every block of every layer stack."""
     stacks = find_layer_stacks(model)
     if not stacks:
         raise PeftError(f"no transformer layer stack (ModuleList of blocks) found in {type(model).__name__}")
-    if connected and _checkpointing(model):
-        raise PeftError("iaa does not support gradient checkpointing (recomputed layers would lose the chain)")
     for p in model.parameters():
         p.requires_grad_(False)
     for stack in stacks:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -35,8 +36,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "optimizer_state.json"
 REPORTERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
 CHECKPOINT_PREFIX = "checkpoint-"
-IAA_CHECKPOINTING = ("--gradient-checkpointing: iaa's connected adapters pass a state from layer to layer, which a "
-                     "recomputed layer cannot see; use another method or leave checkpointing off")
 
 
 def _check_report_to(value: str) -> None:
@@ -87,12 +86,7 @@ def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None 
         import importlib.util
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise RagError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
-    if config.gradient_checkpointing and getattr(config, "peft", None) == "iaa":
-        raise RagError(IAA_CHECKPOINTING)
     if model is not None and config.gradient_checkpointing:
-        from core.peft.iaa import ChainState
-        if any(isinstance(getattr(m, "_state", None), ChainState) for m in model.modules()):
-            raise RagError(IAA_CHECKPOINTING)
         inner = _checkpointable(model)
         if inner is None:
             raise RagError(f"--gradient-checkpointing: {type(model).__name__} cannot checkpoint its layers "
@@ -109,8 +103,11 @@ def _checkpointable(model: torch.nn.Module) -> Any:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant checkpointing on every transformers model inside (frozen inputs still get gradients)."""
     for module in model.modules():
-        if getattr(module, "supports_gradient_checkpointing", False) and hasattr(module,
-                                                                                 "gradient_checkpointing_enable"):
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(module, "gradient_checkpointing_enable"):
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -128,6 +125,7 @@ def training_arguments(cls: Any, config: ScaleConfig, output_dir: Path, device: 
         save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or config.max_steps,
         save_total_limit=2, eval_steps=eval_steps, report_to=report or "none",
         use_cpu=not device.startswith("cuda"), dataloader_drop_last=True, disable_tqdm=False,
+        logging_nan_inf_filter=False,  # a diverged step must show as nan, not as the window's average
         **{"ddp_find_unused_parameters": False, **extra})
 
 
@@ -255,6 +253,17 @@ class RunFolderCallback:
                 logs = logs or {}
                 values = {("lr" if k == "learning_rate" else k): float(v) for k, v in logs.items()
                           if k in ("loss", "learning_rate", "grad_norm") and v is not None}
+                bad = {k: v for k, v in values.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+                if bad:
+                    if is_main:
+                        run.log(state.global_step, "train", values)
+                    what = "the loss" if "loss" in bad else "the gradient norm"
+                    last = last_checkpoint(Path(args.output_dir))
+                    kept = (f"the last checkpoint before it is kept at {last}" if last is not None
+                            else "no checkpoint had been saved yet")
+                    raise RagError(f"training diverged at step {state.global_step}: {what} is {next(iter(bad.values()))}"
+                                   f" (lr {args.learning_rate:g}); the run is stopped, {kept}. A lower --lr (or "
+                                   "--grad-clip) usually helps")
                 if "loss" in values:
                     self.train_logs = values
                     if is_main:
@@ -272,7 +281,7 @@ class RunFolderCallback:
         return _Callback()
 
 
-def quiet_progress(trainer: Any) -> None:
+def quiet_progress(trainer: Any) -> Any:
     """Keep transformers' progress bar but not its log lines, which it writes to stdout (the CLI's JSON)."""
     from transformers.trainer_callback import ProgressCallback
 
@@ -281,8 +290,16 @@ def quiet_progress(trainer: Any) -> None:
             if self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
+        def close(self) -> None:
+            """End the bar's line (before an error message is printed)."""
+            if self.training_bar is not None:
+                self.training_bar.close()
+                self.training_bar = None
+
+    quiet = _Quiet()
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_Quiet())
+    trainer.add_callback(quiet)
+    return quiet
 
 
 def _strip(key: str) -> str:

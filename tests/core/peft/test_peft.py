@@ -296,12 +296,31 @@ def test_apply_with_config_and_overrides():
     assert model.encoder.layer[0].peft_adapter.down.weight.shape == (2, WIDTH)
 
 
-def test_gradient_checkpointing_is_refused_for_iaa():
-    model = build_bert()
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        apply_peft(model, "iaa", r=4)
+def test_gradient_checkpointing_gives_iaa_the_same_gradients(batch):
+    """The layers are recomputed in the backward pass; the adapters (hooks) run once, so nothing changes."""
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = apply_peft(build_bert(), "iaa", r=4)
+        with torch.no_grad():
+            for layer in model.encoder.layer:
+                layer.peft_adapter.up.weight.normal_(0, 0.1)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        calls = []
+        model.encoder.layer[0].attention.register_forward_hook(lambda *a: calls.append(1))
+        model.train()
+        outputs(model, "bert", batch).pow(2).sum().backward()
+        ran[checkpointing] = len(calls)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    from core.training.hf import enable_gradient_checkpointing
+
+    ran: dict[bool, int] = {}
+    plain, recomputed = grads(False), grads(True)
+    assert ran == {False: 1, True: 2}  # the layer's inside was recomputed in the backward pass
+    assert plain.keys() == recomputed.keys() and len(plain) >= 4
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-6)
 
 
 def test_deepcopy_keeps_hooks_on_the_copy(batch):
