@@ -81,7 +81,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         step_zero_and_end,
         training_arguments,
     )
-    from core.training.loop import count_params, current_rss_mb, pick_device
+    from core.training.loop import count_params, current_rss_mb, peak_rss_mb, pick_device
     from core.training.run import RunFolder
     from retrievers.dense_parts import (
         DevEvaluator,
@@ -144,7 +144,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         "precision": "bf16" if config.bf16 else "fp16" if config.fp16 else "fp32",
         "gradient_checkpointing": config.gradient_checkpointing,
         "seconds_per_step": seconds / max(done_steps, 1), "train_seconds": round(seconds, 2),
-        "peak_rss_mb": round(max(rss_start, current_rss_mb()), 1),
+        "peak_rss_mb": round(max(rss_start, current_rss_mb(), peak_rss_mb()), 1),
         "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None),
         "final_train": callback.train_logs, "dev_step0": dev_step0, "dev": dev_end,
         "dev_by_domain": dev.last_by_domain if dev else {}}
