@@ -60,7 +60,8 @@ def _trainer_class() -> type:
 
 
 def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool = True,
-                     world_size: int = 1, data: Any = None) -> tuple[dict[str, Any], Any]:
+                     world_size: int = 1, data: Any = None,
+                     extra_callbacks: list[Any] | None = None) -> tuple[dict[str, Any], Any]:
     """Train in this process (one of `world_size` data-parallel workers); the main one writes the run."""
     import torch
     from datasets import Dataset
@@ -123,7 +124,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         loss = MultipleNegativesRankingLoss(st, scale=config.scale, gather_across_devices=world_size > 1)
     trainer = _trainer_class()(model=st, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
                                evaluator=_evaluator_class()(dev, config.eval_batch_size) if dev else None,
-                               callbacks=[callback])
+                               callbacks=[callback, *(extra_callbacks or [])])
     progress = quiet_progress(trainer)
     rss_start = current_rss_mb()
     t0 = time.perf_counter()
@@ -169,12 +170,38 @@ def ray_worker(payload: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(payload["cpus_per_worker"])))
     config = DenseTrainConfig(**payload["config"])
     rank, world = context.get_world_rank(), context.get_world_size()
-    fit_with_trainer(config, Path(payload["out"]), is_main=rank == 0, world_size=world)
+    fit_with_trainer(config, Path(payload["out"]), is_main=rank == 0, world_size=world,
+                     extra_callbacks=_fault_injection(rank, Path(payload["out"])))
+
+
+FAULT_ENV = "RAG_FAULT_KILL_WORKER"  # "RANK:STEP": that worker dies once after that step (tests of recovery)
+
+
+def _fault_injection(rank: int, out: Path) -> list[Any]:
+    """A callback that kills this worker process once at a given step, when FAULT_ENV asks for it."""
+    import os
+
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return []
+    from transformers import TrainerCallback
+
+    kill_rank, kill_step = (int(x) for x in spec.split(":"))
+    marker = out / f".fault-injected-{kill_rank}-{kill_step}"
+
+    class _Kill(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if rank == kill_rank and state.global_step == kill_step and not marker.exists():
+                marker.write_text("killed once\n")
+                os._exit(1)
+
+    return [_Kill()]
 
 
 def fit_on_ray(config: Any, out: Path) -> dict[str, Any]:
     """Run `fit_with_trainer` in `config.workers` Ray Train workers and return the metrics worker 0 wrote."""
     import dataclasses
+    import tempfile
 
     from core.io import read_json
     from core.ray_runtime import ray_session
@@ -183,7 +210,8 @@ def fit_on_ray(config: Any, out: Path) -> dict[str, Any]:
     payload = {"config": dataclasses.asdict(config), "out": str(out.resolve()),
                "cpus_per_worker": config.cpus_per_worker}
     cpus = config.workers * config.cpus_per_worker
-    with ray_session(address=config.address, num_cpus=None if config.address else cpus + 1) as ray:
+    with ray_session(address=config.address, num_cpus=None if config.address else cpus + 1) as ray, \
+            tempfile.TemporaryDirectory(prefix="rag-ray-train-") as ray_storage:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -196,7 +224,7 @@ def fit_on_ray(config: Any, out: Path) -> dict[str, Any]:
             torch_config=TorchConfig(backend="nccl" if config.gpus_per_worker else "gloo"),
             scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(config.gpus_per_worker),
                                          resources_per_worker=resources),
-            run_config=RunConfig(name="rag-train", storage_path=str((out / "ray").resolve()),
+            run_config=RunConfig(name="rag-train", storage_path=ray_storage,  # Ray's own state, not the run's
                                  failure_config=FailureConfig(max_failures=2)))
         result = trainer.fit()
         if getattr(result, "error", None):

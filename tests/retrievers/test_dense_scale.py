@@ -50,17 +50,25 @@ def losses(run: Path) -> list[float]:
         return [float(r["value"]) for r in csv.DictReader(fh) if r["split"] == "train" and r["metric"] == "loss"]
 
 
-def test_two_ray_workers_train_like_one_worker_of_twice_the_batch(toy, tmp_path):
-    """MNRL's in-batch negatives are gathered across workers: 2 x 3 examples must be one batch of 6."""
-    one, _ = fit_dense(config(toy, max_steps=12), tmp_path / "one")
-    two, _ = fit_dense(config(toy, max_steps=12, batch_size=3, workers=2), tmp_path / "two")
+def test_two_ray_workers_train_like_one_worker_of_twice_the_batch_even_after_a_worker_dies(toy, tmp_path,
+                                                                                            monkeypatch):
+    """MNRL's in-batch negatives are gathered across workers: 2 x 3 examples must be one batch of 6. Worker 1
+    dies after step 5 (one Ray run checks both, to keep the suite short); Ray restarts the group, which resumes
+    from the step-4 checkpoint and must continue the same curve."""
+    from retrievers.dense_fit import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1:5")  # inherited by the local Ray that fit_dense starts
+    one, _ = fit_dense(config(toy, max_steps=8), tmp_path / "one")
+    two, _ = fit_dense(config(toy, max_steps=8, batch_size=3, workers=2, save_every=2), tmp_path / "two")
+    assert (tmp_path / "two" / ".fault-injected-1-5").exists()  # it did die once
+    assert two["resumed_from"] == 4
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 12 and a[-1] < a[0] - 0.3  # it learns
-    np.testing.assert_allclose(b, a, atol=1e-3)  # measured 7e-5 over 20 steps
+    assert len(a) == len(b) == 8 and a[-1] < a[0] - 0.2  # it learns
+    np.testing.assert_allclose(b, a, atol=1e-3)  # measured 7e-5 over 20 steps without a failure
     assert two["workers"] == 2 and two["examples_per_step"] == one["examples_per_step"] == 6
-    emb_one = load_encoder(str(tmp_path / "one")).encode_passage(TEXTS)
-    emb_two = load_encoder(str(tmp_path / "two")).encode_passage(TEXTS)
-    np.testing.assert_allclose(emb_two, emb_one, atol=1e-3)
+    np.testing.assert_allclose(load_encoder(str(tmp_path / "two")).encode_passage(TEXTS),
+                               load_encoder(str(tmp_path / "one")).encode_passage(TEXTS), atol=1e-3)
+    assert not list((tmp_path / "two").rglob("*.pt")) and not list((tmp_path / "two").rglob("*.pkl"))
 
 
 def test_gradcache_mini_batches_equal_the_whole_batch(toy, tmp_path):
