@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint typecheck bench repro clean
+.PHONY: setup demo test lint typecheck bench repro gpu-check clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ bench: setup
 
 repro: setup
 	$(BIN)/rag repro check
+
+# Every GPU path once, on small data, into runs/gpu-check/report.json (docs/gpu-check.md); ARGS='--dry-run' etc.
+# No `setup` prerequisite: it would put faiss-cpu back over the gpu extra. Without a GPU: one line, exit 2.
+gpu-check:
+	@test -x $(BIN)/python || { echo "gpu-check: no $(VENV): run make setup, then the GPU installs of docs/gpu-check.md"; exit 1; }
+	$(BIN)/python -m rag.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs
