@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 READER_FILE = "reader.json"
 MODEL_WEIGHTS = "model.safetensors"
+ADAPTER_DIR = "adapter"
 BASE_SEED = 0  # seeds random parts of a base model (bert2bert cross-attention) so a PEFT run can rebuild it
 
 
@@ -251,21 +252,46 @@ def is_reader_folder(path: str | Path | None) -> bool:
 
 
 def save_reader(reader: BaseReader, folder: str | Path, base_model: str | None, peft: str | None) -> Path:
-    """Write reader.json and the weights: the whole model (safetensors) for full tuning, only the trained
-    parts for PEFT (the base model is referenced by name and rebuilt on load)."""
-    from safetensors.torch import save_model
-
+    """Write reader.json and the weights. Full tuning: the folder is also a transformers folder
+    (`save_pretrained`: config, safetensors weights, generation config, tokenizer), so
+    `AutoModelFor...from_pretrained(folder)` loads it. PEFT: only the trained parts (`peft/`; the base model is
+    referenced by name and rebuilt on load), and for LoRA also PEFT's own adapter (`adapter/`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": reader.kind, "base_model": base_model or reader.default_model,
-            "peft": peft or "full", "config": dataclasses.asdict(reader.config)}
+    meta: dict[str, Any] = {"kind": reader.kind, "base_model": base_model or reader.default_model,
+                            "peft": peft or "full", "config": dataclasses.asdict(reader.config)}
     if peft and peft != "full":
         from core.peft import save_peft
+        from core.peft.export import has_lora, save_lora_adapter
         save_peft(reader.model, folder / "peft", name=peft)
+        if peft == "lora" and has_lora(reader.model):
+            save_lora_adapter(reader.model, _base_reference(reader, meta["base_model"]), folder / ADAPTER_DIR)
     else:
-        save_model(reader.model, str(folder / MODEL_WEIGHTS))
+        reader.model.save_pretrained(str(folder))
+        reader.tokenizer.save_pretrained(str(folder))
+        meta["saved_as"] = "transformers"
     (folder / READER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def _base_reference(reader: BaseReader, base_model: str) -> str:
+    """What PEFT's adapter config names as its base: the model's own folder where it came from one."""
+    path = getattr(getattr(reader.model, "config", None), "_name_or_path", "") or ""
+    return path if path and Path(path).exists() else base_model
+
+
+def _load_saved_weights(kind: str, folder: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of a reader folder: a transformers folder, base + peft/, or base + bare weights."""
+    if meta.get("saved_as") == "transformers":  # full tuning, save_pretrained
+        return load_base_model(kind, str(folder.resolve()))
+    default = reader_class(kind).default_model
+    base, tokenizer = load_base_model(kind, meta["base_model"] if meta["base_model"] != default else None)
+    if meta.get("peft", "full") != "full":
+        from core.peft import load_peft
+        return load_peft(base, folder / "peft"), tokenizer
+    from safetensors.torch import load_model  # full readers saved before save_pretrained: a bare weights file
+    load_model(base, str(folder / MODEL_WEIGHTS))
+    return base, tokenizer
 
 
 def load_reader(kind: str | None = None, model: str | None = None, config: ReaderConfig | None = None,
@@ -279,13 +305,7 @@ def load_reader(kind: str | None = None, model: str | None = None, config: Reade
         if kind and kind != meta["kind"]:
             raise RagError(f"{model} holds a {meta['kind']} reader, not {kind}")
         kind = meta["kind"]
-        base, tokenizer = load_base_model(kind, meta["base_model"] if meta["base_model"] != reader_class(kind).default_model else None)
-        if meta.get("peft", "full") != "full":
-            from core.peft import load_peft
-            base = load_peft(base, folder / "peft")
-        else:
-            from safetensors.torch import load_model
-            load_model(base, str(folder / MODEL_WEIGHTS))
+        base, tokenizer = _load_saved_weights(kind, folder, meta)
         cfg = config or ReaderConfig(**{k: v for k, v in meta.get("config", {}).items()
                                         if k in {f.name for f in dataclasses.fields(ReaderConfig)}})
     else:

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +24,12 @@ RUN_FORMAT_VERSION = 2
 EXPORTED = ("full", "bitfit", "lora")
 
 
-def merged_lora_copy(st: Any) -> Any:
-    """A copy of the SentenceTransformer whose LoRA layers are folded into plain Linear weights."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = copy.deepcopy(st)
-    for module in merged.modules():
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoraLayer):
-                child.merge()
-                setattr(module, name, child.get_base_layer())
-    return merged
-
-
-def save_peft_adapter(st: Any, base_path: str, out: Path) -> None:
-    """PEFT's own adapter files for the LoRA layers injected into the transformer of `st`."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from core.peft.wrapping import inner_model
-
-    hf = inner_model(st)
-    config = next(iter(hf.peft_config.values())) if getattr(hf, "peft_config", None) else None
-    if not isinstance(config, PeftLoraConfig):
-        raise ValueError("save_peft_adapter: the model carries no LoRA config")
-    config = copy.deepcopy(config)
-    config.base_model_name_or_path = base_path
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out))
-    state = get_peft_model_state_dict(hf)
-    save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in state.items()},
-              str(out / "adapter_model.safetensors"))
-
-
 def save_dense_run(st: Any, config: Any, out: Path, base_fingerprint: list[float]) -> None:
     """The tuned model (see the module doc) and `dense_run.json`, which the toolkit's loaders read first."""
     from core.models import resolve_model
     from core.peft import peft_config, save_peft
+    from core.peft.export import merged_lora_copy, save_lora_adapter
+    from core.peft.wrapping import inner_model
     from retrievers.dense_run import PEFT_DIR, RUN_META
 
     model_dir = None
@@ -72,7 +39,7 @@ def save_dense_run(st: Any, config: Any, out: Path, base_fingerprint: list[float
         model_dir = MODEL_DIR
         if config.peft == "lora":
             with atomic_dir(out / ADAPTER_DIR, overwrite=True) as tmp:
-                save_peft_adapter(st, str(Path(resolve_model(config.encoder)).resolve()), tmp)
+                save_lora_adapter(inner_model(st), str(Path(resolve_model(config.encoder)).resolve()), tmp)
     else:
         overrides = {} if config.rank is None else {"rank": config.rank}
         save_peft(st, out / PEFT_DIR, config.peft, peft_config(config.peft, **overrides))

@@ -287,14 +287,16 @@ def quiet_progress(trainer: Any) -> Any:
 
     class _Quiet(ProgressCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+            bar: Any = getattr(self, "training_bar", None)
+            if bar is not None and logs and "loss" in logs:
+                bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
         def close(self) -> None:
             """End the bar's line (before an error message is printed)."""
-            if self.training_bar is not None:
-                self.training_bar.close()
-                self.training_bar = None
+            bar: Any = getattr(self, "training_bar", None)
+            if bar is not None:
+                bar.close()
+                setattr(self, "training_bar", None)  # noqa: B010 - the base class's attribute
 
     quiet = _Quiet()
     trainer.remove_callback(ProgressCallback)

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 RUN_META = "generative_run.json"
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 PEFT_DIR = "peft"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
@@ -394,7 +395,7 @@ def save_run_model(model: Any, tokenizer: Any, out: str | Path, *, method: str, 
                    base_fingerprint: str | None, extra: dict[str, Any] | None = None,
                    spec: TitleSpec | None = None) -> dict[str, Any]:
     """Write the weights (full: ``model/``, save_pretrained: config, weights, generation config, tokenizer;
-    PEFT: ``peft/``), ``tokenizer/`` and ``generative_run.json`` (with the TitleSpec: kind, prompt, ids)."""
+    PEFT: ``peft/``, and for LoRA PEFT's own adapter in ``adapter/``), ``tokenizer/`` and ``generative_run.json`` (with the TitleSpec: kind, prompt, ids)."""
     from core.peft import save_peft
     from index.trie import tokenizer_info
 
@@ -406,6 +407,10 @@ def save_run_model(model: Any, tokenizer: Any, out: str | Path, *, method: str, 
     else:
         save_peft(model, out / PEFT_DIR)
         weights = "peft"
+        from core.peft.export import has_lora, save_lora_adapter
+        if method == "lora" and has_lora(model):  # also PEFT's own adapter: `PeftModel.from_pretrained(base, ...)`
+            origin = getattr(model.config, "_name_or_path", "") or ""
+            save_lora_adapter(model, origin if origin and Path(origin).exists() else str(base), out / ADAPTER_DIR)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     spec = spec or title_spec(model, tokenizer)
     meta = {"format_version": FORMAT_VERSION, "weights": weights, "peft": method, "base": base,

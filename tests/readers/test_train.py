@@ -258,3 +258,60 @@ def test_cit_smoke_schema_on_a_tiny_causal_reader(setup, tmp_path):
     assert json.loads((out / "runs" / "lambda-10" / "seed-0" / "metrics.json").read_text())["cit_reference"] \
         == "adapters-off"
     assert "penalty active" in (out / "report.md").read_text()
+
+
+PLAIN_READER_LOAD = """
+import json, sys
+import torch
+import transformers
+kind, folder, base = sys.argv[1], sys.argv[2], sys.argv[3]
+auto = transformers.AutoModelForSeq2SeqLM if kind == "fid" else transformers.AutoModelForCausalLM
+if base == "-":
+    model = auto.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+else:  # PEFT's adapter on the base model
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(auto.from_pretrained(base), folder + "/adapter")
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+model.eval()
+batch = tok(["question: where is the eiffel tower? context: Paris"], return_tensors="pt")
+extra = {"decoder_input_ids": torch.tensor([[model.config.decoder_start_token_id or 0, 5, 6]])} if kind == "fid" else {}
+with torch.no_grad():
+    logits = model(**batch, **extra).logits
+print(json.dumps({"toolkit_imported": any(m.split(".")[0] in ("rag", "readers", "retrievers", "core")
+                                          for m in sys.modules), "logits": logits[0, -1, :50].tolist()}))
+"""
+
+
+@pytest.mark.parametrize("kind, method", [("causal", "full"), ("fid", "full"), ("causal", "lora")])
+def test_saved_reader_loads_in_plain_transformers_and_peft(setup, tmp_path, kind, method):
+    """A tuned reader is a transformers folder (full) or carries PEFT's adapter (lora): no toolkit needed."""
+    import os
+    import subprocess
+    import sys
+
+    from readers.base import load_reader
+
+    root, models = setup
+    out = tmp_path / f"{kind}-{method}"
+    targets = ["--peft-targets", "all-linear"] if method == "lora" else []  # GPT-2 has no q/v projections
+    assert main(train_args(root, models[kind], kind, out, "--peft", method, *targets)) == 0
+    folder = out / "reader"
+    if method == "full":
+        assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    else:
+        assert (folder / "adapter" / "adapter_config.json").exists()
+    reader = load_reader(None, str(out), device="cpu")
+    tok = reader.tokenizer
+    batch = tok(["question: where is the eiffel tower? context: Paris"], return_tensors="pt")
+    extra = {}
+    if kind == "fid":
+        extra = {"decoder_input_ids": torch.tensor([[reader.model.config.decoder_start_token_id or 0, 5, 6]])}
+    with torch.no_grad():
+        mine = reader.model(**batch, **extra).logits[0, -1, :50]
+    done = subprocess.run([sys.executable, "-c", PLAIN_READER_LOAD, kind, str(folder),
+                           "-" if method == "full" else models[kind]], capture_output=True, text=True, check=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["toolkit_imported"] is False
+    torch.testing.assert_close(torch.tensor(got["logits"]), mine, rtol=0, atol=1e-5)

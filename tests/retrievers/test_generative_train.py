@@ -149,6 +149,15 @@ def test_peft_run_refuses_a_different_base(tiny, small_corpus, tmp_path):
     run = tmp_path / "lora"
     from retrievers.generative.train import train_generative
     train_generative(_config(small_corpus, tiny["bart"], peft="lora", max_steps=2), run)
+    # PEFT's own adapter loads onto the base with peft alone and computes what the toolkit's run computes
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+    plain = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny["bart"]), run / "adapter").eval()
+    mine = load_generative(run)[0].eval()
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids, decoder_input_ids=ids).logits,
+                                   mine(input_ids=ids, decoder_input_ids=ids).logits, rtol=0, atol=1e-5)
     meta_path = run / "generative_run.json"
     meta = json.loads(meta_path.read_text())
     meta["base"] = str(tiny["t5"])
