@@ -25,7 +25,7 @@ import numpy as np
 
 from core.config import opt
 from core.errors import InputError, RagError
-from core.training.config import TrainConfig
+from core.training.hf import ScaleConfig
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ LOSSES = ("bce", "listnet", "mnrl")
 
 
 @dataclass
-class RerankerTrainConfig(TrainConfig):
+class RerankerTrainConfig(ScaleConfig):
     # The default recipe (chosen on 60 held-out training questions, docs/experiments/rerank): mean-pooled head,
     # listwise loss over the gold passage and 7 BM25 negatives, 120 steps of 4 questions, lr 1e-4.
     max_steps: int = opt(120, "optimizer steps", min=1)
@@ -355,6 +355,7 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
     from core.corpus import Corpus
     from core.io import atomic_dir, write_json
     from core.peft import PEFT_METHODS
+    from core.training.hf import quiet_progress, training_arguments
 
     if not config.corpus or not config.train:
         raise RagError("--corpus and --train are required")
@@ -364,6 +365,13 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
         raise RagError(f"--loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     if resume:
         raise RagError("rag train reranker has no --resume yet: rerun the (short) training")
+    if config.workers > 1 or config.gpus_per_worker:
+        raise RagError("--workers/--gpus-per-worker: the re-ranker trains in one process for now (the dense "
+                       "retriever has Ray Train); on a GPU use --device cuda")
+    from core.training.hf import check_scale
+    from core.training.loop import pick_device
+    device = str(pick_device(config.device))
+    check_scale(config, device)
     out = Path(out)
     if out.exists() and not overwrite:
         raise RagError(f"{out} exists; pass --overwrite to replace it")
@@ -383,16 +391,15 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
         if dev:
             metrics["dev_step0"] = evaluate_rerank(ce, config, *dev)
             logger.info("step 0 (untrained head): %s", json.dumps(metrics["dev_step0"]))
-        args = CrossEncoderTrainingArguments(
-            output_dir=str(Path(work) / "trainer"), max_steps=config.max_steps,
-            per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
-            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-            max_grad_norm=config.grad_clip or 1e9, seed=config.seed, data_seed=config.seed,
-            logging_steps=max(1, config.log_every), save_strategy="no", report_to=[],
-            use_cpu=not torch.cuda.is_available() or config.device == "cpu", dataloader_drop_last=False,
-            disable_tqdm=False)
+        if config.gradient_checkpointing:
+            from core.training.hf import enable_gradient_checkpointing
+            check_scale(config, device, ce)
+            enable_gradient_checkpointing(ce)
+        args = training_arguments(CrossEncoderTrainingArguments, config, Path(work) / "trainer", device,
+                                  save_strategy="no", dataloader_drop_last=False)
         trainer = CrossEncoderTrainer(model=ce, args=args, train_dataset=_dataset(examples, config.loss),
                                       loss=_loss(ce, config.loss))
+        quiet_progress(trainer)
         train_start = time.perf_counter()
         trainer.train()
         metrics["seconds_per_step"] = (time.perf_counter() - train_start) / max(config.max_steps, 1)

@@ -115,7 +115,7 @@ def training_arguments(cls: Any, config: ScaleConfig, output_dir: Path, device: 
     """TrainingArguments (or a subclass) from a ScaleConfig: one schedule, one seed, no pickled extras."""
     report = [r.strip() for r in config.report_to.split(",") if r.strip() not in ("", "none", "csv")]
     eval_steps = config.eval_every or config.max_steps
-    return cls(
+    settings = dict(
         output_dir=str(output_dir), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.lr,
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, lr_scheduler_type="linear",
@@ -126,7 +126,9 @@ def training_arguments(cls: Any, config: ScaleConfig, output_dir: Path, device: 
         save_total_limit=2, eval_steps=eval_steps, report_to=report or "none",
         use_cpu=not device.startswith("cuda"), dataloader_drop_last=True, disable_tqdm=False,
         logging_nan_inf_filter=False,  # a diverged step must show as nan, not as the window's average
-        **{"ddp_find_unused_parameters": False, **extra})
+        ddp_find_unused_parameters=False)
+    settings.update(extra)
+    return cls(**settings)
 
 
 class SafeCheckpoints:

@@ -104,6 +104,18 @@ def test_lora_run_reloads_to_the_same_scores(toy, tmp_path):
     np.testing.assert_allclose(first, second, atol=1e-6)
 
 
+def test_bf16_checkpointing_and_accumulation_run_and_refusals_come_first(toy, tmp_path):
+    plain = train_reranker(_config(toy, max_steps=4, dev=None), tmp_path / "plain")
+    knobs = train_reranker(_config(toy, max_steps=4, dev=None, bf16=True, gradient_checkpointing=True,
+                                   gradient_accumulation_steps=2, batch_size=4), tmp_path / "knobs")
+    assert abs(knobs["train_loss"]["first"] - plain["train_loss"]["first"]) < 0.05  # bf16 autocast, half batches
+    with pytest.raises(RagError, match="re-ranker trains in one process"):
+        train_reranker(_config(toy, workers=2), tmp_path / "w")
+    with pytest.raises(RagError, match="--fp16 needs a CUDA GPU"):
+        train_reranker(_config(toy, fp16=True), tmp_path / "f")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "f").exists()
+
+
 def test_bad_options_fail_before_work(toy, tmp_path):
     with pytest.raises(RagError, match="unknown PEFT method"):
         train_reranker(_config(toy, peft="qlora"), tmp_path / "x")
