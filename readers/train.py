@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.training.config import TrainConfig
+from core.training.hf import ScaleConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ RETRIEVAL_DIR = "retrieval"
 
 
 @dataclass
-class ReaderTrainConfig(TrainConfig):
+class ReaderTrainConfig(ScaleConfig):
     max_steps: int = 200
     batch_size: int = 8
     lr: float = 1e-4
@@ -158,6 +158,8 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     cit = CITConfig(cfg.cit_weight, cfg.cit_margin, cfg.cit_margin_relative)  # bad values: one line, before any work
     if cfg.peft_targets and cfg.peft != "lora":
         raise RagError(f"--peft-targets applies to --peft lora, not {cfg.peft}")
+    from core.training.hf import check_scale
+    check_scale(cfg, str(pick_device(cfg.device)), distributed=False)
     from core.io import read_jsonl
 
     if not any(_answers(row) for row in read_jsonl(cfg.train)):

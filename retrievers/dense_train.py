@@ -81,14 +81,12 @@ def train_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False,
 
 
 def _refuse_scale_for_moe(config: DenseTrainConfig) -> None:
-    """MoE heads still train in the toolkit's own loop (core/training/loop.py): one process, fp32."""
+    """MoE heads train through core.training's TrainLoop (transformers' Trainer, one process)."""
     asked = [flag for flag, on in (("--workers", config.workers > 1), ("--gpus-per-worker", config.gpus_per_worker),
-                                   ("--bf16", config.bf16), ("--fp16", config.fp16),
-                                   ("--gradient-accumulation-steps", config.gradient_accumulation_steps > 1),
-                                   ("--gradient-checkpointing", config.gradient_checkpointing)) if on]
+                                   ("--mini-batch-size", config.mini_batch_size)) if on]
     if asked:
-        raise RagError(f"{', '.join(asked)}: not available with --moe-experts yet (MoE heads train in the "
-                       "toolkit's single-process loop)")
+        raise RagError(f"{', '.join(asked)}: not available with --moe-experts yet (MoE heads train in one process "
+                       "with the plain MNRL loss)")
 
 
 def _fit_library(config: DenseTrainConfig, out: Path, resume: bool, overwrite: bool, corpus) -> tuple[dict, Any]:

@@ -71,8 +71,13 @@ class ScaleConfig(TrainConfig):
             raise RagError("--bf16 and --fp16 exclude each other: choose one")
 
 
-def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None = None) -> None:
-    """The one-line refusals that must come before any work (the model check once it is loaded)."""
+def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None = None,
+                distributed: bool = True) -> None:
+    """The one-line refusals that must come before any work (the model check once it is loaded);
+    `distributed=False`: a trainer that runs in one process refuses --workers/--gpus-per-worker."""
+    if not distributed and (config.workers > 1 or config.gpus_per_worker):
+        raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the dense "
+                       "retriever has Ray Train); on a GPU use --device cuda")
     if config.fp16 and not device.startswith("cuda"):
         raise RagError(f"--fp16 needs a CUDA GPU (this run is on {device}); use --bf16 on a CPU")
     if config.gpus_per_worker and config.address is None and not torch.cuda.is_available():
@@ -111,16 +116,18 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def training_arguments(cls: Any, config: ScaleConfig, output_dir: Path, device: str, **extra: Any) -> Any:
+def training_arguments(cls: Any, config: TrainConfig, output_dir: Path, device: str, **extra: Any) -> Any:
     """TrainingArguments (or a subclass) from a ScaleConfig: one schedule, one seed, no pickled extras."""
-    report = [r.strip() for r in config.report_to.split(",") if r.strip() not in ("", "none", "csv")]
+    # A plain TrainConfig (a trainer without the scale flags) gets ScaleConfig's defaults.
+    report_to = getattr(config, "report_to", "csv")
+    report = [r.strip() for r in report_to.split(",") if r.strip() not in ("", "none", "csv")]
     eval_steps = config.eval_every or config.max_steps
     settings = dict(
         output_dir=str(output_dir), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.lr,
+        gradient_accumulation_steps=getattr(config, "gradient_accumulation_steps", 1), learning_rate=config.lr,
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, lr_scheduler_type="linear",
         max_grad_norm=config.grad_clip or float("inf"), seed=config.seed, data_seed=config.seed,
-        bf16=config.bf16, fp16=config.fp16,  # gradient checkpointing is enabled on the model itself
+        bf16=getattr(config, "bf16", False), fp16=getattr(config, "fp16", False),  # checkpointing: on the model
         logging_steps=max(1, config.log_every or config.max_steps), logging_first_step=True,
         save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or config.max_steps,
         save_total_limit=2, eval_steps=eval_steps, report_to=report or "none",
@@ -237,7 +244,8 @@ DEV_SKIP = ("runtime", "samples_per_second", "steps_per_second", "epoch")
 class RunFolderCallback:
     """Curves into the run folder, and an evaluation at the last step (built lazily: transformers' base class)."""
 
-    def __new__(cls, run: Any, evaluates: bool, is_main: bool = True) -> Any:
+    def __new__(cls, run: Any, evaluates: bool, is_main: bool = True,
+                extra_logs: Callable[[], dict[str, float]] | None = None) -> Any:
         from transformers import TrainerCallback
 
         class _Callback(TrainerCallback):
@@ -267,6 +275,8 @@ class RunFolderCallback:
                                    f" (lr {args.learning_rate:g}); the run is stopped, {kept}. A lower --lr (or "
                                    "--grad-clip) usually helps")
                 if "loss" in values:
+                    if extra_logs is not None:  # the trainer's own figures of its last step (e.g. CIT terms)
+                        values = {**{k: v for k, v in extra_logs().items() if k != "loss"}, **values}
                     self.train_logs = values
                     if is_main:
                         run.log(state.global_step, "train", values)

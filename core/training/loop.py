@@ -1,12 +1,12 @@
-"""One training loop for every trainer: AdamW + linear schedule, progress bar, curves, dev evaluation,
-no-pickle checkpoints and exact resume (data order is a function of (seed, step), RNG saved).
+"""One training loop for every trainer, run by transformers' `Trainer`: AdamW + linear schedule, progress bar,
+curves, dev evaluation (at step 0 too), no-pickle checkpoints and exact resume (data order is a function of
+(seed, step), RNG saved), mixed precision and gradient accumulation from the library.
 """
 from __future__ import annotations
 
 import math
 import random
 import resource
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from core.errors import RagError
 from core.models import check_device
-from core.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state, unflatten_optimizer_state
 from core.training.config import TrainConfig
 from core.training.run import RunFolder
 
@@ -75,10 +73,13 @@ def count_params(model: torch.nn.Module) -> dict[str, Any]:
 
 @dataclass
 class TrainLoop:
-    """Wire a model, a batch function and a loss into a run folder.
+    """Wire a model, a batch function and a loss into a run folder; transformers' `Trainer` runs the loop.
 
-    batch_for_step(step) must be deterministic given the config's seed (use EpochSampler), so a
-    resumed run sees exactly the batches an uninterrupted run would have seen.
+    batch_for_step(i) must be deterministic given the config's seed (use EpochSampler): the Trainer walks the
+    indices 0, 1, 2, ... in order (one index per micro-batch: `--gradient-accumulation-steps` k gives an
+    optimizer step k of them), so a resumed run sees exactly the batches an uninterrupted run would have seen.
+    The library brings mixed precision, accumulation, checkpointing of activations, reporters and resume;
+    core/training/hf.py keeps checkpoints free of pickle and writes the run folder's curves.
     """
     run: RunFolder
     model: torch.nn.Module
@@ -95,9 +96,9 @@ class TrainLoop:
     extra_metrics: dict[str, Any] = field(default_factory=dict)
 
     def _state(self) -> dict[str, torch.Tensor]:
-        if self.trainable_state is not None:
-            return self.trainable_state()
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        state = self.trainable_state() if self.trainable_state is not None else {
+            n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: v.detach().contiguous().cpu() for n, v in state.items()}
 
     def _load(self, weights: dict[str, torch.Tensor]) -> None:
         if self.load_trainable is not None:
@@ -108,108 +109,139 @@ class TrainLoop:
             for name, value in weights.items():
                 params[name].copy_(value)
 
-    def _save(self, optimizer, scheduler, step: int) -> None:
-        save_checkpoint(self.run.checkpoints / f"step-{step}", self._state(), optimizer, scheduler, step)
-        done = sorted((p for p in self.run.checkpoints.iterdir() if p.name.startswith("step-")),
-                      key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
     def fit(self) -> dict[str, Any]:
+        from core.training.hf import last_checkpoint, step_zero_and_end
+
         cfg = self.config
         params = [p for p in (self.params or self.model.parameters()) if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter requires grad")
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-        def schedule(step: int) -> float:
-            if step < cfg.warmup_steps:
-                return (step + 1) / max(cfg.warmup_steps, 1)
-            return max(0.0, (cfg.max_steps - step) / max(cfg.max_steps - cfg.warmup_steps, 1))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        if getattr(cfg, "workers", 1) > 1 or getattr(cfg, "gpus_per_worker", 0):
+            raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the dense "
+                           "retriever has Ray Train); on a GPU use --device cuda")
         start_step = 0
-        if self.resume and (ckpt := self.run.latest_checkpoint()) is not None:
-            weights, opt_tensors, state = load_checkpoint(ckpt)
-            self._load(weights)
-            optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, state["optimizer"]))
-            if state["scheduler"] is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            start_step = state["step"]
+        resume_from = last_checkpoint(self.run.checkpoints) if self.resume else None
+        if resume_from is not None:
+            start_step = int(resume_from.name.split("-")[1])
             self.run.truncate_curves(start_step)
         else:
             seed_everything(cfg.seed)
+        self._last_logs: dict[str, float] = {}
+        trainer, callback, progress = self._trainer(params)
         rss_start = current_rss_mb()
-        peak_rss = rss_start
-        step_times: list[float] = []
-        dev: dict[str, float] = {}
-        self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"train {self.run.kind}", unit="step",
-                   dynamic_ncols=True)
-        last_logs: dict[str, float] = {}
-        for step in range(start_step, cfg.max_steps):
-            t0 = time.perf_counter()
-            loss, logs = self.loss_fn(self.batch_for_step(step))
-            if not torch.isfinite(loss.detach()).all():
-                bar.close()
-                self._diverged(step + 1, f"the loss is {float(loss.detach())}", logs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if not torch.isfinite(norm):
-                    bar.close()
-                    self._diverged(step + 1, f"the gradient norm is {float(norm)}",
-                                   {"loss": float(loss.detach()), **logs})
-            optimizer.step()
-            scheduler.step()
-            step_times.append(time.perf_counter() - t0)
-            peak_rss = max(peak_rss, current_rss_mb())
-            done = step + 1
-            last_logs = {"loss": float(loss.detach()), **logs}
-            if (cfg.log_every and done % cfg.log_every == 0) or done == cfg.max_steps or done == 1:
-                self.run.log(done, "train", {**last_logs, "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{last_logs['loss']:.4f}")
-            bar.update(1)
-            if self.evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-                dev = self._eval(done)
-            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-                self._save(optimizer, scheduler, done)
-        bar.close()
-        if self.evaluate is not None:
-            dev = self._eval(cfg.max_steps)
-        self._save(optimizer, scheduler, cfg.max_steps)
+        t0 = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        except BaseException:
+            progress.close()  # an error message gets a line of its own
+            raise
+        seconds = time.perf_counter() - t0
+        _, dev = step_zero_and_end(callback.dev_by_step)
         if self.save_final is not None:
             self.save_final(self.run.path)
+        done = cfg.max_steps - start_step
         metrics = {**count_params(self.model), **self.extra_metrics,
                    "steps": cfg.max_steps, "resumed_from": start_step,
-                   "seconds_per_step": float(np.mean(step_times)) if step_times else None,
-                   "peak_rss_mb": round(peak_rss, 1), "train_rss_growth_mb": round(peak_rss - rss_start, 1),
+                   "seconds_per_step": seconds / done if done else None,
+                   "peak_rss_mb": round(max(peak_rss_mb(), current_rss_mb()), 1),
+                   "train_rss_growth_mb": round(max(0.0, current_rss_mb() - rss_start), 1),
                    "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                                    if torch.cuda.is_available() else None),
-                   "final_train": last_logs, "dev": dev}
+                   "precision": "bf16" if getattr(cfg, "bf16", False) else "fp16" if getattr(cfg, "fp16", False)
+                   else "fp32",
+                   "final_train": {**self._last_logs, **callback.train_logs},
+                   "dev_step0": callback.dev_by_step.get(0, {}) if self.evaluate is not None else {},
+                   "dev": dev}
         self.run.write_metrics(metrics)
         metrics["plots"] = [str(p) for p in self.run.plot()]
         self.run.write_metrics(metrics)
         return metrics
 
+    def _trainer(self, params: list[torch.nn.Parameter]) -> tuple[Any, Any, Any]:
+        """The transformers Trainer that runs this loop, its run-folder callback and its progress bar."""
+        from torch.utils.data import Dataset, SequentialSampler
+        from transformers import Trainer, TrainingArguments
+
+        from core.training.hf import RunFolderCallback, SafeCheckpoints, quiet_progress, training_arguments
+
+        cfg, loop = self.config, self
+        accum = int(getattr(cfg, "gradient_accumulation_steps", 1))
+        device = str(pick_device(getattr(cfg, "device", None)))
+
+        class _Indices(Dataset):
+            """Item i is the index of micro-batch i; batch_for_step turns it into the batch."""
+            def __len__(self) -> int:
+                return cfg.max_steps * accum
+
+            def __getitem__(self, i: int) -> int:
+                return i
+
+        class _LoopTrainer(SafeCheckpoints, Trainer):
+            def trainable_state(self) -> dict[str, torch.Tensor]:
+                return loop._state()
+
+            def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+                loop._load(state)
+
+            def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+                return SequentialSampler(train_dataset or self.train_dataset)
+
+            def create_optimizer(self, model: Any = None) -> Any:
+                if self.optimizer is None:
+                    self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate,
+                                                       weight_decay=self.args.weight_decay)
+                return self.optimizer
+
+            def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                             num_items_in_batch: Any = None) -> Any:
+                loss, logs = loop.loss_fn(inputs["batch"])
+                if not torch.isfinite(loss.detach()).all():  # before any update is made with it
+                    loop._diverged(self.state.global_step + 1, f"the loss is {float(loss.detach())}", logs)
+                loop._last_logs = {"loss": float(loss.detach()), **logs}
+                return loss
+
+            def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
+                         metric_key_prefix: str = "eval") -> dict[str, float]:
+                metrics = {f"{metric_key_prefix}_{k}": v for k, v in loop._eval().items()}
+                self.log(metrics)
+                self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+                return metrics
+
+        callback = RunFolderCallback(self.run, evaluates=self.evaluate is not None, extra_logs=lambda: loop._last_logs)
+        args = training_arguments(TrainingArguments, cfg, self.run.checkpoints, device,
+                                  per_device_train_batch_size=1, save_total_limit=self.keep_checkpoints,
+                                  eval_strategy="steps" if self.evaluate is not None and cfg.eval_every else "no",
+                                  eval_on_start=self.evaluate is not None, remove_unused_columns=False,
+                                  dataloader_pin_memory=False, dataloader_drop_last=False)
+        trainer = _LoopTrainer(model=self.model, args=args, train_dataset=_Indices(),
+                               eval_dataset=[0] if self.evaluate is not None else None,  # our evaluate() ignores it
+                               data_collator=lambda items: {"batch": loop.batch_for_step(int(items[0]))},
+                               callbacks=[callback])
+        progress = quiet_progress(trainer)
+        if getattr(cfg, "gradient_checkpointing", False):
+            from core.training.hf import enable_gradient_checkpointing
+            enable_gradient_checkpointing(self.model)
+        return trainer, callback, progress
+
     def _diverged(self, step: int, what: str, logs: dict[str, float]) -> None:
-        """Stop a run whose loss or gradients are no longer finite: no update is made with them, nothing is
-        saved over the checkpoints already written, no metrics.json claims a finished run."""
+        """Stop a run whose loss is no longer finite: no update is made with it, nothing is saved over the
+        checkpoints already written, no metrics.json claims a finished run."""
+        from core.training.hf import last_checkpoint
+
         self.run.log(step, "train", {"loss": float("nan"), **logs})
-        last = self.run.latest_checkpoint()
+        last = last_checkpoint(self.run.checkpoints)
         kept = (f"the last checkpoint before it is kept at {last}" if last is not None
                 else "no checkpoint had been saved yet")
         raise RagError(f"training diverged at step {step}: {what} (lr {self.config.lr:g}); the run is stopped, "
                        f"{kept}. A lower --lr (or --grad-clip) usually helps")
 
-    def _eval(self, step: int) -> dict[str, float]:
+    def _eval(self) -> dict[str, float]:
+        assert self.evaluate is not None
+        was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
             dev = self.evaluate()
-        self.model.train()
-        self.run.log(step, "dev", dev)
+        self.model.train(was_training)
         return dev
 
 

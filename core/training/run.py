@@ -122,11 +122,9 @@ class RunFolder:
         return self.path / CHECKPOINTS
 
     def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoints.exists():
-            return None
-        done = sorted((p for p in self.checkpoints.iterdir() if p.name.startswith("step-")
-                       and (p / "state.json").exists()), key=lambda p: int(p.name.split("-")[1]))
-        return done[-1] if done else None
+        """The newest complete checkpoint (transformers' `checkpoint-N` layout, core/training/hf.py)."""
+        from core.training.hf import last_checkpoint
+        return last_checkpoint(self.checkpoints)
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         """Append rows `step,split,metric,value` (long format: any trainer can add any metric)."""

@@ -43,7 +43,7 @@ from typing import Any
 from core.config import opt
 from core.errors import RagError
 from core.peft import method_names
-from core.training.config import TrainConfig
+from core.training.hf import ScaleConfig
 from retrievers.generative.model import DEFAULT_MODEL
 from retrievers.generative.prompt import DEFAULT_PROMPT, check_template
 
@@ -54,7 +54,7 @@ EVAL_KS = (1, 5, 10)
 
 
 @dataclass
-class GenerativeTrainConfig(TrainConfig):
+class GenerativeTrainConfig(ScaleConfig):
     stage: str = opt("pretrain", "pretrain (ISS/LPS/HIP pairs) or finetune (KILT questions)", choices=STAGES)
     corpus: str = opt("", "corpus JSONL or folder (finetune: defaults to the --init run's corpus)")
     train: str | None = opt(None, "finetune: KILT JSONL")
@@ -373,6 +373,8 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
                        f"{', '.join(method_names(seq2seq=True))}")
     if not config.corpus:
         raise RagError("--corpus is required (the titles the model learns to generate)")
+    from core.training.hf import check_scale
+    check_scale(config, str(pick_device(config.device)), distributed=False)
     corpus = corpus or Corpus.load(config.corpus)
     pairs, data_info = training_pairs(config, corpus)
     device = pick_device(config.device)

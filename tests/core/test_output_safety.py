@@ -443,7 +443,7 @@ def _toy_loop(out: Path, config, resume: bool = False, overwrite: bool = False):
 def test_training_overwrite_starts_from_an_empty_run_folder(tmp_path):
     out = tmp_path / "run"
     _toy_loop(out, _ToyConfig(max_steps=20, save_every=5)).fit()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-15", "step-20"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-15", "checkpoint-20"]
     (out / "extra-from-old-run.txt").write_text("old\n", encoding="utf-8")
 
     loop = _toy_loop(out, _ToyConfig(max_steps=6, save_every=2), overwrite=True)
@@ -458,7 +458,7 @@ def test_training_overwrite_starts_from_an_empty_run_folder(tmp_path):
     loop.batch_for_step = killed_at_step_5
     with pytest.raises(KeyboardInterrupt):
         loop.fit()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     del loop
     metrics = _toy_loop(out, _ToyConfig(max_steps=6, save_every=2), resume=True).fit()
     assert metrics["resumed_from"] == 4 and metrics["steps"] == 6

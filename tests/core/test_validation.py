@@ -312,10 +312,10 @@ def _loop(out, config, nan_at=None):
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     config = ToyConfig(max_steps=10, batch_size=4, lr=1e-2, save_every=2, eval_every=0, log_every=1)
     loop, model = _loop(tmp_path / "run", config, nan_at=5)
-    with pytest.raises(RagError, match=r"diverged at step 5: the loss is nan.*step-4"):
+    with pytest.raises(RagError, match=r"diverged at step 5: the loss is nan.*checkpoint-4"):
         loop.fit()
     assert not (tmp_path / "run" / "metrics.json").exists()  # not saved as a success
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step made no update
     assert "nan" in (tmp_path / "run" / "curves.csv").read_text()
 

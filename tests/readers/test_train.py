@@ -122,7 +122,7 @@ def test_same_seed_same_result_and_exact_resume(setup, tmp_path):
     # an interrupted run resumed from its step-2 checkpoint ends where the uninterrupted one did
     assert main(train_args(root, models["fid"], "fid", c, "--cit-weight", "1.0")) == 0
     import shutil
-    shutil.rmtree(c / "checkpoints" / "step-4")
+    shutil.rmtree(c / "checkpoints" / "checkpoint-4")
     assert main(train_args(root, models["fid"], "fid", c, "--cit-weight", "1.0", "--resume")) == 0
     assert json.loads((c / "metrics.json").read_text())["resumed_from"] == 2
     wc = load_file(str(c / "reader" / "model.safetensors"))

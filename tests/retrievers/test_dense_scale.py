@@ -142,7 +142,7 @@ def test_saved_model_loads_in_plain_sentence_transformers(toy, tmp_path, method)
     (["--fp16"], "--fp16 needs a CUDA GPU"),
     (["--gpus-per-worker", "1"], "--gpus-per-worker: this machine has no GPU"),
     (["--report-to", "slack"], "--report-to"),
-    (["--moe-experts", "3", "--bf16"], "not available with --moe-experts"),
+    (["--moe-experts", "3", "--workers", "2"], "not available with --moe-experts"),
 ])
 def test_bad_scale_flags_are_one_line_errors_before_any_work(toy, tmp_path, capsys, flags, message):
     try:

@@ -47,8 +47,8 @@ def test_fit_writes_everything(tmp_path):
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["trainable_params"] == saved["total_params"] == 4 * 8 + 8 + 8 + 1
     assert saved["dev"]["dev_mse"] < 0.5 * before and saved["seconds_per_step"] > 0
-    assert (run / "checkpoints" / "step-60" / "weights.safetensors").exists()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-40", "step-60"]  # keeps the last two
+    assert (run / "checkpoints" / "checkpoint-60" / "trainable.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-40", "checkpoint-60"]  # keeps the last two
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
     assert metrics["final_train"]["loss"] == pytest.approx(saved["final_train"]["loss"])
 
