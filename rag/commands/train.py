@@ -146,6 +146,22 @@ def _take_kind(rest: list[str]) -> tuple[str | None, list[str]]:
     return None, rest
 
 
+DEV_HEADLINES = ("Rprec", "em", "KILT-em", "f1", "recall@5")
+
+
+def _say_dev_change(metrics: dict[str, Any]) -> None:
+    """The untuned (step 0) and the final dev score side by side on stderr; a drop is said plainly."""
+    from core.training.hf import report_change
+
+    before, after = metrics.get("dev_step0") or {}, metrics.get("dev") or {}
+    if "reranked" in before and "reranked" in after:  # the re-ranker: its own scores, BM25 beside them
+        before, after = before["reranked"], after["reranked"]
+    metric = next((m for m in DEV_HEADLINES if isinstance(before.get(m), (int, float))
+                   and isinstance(after.get(m), (int, float))), None)
+    if metric is not None:
+        report_change(before, after, metric)
+
+
 def run(args: argparse.Namespace) -> int:
     what = args.train_what
     kind, rest = _take_kind(list(args.rest))
@@ -161,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
     config, ns = parse_trainer_argv(what, kind, rest)
     spec = TRAINERS[what][kind]
     metrics = _load(spec.train)(config, ns.out, resume=ns.resume, overwrite=ns.overwrite)
+    _say_dev_change(metrics)
     summary = {k: metrics.get(k) for k in spec.summary}
+    if metrics.get("dev_step0") and "dev_step0" not in summary:
+        summary["dev_step0"] = metrics["dev_step0"]
     if "final_train" in metrics:
         summary["final_loss"] = metrics["final_train"].get("loss")
     json.dump({"out": str(ns.out), **summary}, sys.stdout, indent=2, default=str)

@@ -160,3 +160,20 @@ def test_bad_scale_flags_are_one_line_errors_before_any_work(toy, tmp_path, caps
 def test_bf16_with_fp16_refused_however_the_config_is_made(toy):
     with pytest.raises(RagError, match="exclude each other"):
         config(toy, bf16=True, fp16=True)
+
+
+def test_cli_prints_the_untuned_and_the_final_dev_score_and_says_when_worse(toy, tmp_path, capsys):
+    from core.training.hf import report_change
+
+    assert main(["train", "retriever", "--kind", "dense", "--corpus", str(toy["corpus"]), "--train", str(toy["train"]),
+                 "--dev", str(toy["dev"]), "--encoder", str(toy["encoder"]), "--max-steps", "2", "--eval-docs", "0",
+                 "--max-seq-length", "48", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr()
+    assert "at step 0 (untuned) ->" in out.err and "dev Rprec" in out.err
+    summary = json.loads(out.out[out.out.index("{"):])
+    assert summary["dev_step0"].keys() == summary["dev"].keys()
+    lines: list[str] = []
+    report_change({"Rprec": 0.75}, {"Rprec": 0.667}, "Rprec", lines.append)
+    assert "0.7500 at step 0 (untuned) -> 0.6670 at the end (-0.0830)" in lines[0] and "WORSE" in lines[0]
+    report_change({"Rprec": 0.5}, {"Rprec": 0.6}, "Rprec", lines.append)
+    assert "WORSE" not in lines[1]
