@@ -96,3 +96,19 @@ def test_resume_with_different_config_names_keys(tmp_path):
     assert "lr" not in str(err.value)
     with pytest.raises(RagError, match="--resume"):
         make_loop(tmp_path / "r", ToyConfig(max_steps=5))
+
+
+def test_gradient_accumulation_of_two_half_batches_equals_one_whole_batch(tmp_path):
+    """Micro-batches 2s and 2s+1 of 4 examples are step s's 8 examples (EpochSampler), and a mean loss over
+    equal halves averages to the whole batch's: the two runs must end on the same weights."""
+    @dataclass
+    class AccumConfig(ToyConfig):
+        gradient_accumulation_steps: int = 1
+
+    whole, m_whole = make_loop(tmp_path / "whole", AccumConfig(max_steps=8, batch_size=8, lr=1e-2, eval_every=0))
+    whole.fit()
+    halves, m_halves = make_loop(tmp_path / "halves", AccumConfig(max_steps=8, batch_size=4, lr=1e-2, eval_every=0,
+                                                                  gradient_accumulation_steps=2))
+    halves.fit()
+    for a, b in zip(m_whole.parameters(), m_halves.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
