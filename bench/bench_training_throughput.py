@@ -68,7 +68,7 @@ def run_one(name: str, flags: list[str], steps: int, peft: str, work: Path, bm25
         raise RuntimeError(f"{name} failed (rc={proc.returncode}): {proc.stderr[-1500:]}")
     m = json.loads((out / "metrics.json").read_text())
     examples = m["examples_per_step"] * (m["steps"] - m["resumed_from"])
-    return {"config": name, "flags": " ".join(flags), "examples_per_step": m["examples_per_step"],
+    return {"config": name, "flags": " ".join(flags), "steps": steps, "examples_per_step": m["examples_per_step"],
             "workers": m["workers"], "train_seconds": m["train_seconds"], "wall_seconds": round(wall, 1),
             "examples_per_second": examples / m["train_seconds"], "peak_rss_mb": m["peak_rss_mb"],
             "first_loss": (m.get("final_train") or {}).get("loss"), "command": " ".join(cmd[2:])}
@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--peft", default="full")
+    ap.add_argument("--bf16-steps", type=int, default=3,
+                    help="steps of the bf16 run (bf16 autocast on a CPU without bf16 instructions is very slow)")
     ap.add_argument("--only", default="", help="comma-separated configurations")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -92,21 +94,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         bm25 = bm25_index(work)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, flags in configs.items():
             print(f"[{name}] {' '.join(flags)}", flush=True)
-            rows.append(run_one(name, flags, steps, args.peft, work, bm25))
+            rows.append(run_one(name, flags, args.bf16_steps if name == "bf16" else steps, args.peft, work, bm25))
+            report(rows, args, steps, load_before, started)  # partial results survive a later failure
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, steps: int, load_before: list[float],
+           started: float) -> None:
     base = next((r for r in rows if r["config"] == "base"), None)
     for r in rows:
         r["throughput_vs_base"] = r["examples_per_second"] / base["examples_per_second"] if base else None
         r["peak_rss_vs_base"] = r["peak_rss_mb"] / base["peak_rss_mb"] if base else None
     table = C.md_table(
-        ["config", "flags", "examples/step", "examples/s", "x base", "peak RSS MB", "x base", "train s", "wall s"],
-        [[r["config"], r["flags"], r["examples_per_step"], C.fmt(r["examples_per_second"], 2),
+        ["config", "flags", "steps", "examples/step", "examples/s", "x base", "peak RSS MB", "x base", "train s", "wall s"],
+        [[r["config"], r["flags"], r["steps"], r["examples_per_step"], C.fmt(r["examples_per_second"], 2),
           C.fmt(r["throughput_vs_base"], 2), C.fmt(r["peak_rss_mb"], 0), C.fmt(r["peak_rss_vs_base"], 2),
           C.fmt(r["train_seconds"], 1), C.fmt(r["wall_seconds"], 1)] for r in rows])
-    header = (f"Dense training ({args.peft}, MiniLM, {steps} steps, {args.batch} examples + 1 BM25 negative each "
-              "per step, 128 tokens)")
+    header = (f"Dense training ({args.peft}, MiniLM, {steps} steps (bf16: {args.bf16_steps}), {args.batch} examples "
+              "+ 1 BM25 negative each per step, 128 tokens)")
     C.write_result(NAME, args.quick, {"steps": steps, "batch": args.batch, "peft": args.peft,
                                       "load_avg_before": load_before, "load_avg_after": C.load_avg(), "rows": rows},
                    [header + "\n\n" + table], out=args.out, started=started)
