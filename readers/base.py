@@ -294,9 +294,20 @@ def _load_saved_weights(kind: str, folder: Path, meta: dict[str, Any]) -> tuple[
     return base, tokenizer
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a CUDA GPU that has it (Ampere or newer), float32 elsewhere: how a reader answers."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def load_reader(kind: str | None = None, model: str | None = None, config: ReaderConfig | None = None,
-                device: str | None = None, config_overrides: dict[str, Any] | None = None) -> BaseReader:
-    """A reader from a trained reader folder (a run folder or its `reader/`) or from a base model name."""
+                device: str | None = None, config_overrides: dict[str, Any] | None = None,
+                for_inference: bool = False) -> BaseReader:
+    """A reader from a trained reader folder (a run folder or its `reader/`) or from a base model name.
+
+    `for_inference`: on a GPU with bfloat16 the weights are cast to it (half the memory, faster); training
+    keeps float32 weights (with `--bf16` the library autocasts instead)."""
     if is_reader_folder(model):
         folder = Path(model)  # type: ignore[arg-type]
         if not (folder / READER_FILE).exists():
@@ -316,7 +327,10 @@ def load_reader(kind: str | None = None, model: str | None = None, config: Reade
         cfg = dataclasses.replace(cfg, **{k: v for k, v in config_overrides.items() if v is not None})
     reader = reader_class(kind)(base, tokenizer, cfg)
     from core.training.loop import pick_device
-    reader.to(pick_device(device))
+    placed = pick_device(device)
+    reader.to(placed)
+    if for_inference and (dtype := inference_dtype(placed)) != torch.float32:
+        reader.to(dtype)
     reader.eval()
     return reader
 

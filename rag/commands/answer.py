@@ -63,7 +63,7 @@ def _answer(args: argparse.Namespace) -> int:
         if args.rerank:  # before the reader: a wrong folder fails before the expensive load
             from retrievers.rerank import load_reranker
             reranker = load_reranker(args.rerank, device=args.device)
-        reader = load_reader(args.kind, args.model, device=args.device, config_overrides={
+        reader = load_reader(args.kind, args.model, device=args.device, for_inference=True, config_overrides={
             "max_passage_tokens": args.max_passage_tokens, "max_answer_tokens": args.max_answer_tokens,
             "num_beams": args.num_beams})
     with record.timed("retrieve_s"):

@@ -450,7 +450,7 @@ def reader_cell(cell: CellSpec, workdir: Path) -> dict[str, Any]:
     kind, device = options.pop("kind", None), options.pop("device", None)
     batch_size = int(options.pop("batch_size", 8))
     queries, rankings = _retrieve(cell, workdir, cell.index_dir, cell.retriever_model)
-    reader = load_reader(kind, run_dir, device=device, config_overrides=options or None)
+    reader = load_reader(kind, run_dir, device=device, config_overrides=options or None, for_inference=True)
     passages = [[ReaderPassage.from_hit(h) for h in hits[:n_passages]] for hits in rankings]
     answers = [a for a, _ in reader.answer_with_meta([q.text for q in queries], passages, batch_size)]
     return _score(cell, workdir, guess_rows(queries, rankings, answers))

@@ -315,3 +315,14 @@ def test_saved_reader_loads_in_plain_transformers_and_peft(setup, tmp_path, kind
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["toolkit_imported"] is False
     torch.testing.assert_close(torch.tensor(got["logits"]), mine, rtol=0, atol=1e-5)
+
+
+def test_readers_answer_in_bfloat16_only_on_a_gpu_that_has_it(monkeypatch):
+    from readers.base import inference_dtype
+
+    assert inference_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inference_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # before Ampere
+    assert inference_dtype(torch.device("cuda")) == torch.float32
