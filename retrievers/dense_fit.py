@@ -159,74 +159,16 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
     return metrics, st
 
 
-def ray_worker(payload: dict[str, Any]) -> None:
-    """One Ray Train worker: rebuild the config, train its shard of every batch, rank 0 writes the run."""
-    import ray.train
-    import torch
+def ray_entry(config: Any, out: Path, worker: Any) -> None:
+    """One Ray Train worker (core/training/ray_train.py): train its shard of every batch; worker 0 writes."""
+    from core.training.ray_train import fault_injection
 
-    from retrievers.dense_parts import DenseTrainConfig
-
-    context = ray.train.get_context()
-    torch.set_num_threads(max(1, int(payload["cpus_per_worker"])))
-    config = DenseTrainConfig(**payload["config"])
-    rank, world = context.get_world_rank(), context.get_world_size()
-    fit_with_trainer(config, Path(payload["out"]), is_main=rank == 0, world_size=world,
-                     extra_callbacks=_fault_injection(rank, Path(payload["out"])))
-
-
-FAULT_ENV = "RAG_FAULT_KILL_WORKER"  # "RANK:STEP": that worker dies once after that step (tests of recovery)
-
-
-def _fault_injection(rank: int, out: Path) -> list[Any]:
-    """A callback that kills this worker process once at a given step, when FAULT_ENV asks for it."""
-    import os
-
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return []
-    from transformers import TrainerCallback
-
-    kill_rank, kill_step = (int(x) for x in spec.split(":"))
-    marker = out / f".fault-injected-{kill_rank}-{kill_step}"
-
-    class _Kill(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if rank == kill_rank and state.global_step == kill_step and not marker.exists():
-                marker.write_text("killed once\n")
-                os._exit(1)
-
-    return [_Kill()]
+    fit_with_trainer(config, out, is_main=worker.is_main, world_size=worker.world_size,
+                     extra_callbacks=fault_injection(worker.rank, out))
 
 
 def fit_on_ray(config: Any, out: Path) -> dict[str, Any]:
     """Run `fit_with_trainer` in `config.workers` Ray Train workers and return the metrics worker 0 wrote."""
-    import dataclasses
-    import tempfile
+    from core.training.ray_train import run_workers
 
-    from core.io import read_json
-    from core.ray_runtime import ray_session
-    from core.training.run import METRICS
-
-    payload = {"config": dataclasses.asdict(config), "out": str(out.resolve()),
-               "cpus_per_worker": config.cpus_per_worker}
-    cpus = config.workers * config.cpus_per_worker
-    with ray_session(address=config.address, num_cpus=None if config.address else cpus + 1) as ray, \
-            tempfile.TemporaryDirectory(prefix="rag-ray-train-") as ray_storage:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        if config.gpus_per_worker and ray.cluster_resources().get("GPU", 0) < config.workers * config.gpus_per_worker:
-            raise RagError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker:g}: the Ray "
-                           f"cluster declares {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {})}
-        trainer = TorchTrainer(
-            ray_worker, train_loop_config=payload,
-            torch_config=TorchConfig(backend="nccl" if config.gpus_per_worker else "gloo"),
-            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=bool(config.gpus_per_worker),
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name="rag-train", storage_path=ray_storage,  # Ray's own state, not the run's
-                                 failure_config=FailureConfig(max_failures=2)))
-        result = trainer.fit()
-        if getattr(result, "error", None):
-            raise RagError(f"Ray Train failed: {result.error}")
-    return read_json(out / METRICS)
+    return run_workers("retrievers.dense_fit:ray_entry", config, out)

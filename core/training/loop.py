@@ -116,14 +116,18 @@ class TrainLoop:
         params = [p for p in (self.params or self.model.parameters()) if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter requires grad")
-        if getattr(cfg, "workers", 1) > 1 or getattr(cfg, "gpus_per_worker", 0):
-            raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the dense "
-                           "retriever has Ray Train); on a GPU use --device cuda")
+        from core.training.ray_train import current_worker
+
+        self.worker = current_worker()
+        if self.worker.world_size == 1 and (getattr(cfg, "workers", 1) > 1 or getattr(cfg, "gpus_per_worker", 0)):
+            raise RagError("--workers/--gpus-per-worker: this trainer was not started on Ray Train "
+                           "(core/training/ray_train.py run_workers)")
         start_step = 0
         resume_from = last_checkpoint(self.run.checkpoints) if self.resume else None
         if resume_from is not None:
             start_step = int(resume_from.name.split("-")[1])
-            self.run.truncate_curves(start_step)
+            if self.worker.is_main:
+                self.run.truncate_curves(start_step)
         else:
             seed_everything(cfg.seed)
         self._last_logs: dict[str, float] = {}
@@ -137,7 +141,7 @@ class TrainLoop:
             raise
         seconds = time.perf_counter() - t0
         _, dev = step_zero_and_end(callback.dev_by_step)
-        if self.save_final is not None:
+        if self.save_final is not None and self.worker.is_main:
             self.save_final(self.run.path)
         done = cfg.max_steps - start_step
         metrics = {**count_params(self.model), **self.extra_metrics,
@@ -151,10 +155,11 @@ class TrainLoop:
                    else "fp32",
                    "final_train": {**self._last_logs, **callback.train_logs},
                    "dev_step0": callback.dev_by_step.get(0, {}) if self.evaluate is not None else {},
-                   "dev": dev}
-        self.run.write_metrics(metrics)
-        metrics["plots"] = [str(p) for p in self.run.plot()]
-        self.run.write_metrics(metrics)
+                   "dev": dev, "workers": self.worker.world_size}
+        if self.worker.is_main:
+            self.run.write_metrics(metrics)
+            metrics["plots"] = [str(p) for p in self.run.plot()]
+            self.run.write_metrics(metrics)
         return metrics
 
     def _trainer(self, params: list[torch.nn.Parameter]) -> tuple[Any, Any, Any]:
@@ -163,15 +168,16 @@ class TrainLoop:
         from transformers import Trainer, TrainingArguments
 
         from core.training.hf import RunFolderCallback, SafeCheckpoints, quiet_progress, training_arguments
+        from core.training.ray_train import fault_injection
 
-        cfg, loop = self.config, self
+        cfg, loop, world = self.config, self, self.worker.world_size
         accum = int(getattr(cfg, "gradient_accumulation_steps", 1))
         device = str(pick_device(getattr(cfg, "device", None)))
 
         class _Indices(Dataset):
             """Item i is the index of micro-batch i; batch_for_step turns it into the batch."""
-            def __len__(self) -> int:
-                return cfg.max_steps * accum
+            def __len__(self) -> int:  # every worker takes its share of each optimizer step's micro-batches
+                return cfg.max_steps * accum * world
 
             def __getitem__(self, i: int) -> int:
                 return i
@@ -207,16 +213,19 @@ class TrainLoop:
                 self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
                 return metrics
 
-        callback = RunFolderCallback(self.run, evaluates=self.evaluate is not None, extra_logs=lambda: loop._last_logs)
+        callback = RunFolderCallback(self.run, evaluates=self.evaluate is not None, extra_logs=lambda: loop._last_logs,
+                                     is_main=self.worker.is_main)
         args = training_arguments(TrainingArguments, cfg, self.run.checkpoints, device,
                                   per_device_train_batch_size=1, save_total_limit=self.keep_checkpoints,
                                   eval_strategy="steps" if self.evaluate is not None and cfg.eval_every else "no",
                                   eval_on_start=self.evaluate is not None, remove_unused_columns=False,
-                                  dataloader_pin_memory=False, dataloader_drop_last=False)
+                                  dataloader_pin_memory=False, dataloader_drop_last=False,
+                                  ddp_find_unused_parameters=True)  # frozen or unused parts of PEFT models
         trainer = _LoopTrainer(model=self.model, args=args, train_dataset=_Indices(),
                                eval_dataset=[0] if self.evaluate is not None else None,  # our evaluate() ignores it
                                data_collator=lambda items: {"batch": loop.batch_for_step(int(items[0]))},
-                               callbacks=[callback])
+                               callbacks=[callback, *(fault_injection(self.worker.rank, self.run.path)
+                                                      if world > 1 else [])])
         progress = quiet_progress(trainer)
         if getattr(cfg, "gradient_checkpointing", False):
             from core.training.hf import enable_gradient_checkpointing
@@ -228,7 +237,8 @@ class TrainLoop:
         checkpoints already written, no metrics.json claims a finished run."""
         from core.training.hf import last_checkpoint
 
-        self.run.log(step, "train", {"loss": float("nan"), **logs})
+        if getattr(self, "worker", None) is None or self.worker.is_main:
+            self.run.log(step, "train", {"loss": float("nan"), **logs})
         last = last_checkpoint(self.run.checkpoints)
         kept = (f"the last checkpoint before it is kept at {last}" if last is not None
                 else "no checkpoint had been saved yet")

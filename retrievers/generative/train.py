@@ -358,8 +358,10 @@ def build_model(config: GenerativeTrainConfig):
 # ---------------------------------------------------------------------------------------------- training
 
 def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-                     corpus=None) -> dict[str, Any]:
-    """Train and write the run folder; returns metrics.json's content."""
+                     corpus=None, worker: Any = None) -> dict[str, Any]:
+    """Train and write the run folder; returns metrics.json's content. With `--workers N` (or
+    `--gpus-per-worker`) the driver claims the run folder and N Ray Train workers train (`worker` is set in
+    them: core/training/ray_train.py); each micro-batch index goes to one worker, so a step sees N batches."""
     from core.corpus import Corpus
     from core.training import RunFolder, TrainLoop
     from core.training.loop import EpochSampler, pick_device
@@ -373,14 +375,26 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
                        f"{', '.join(method_names(seq2seq=True))}")
     if not config.corpus:
         raise RagError("--corpus is required (the titles the model learns to generate)")
-    from core.training.hf import check_scale
-    check_scale(config, str(pick_device(config.device)), distributed=False)
+    from core.training.hf import check_scale, last_checkpoint
+    distributed = config.workers > 1 or bool(config.gpus_per_worker)
+    if worker is None:
+        check_scale(config, "cuda" if config.gpus_per_worker else str(pick_device(config.device)))
     corpus = corpus or Corpus.load(config.corpus)
     pairs, data_info = training_pairs(config, corpus)
-    device = pick_device(config.device)
+    kind_name = f"retriever:generative:{config.stage}"
+    if distributed and worker is None:  # the driver: claim the folder (refusals first), then launch the workers
+        from core.training.ray_train import run_workers
+        RunFolder(out, config, kind_name, resume=resume, overwrite=overwrite).close()
+        return run_workers("retrievers.generative.train:ray_entry", config, Path(out))
+    device = pick_device("cuda" if worker is not None and config.gpus_per_worker else
+                         "cpu" if worker is not None else config.device)
     model, tokenizer, base, base_fp = build_model(config)
     model.to(device)
-    run = RunFolder(out, config, f"retriever:generative:{config.stage}", resume=resume, overwrite=overwrite)
+    if worker is not None:  # the driver holds the folder; resume where a restarted worker group left off
+        run = RunFolder.attach(out, kind_name)
+        resume = last_checkpoint(run.checkpoints) is not None
+    else:
+        run = RunFolder(out, config, kind_name, resume=resume, overwrite=overwrite)
     kind = model_kind(model)
     spec = title_spec(model, tokenizer, config.prompt, config.title_end)
     targets = TargetEncoder(tokenizer, spec.start_token_id, spec.eos_token_id, max_length=config.max_target_length,
@@ -426,9 +440,15 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
     t0 = time.perf_counter()
     metrics = loop.fit()
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
-    run.write_metrics(metrics)
+    if worker is None or worker.is_main:
+        run.write_metrics(metrics)
     model.eval()
     return metrics
+
+
+def ray_entry(config: GenerativeTrainConfig, out: Path, worker: Any) -> None:
+    """One Ray Train worker of `train_generative` (core/training/ray_train.py)."""
+    train_generative(config, out, worker=worker)
 
 
 def resolve_run_references(values: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_two_ray_workers_train_like_one_worker_of_twice_the_batch_even_after_a_w
     """MNRL's in-batch negatives are gathered across workers: 2 x 3 examples must be one batch of 6. Worker 1
     dies after step 5 (one Ray run checks both, to keep the suite short); Ray restarts the group, which resumes
     from the step-4 checkpoint and must continue the same curve."""
-    from retrievers.dense_fit import FAULT_ENV
+    from core.training.ray_train import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "1:5")  # inherited by the local Ray that fit_dense starts
     one, _ = fit_dense(config(toy, max_steps=8), tmp_path / "one")

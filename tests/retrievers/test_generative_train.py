@@ -248,3 +248,21 @@ def test_cli_end_to_end(tiny, small_corpus, small_queries, tmp_path, capsys):
     assert 0.0 <= metrics["retrieval"]["Rprec"] <= 1.0 and metrics["n"] == 3
     ft_metrics = json.loads((ft / "metrics.json").read_text())
     assert ft_metrics["train_file"]["used"] == 3 and ft_metrics["peft"] == "full"
+
+
+def test_two_ray_workers_train_and_worker_zero_writes_the_run(tiny, small_corpus, tmp_path):
+    """`--workers 2`: the driver claims the folder, two Ray Train workers (gloo) train, worker 0 writes."""
+    import csv
+
+    from retrievers.generative.model import load_generative
+    from retrievers.generative.train import train_generative
+
+    run = tmp_path / "two"
+    metrics = train_generative(_config(small_corpus, tiny["bart"], max_steps=4, save_every=2, workers=2), run)
+    assert metrics["workers"] == 2 and metrics["steps"] == 4
+    with open(run / "curves.csv") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r["metric"] == "loss"]
+    assert steps == [1, 2, 3, 4]  # one writer: no step twice
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert (run / "model" / "config.json").exists() and load_generative(run)[0] is not None
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
