@@ -200,7 +200,7 @@ class TrainLoop:
 
             def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                              num_items_in_batch: Any = None) -> Any:
-                loss, logs = loop.loss_fn(inputs["batch"])
+                loss, logs = model(inputs["batch"])  # through DDP's wrapper when distributed: gradients synced
                 if not torch.isfinite(loss.detach()).all():  # before any update is made with it
                     loop._diverged(self.state.global_step + 1, f"the loss is {float(loss.detach())}", logs)
                 loop._last_logs = {"loss": float(loss.detach()), **logs}
@@ -221,7 +221,18 @@ class TrainLoop:
                                   eval_on_start=self.evaluate is not None, remove_unused_columns=False,
                                   dataloader_pin_memory=False, dataloader_drop_last=False,
                                   ddp_find_unused_parameters=True)  # frozen or unused parts of PEFT models
-        trainer = _LoopTrainer(model=self.model, args=args, train_dataset=_Indices(),
+        class _LossModule(torch.nn.Module):
+            """The model with the trainer's loss as its forward: what DDP wraps, so that every worker's
+            backward pass goes through DDP's gradient all-reduce (a loss closure calling the bare model
+            would not)."""
+            def __init__(self, inner: torch.nn.Module) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+                return loop.loss_fn(batch)
+
+        trainer = _LoopTrainer(model=_LossModule(self.model), args=args, train_dataset=_Indices(),
                                eval_dataset=[0] if self.evaluate is not None else None,  # our evaluate() ignores it
                                data_collator=lambda items: {"batch": loop.batch_for_step(int(items[0]))},
                                callbacks=[callback, *(fault_injection(self.worker.rank, self.run.path)

@@ -250,19 +250,36 @@ def test_cli_end_to_end(tiny, small_corpus, small_queries, tmp_path, capsys):
     assert ft_metrics["train_file"]["used"] == 3 and ft_metrics["peft"] == "full"
 
 
-def test_two_ray_workers_train_and_worker_zero_writes_the_run(tiny, small_corpus, tmp_path):
-    """`--workers 2`: the driver claims the folder, two Ray Train workers (gloo) train, worker 0 writes."""
+def test_two_ray_workers_train_like_one_worker_accumulating_two_batches(tiny, small_corpus, tmp_path):
+    """`--workers 2`: the driver claims the folder, two Ray Train workers (gloo) train, worker 0 writes. Worker r
+    takes micro-batches 2s+r of step s and DDP averages the gradients: one worker accumulating micro-batches 2s and
+    2s+1 must follow the same curve (dropout off)."""
     import csv
+
+    from transformers import BartForConditionalGeneration
 
     from retrievers.generative.model import load_generative
     from retrievers.generative.train import train_generative
 
+    model = BartForConditionalGeneration.from_pretrained(tiny["bart"])
+    model.config.dropout = model.config.attention_dropout = model.config.activation_dropout = 0.0
+    plain = tmp_path / "bart-no-dropout"
+    model.save_pretrained(plain)
+    _minilm_tokenizer().save_pretrained(plain)
+
+    def losses(run):
+        with open(run / "curves.csv") as fh:
+            return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(fh)
+                    if r["split"] == "train" and r["metric"] == "loss"]
+
+    one = tmp_path / "one"
+    train_generative(_config(small_corpus, plain, max_steps=4, save_every=2, gradient_accumulation_steps=2), one)
     run = tmp_path / "two"
-    metrics = train_generative(_config(small_corpus, tiny["bart"], max_steps=4, save_every=2, workers=2), run)
+    metrics = train_generative(_config(small_corpus, plain, max_steps=4, save_every=2, workers=2), run)
     assert metrics["workers"] == 2 and metrics["steps"] == 4
-    with open(run / "curves.csv") as fh:
-        steps = [int(r["step"]) for r in csv.DictReader(fh) if r["metric"] == "loss"]
-    assert steps == [1, 2, 3, 4]  # one writer: no step twice
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]  # one writer: no step twice
+    torch.testing.assert_close(torch.tensor([v for _, v in losses(run)]), torch.tensor([v for _, v in losses(one)]),
+                               rtol=0, atol=1e-4)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert (run / "model" / "config.json").exists() and load_generative(run)[0] is not None
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
