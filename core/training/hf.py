@@ -36,6 +36,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "optimizer_state.json"
 REPORTERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
 CHECKPOINT_PREFIX = "checkpoint-"
+REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
 def _check_report_to(value: str) -> None:
@@ -49,17 +50,19 @@ def _check_report_to(value: str) -> None:
 class ScaleConfig(TrainConfig):
     """TrainConfig plus what a library trainer can do: precision, accumulation, checkpointing, workers."""
 
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CPU or GPU)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPUs; a CPU without bf16 instructions runs "
+                                                       "it far slower than float32)"})
     fp16: bool = field(default=False, metadata={"help": "float16 autocast with loss scaling (GPU only)"})
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "batches per optimizer step (the effective batch is batch-size x this x workers)", "min": 1})
     gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass: less memory, about a third more time"})
+        "help": "recompute activations in the backward pass: less memory, more time (bench_training_throughput)"})
     report_to: str = field(default="csv", metadata={
         "help": "where curves go besides the run folder's curves.csv: csv (only that), tensorboard, wandb, mlflow",
         "check": _check_report_to})
     workers: int = field(default=1, metadata={
-        "help": "training processes (Ray Train, data parallel; in-batch negatives gathered across them)", "min": 1})
+        "help": "training processes on Ray Train (data parallel, --batch-size each; the dense retriever gathers "
+                "in-batch negatives across them)", "min": 1})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (needs GPUs or a Ray cluster "
                                                                   "that declares them)", "min": 0, "finite": True})
     cpus_per_worker: int = field(default=1, metadata={"help": "CPUs (and torch threads) per worker", "min": 1})
@@ -76,10 +79,10 @@ def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None 
     """The one-line refusals that must come before any work (the model check once it is loaded);
     `distributed=False`: a trainer that runs in one process refuses --workers/--gpus-per-worker."""
     if not distributed and (config.workers > 1 or config.gpus_per_worker):
-        raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the dense "
-                       "retriever has Ray Train); on a GPU use --device cuda")
+        raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the dense and "
+                       "generative retrievers have Ray Train); on a GPU use --device cuda")
     if config.fp16 and not device.startswith("cuda"):
-        raise RagError(f"--fp16 needs a CUDA GPU (this run is on {device}); use --bf16 on a CPU")
+        raise RagError(f"--fp16 needs a CUDA GPU (this run is on {device}); on a CPU train in float32")
     if config.gpus_per_worker and config.address is None and not torch.cuda.is_available():
         raise RagError("--gpus-per-worker: this machine has no GPU and no --address of a Ray cluster with GPUs "
                        "was given")
@@ -87,10 +90,10 @@ def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None 
         import importlib.util
         if importlib.util.find_spec("ray.train") is None:
             raise RagError("--workers/--gpus-per-worker need Ray Train: pip install 'ray[train]'")
-    if "tensorboard" in config.report_to:
+    for reporter, packages in REPORTER_PACKAGES.items():
         import importlib.util
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise RagError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        if reporter in config.report_to and not any(importlib.util.find_spec(p) for p in packages):
+            raise RagError(f"--report-to {reporter} needs the {packages[0]} package: pip install {packages[0]}")
     if model is not None and config.gradient_checkpointing:
         inner = _checkpointable(model)
         if inner is None:
