@@ -79,6 +79,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         enable_gradient_checkpointing,
         last_checkpoint,
         quiet_progress,
+        reporter_callbacks,
         step_zero_and_end,
         training_arguments,
     )
@@ -124,7 +125,8 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         loss = MultipleNegativesRankingLoss(st, scale=config.scale, gather_across_devices=world_size > 1)
     trainer = _trainer_class()(model=st, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
                                evaluator=_evaluator_class()(dev, config.eval_batch_size) if dev else None,
-                               callbacks=[callback, *(extra_callbacks or [])])
+                               callbacks=[callback, *reporter_callbacks(config, out, is_main),
+                                          *(extra_callbacks or [])])
     progress = quiet_progress(trainer)
     rss_start = current_rss_mb()
     t0 = time.perf_counter()

@@ -365,6 +365,9 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
         raise RagError(f"--loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     if resume:
         raise RagError("rag train reranker has no --resume yet: rerun the (short) training")
+    if config.report_to not in ("csv", "none"):
+        raise RagError(f"--report-to {config.report_to}: the re-ranker keeps its figures in metrics.json only for "
+                       "now (its short run is staged in a temporary folder)")
     if config.workers > 1 or config.gpus_per_worker:
         raise RagError("--workers/--gpus-per-worker: the re-ranker trains in one process for now (the dense "
                        "retriever has Ray Train); on a GPU use --device cuda")

@@ -122,8 +122,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def training_arguments(cls: Any, config: TrainConfig, output_dir: Path, device: str, **extra: Any) -> Any:
     """TrainingArguments (or a subclass) from a ScaleConfig: one schedule, one seed, no pickled extras."""
     # A plain TrainConfig (a trainer without the scale flags) gets ScaleConfig's defaults.
-    report_to = getattr(config, "report_to", "csv")
-    report = [r.strip() for r in report_to.split(",") if r.strip() not in ("", "none", "csv")]
+    report_to = getattr(config, "report_to", "csv")  # tensorboard: reporter_callbacks(), into the run folder
+    report = [r.strip() for r in report_to.split(",") if r.strip() not in ("", "none", "csv", "tensorboard")]
     eval_steps = config.eval_every or config.max_steps
     settings = dict(
         output_dir=str(output_dir), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
@@ -139,6 +139,20 @@ def training_arguments(cls: Any, config: TrainConfig, output_dir: Path, device: 
         ddp_find_unused_parameters=False)
     settings.update(extra)
     return cls(**settings)
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def reporter_callbacks(config: Any, run_path: Path, is_main: bool = True) -> list[Any]:
+    """`--report-to tensorboard`: event files in the run folder's `tensorboard/` (worker 0 only), not under the
+    trainer's checkpoint folder where transformers would put them."""
+    if not is_main or "tensorboard" not in getattr(config, "report_to", ""):
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_path / TENSORBOARD_DIR)))]
 
 
 class SafeCheckpoints:

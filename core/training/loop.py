@@ -167,7 +167,13 @@ class TrainLoop:
         from torch.utils.data import Dataset, SequentialSampler
         from transformers import Trainer, TrainingArguments
 
-        from core.training.hf import RunFolderCallback, SafeCheckpoints, quiet_progress, training_arguments
+        from core.training.hf import (
+            RunFolderCallback,
+            SafeCheckpoints,
+            quiet_progress,
+            reporter_callbacks,
+            training_arguments,
+        )
         from core.training.ray_train import fault_injection
 
         cfg, loop, world = self.config, self, self.worker.world_size
@@ -235,8 +241,8 @@ class TrainLoop:
         trainer = _LoopTrainer(model=_LossModule(self.model), args=args, train_dataset=_Indices(),
                                eval_dataset=[0] if self.evaluate is not None else None,  # our evaluate() ignores it
                                data_collator=lambda items: {"batch": loop.batch_for_step(int(items[0]))},
-                               callbacks=[callback, *(fault_injection(self.worker.rank, self.run.path)
-                                                      if world > 1 else [])])
+                               callbacks=[callback, *reporter_callbacks(cfg, self.run.path, self.worker.is_main),
+                                          *(fault_injection(self.worker.rank, self.run.path) if world > 1 else [])])
         progress = quiet_progress(trainer)
         if getattr(cfg, "gradient_checkpointing", False):
             from core.training.hf import enable_gradient_checkpointing

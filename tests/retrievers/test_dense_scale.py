@@ -177,3 +177,14 @@ def test_cli_prints_the_untuned_and_the_final_dev_score_and_says_when_worse(toy,
     assert "0.7500 at step 0 (untuned) -> 0.6670 at the end (-0.0830)" in lines[0] and "WORSE" in lines[0]
     report_change({"Rprec": 0.5}, {"Rprec": 0.6}, "Rprec", lines.append)
     assert "WORSE" not in lines[1]
+
+
+def test_report_to_tensorboard_writes_event_files_into_the_run_folder(toy, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit_dense(config(toy, max_steps=3, report_to="tensorboard"), tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]

@@ -113,6 +113,8 @@ def test_bf16_checkpointing_and_accumulation_run_and_refusals_come_first(toy, tm
         train_reranker(_config(toy, workers=2), tmp_path / "w")
     with pytest.raises(RagError, match="--fp16 needs a CUDA GPU"):
         train_reranker(_config(toy, fp16=True), tmp_path / "f")
+    with pytest.raises(RagError, match="--report-to tensorboard: the re-ranker keeps its figures in metrics.json"):
+        train_reranker(_config(toy, report_to="tensorboard"), tmp_path / "t")
     assert not (tmp_path / "w").exists() and not (tmp_path / "f").exists()
 
 
