@@ -81,12 +81,11 @@ def train_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False,
 
 
 def _refuse_scale_for_moe(config: DenseTrainConfig) -> None:
-    """MoE heads train through core.training's TrainLoop (transformers' Trainer, one process)."""
-    asked = [flag for flag, on in (("--workers", config.workers > 1), ("--gpus-per-worker", config.gpus_per_worker),
-                                   ("--mini-batch-size", config.mini_batch_size)) if on]
-    if asked:
-        raise RagError(f"{', '.join(asked)}: not available with --moe-experts yet (MoE heads train in one process "
-                       "with the plain MNRL loss)")
+    """MoE heads train through core.training's TrainLoop (transformers' Trainer; on Ray Train with --workers,
+    each worker its own micro-batches, as accumulation would)."""
+    if config.mini_batch_size:
+        raise RagError("--mini-batch-size: not available with --moe-experts yet (MoE heads train with the plain "
+                       "MNRL loss)")
 
 
 def _fit_library(config: DenseTrainConfig, out: Path, resume: bool, overwrite: bool, corpus) -> tuple[dict, Any]:
@@ -106,8 +105,9 @@ def _fit_library(config: DenseTrainConfig, out: Path, resume: bool, overwrite: b
 
 
 def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-              corpus=None) -> tuple[dict[str, Any], Any]:
-    """train_dense, also returning the trained model (tests compare it with the reloaded run folder)."""
+              corpus=None, worker: Any = None) -> tuple[dict[str, Any], Any]:
+    """train_dense, also returning the trained model (tests compare it with the reloaded run folder).
+    `worker` is set inside a Ray Train worker of the MoE path (core/training/ray_train.py)."""
     import torch
     from sentence_transformers.base.losses.merged_forward import embed_columns
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -125,22 +125,32 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
         raise RagError("--corpus and --train are required")
     overrides = {} if config.rank is None else {"rank": config.rank}
     peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before any work
-    check_scale(config, str(pick_device(config.device)) if config.workers == 1 else
-                ("cuda" if config.gpus_per_worker else "cpu"))
+    distributed = config.workers > 1 or bool(config.gpus_per_worker)
+    if worker is None:
+        check_scale(config, "cuda" if config.gpus_per_worker else str(pick_device(config.device)))
     corpus = corpus or Corpus.load(config.corpus)
     moe_cfg = moe_config_for(config, corpus_domains(corpus, config.domain_field))
     if moe_cfg is None:  # the library trainer (retrievers/dense_fit.py)
         return _fit_library(config, Path(out), resume, overwrite, corpus)
     _refuse_scale_for_moe(config)
     data = build_training_data(config, corpus)
+    if distributed and worker is None:  # the driver: claim the folder (refusals first), then launch the workers
+        from core.training.ray_train import run_workers
+        RunFolder(out, config, "retriever:dense", resume=resume, overwrite=overwrite).close()
+        return run_workers("retrievers.dense_train:moe_ray_entry", config, Path(out)), load_dense_run(out)
     evaluator = (DevEvaluator(corpus, config.dev, config.eval_docs, config.eval_seed, config.words_per_passage,
                               config.domain_field, config.eval_batch_size,
                               bm25_index=_bm25_index_for(config, corpus) if config.eval_bm25_docs else None,
                               bm25_docs=config.eval_bm25_docs) if config.dev else None)
 
-    device = str(pick_device(config.device))
+    device = str(pick_device(("cuda" if config.gpus_per_worker else "cpu") if worker is not None else config.device))
     model, st, base_params, base_fingerprint = build_model(config, corpus_domains(corpus, config.domain_field), device)
-    run = RunFolder(out, config, "retriever:dense", resume=resume, overwrite=overwrite)
+    if worker is not None:  # the driver holds the folder; resume where a restarted worker group left off
+        from core.training.hf import last_checkpoint
+        run = RunFolder.attach(out, "retriever:dense")
+        resume = last_checkpoint(run.checkpoints) is not None
+    else:
+        run = RunFolder(out, config, "retriever:dense", resume=resume, overwrite=overwrite)
     mnrl = MultipleNegativesRankingLoss(model, scale=config.scale)
 
     if moe_cfg is not None:
@@ -192,6 +202,12 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
         metrics["dev_by_domain"] = evaluator.last_by_domain
         if moe_cfg is not None:
             metrics["dev_by_domain_oracle"] = evaluator.last_by_domain_oracle
-    run.write_metrics(metrics)
+    if worker is None or worker.is_main:
+        run.write_metrics(metrics)
     model.eval()
     return metrics, model
+
+
+def moe_ray_entry(config: DenseTrainConfig, out: Path, worker: Any) -> None:
+    """One Ray Train worker of the MoE path (core/training/ray_train.py)."""
+    fit_dense(config, out, worker=worker)

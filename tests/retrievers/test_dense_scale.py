@@ -142,7 +142,7 @@ def test_saved_model_loads_in_plain_sentence_transformers(toy, tmp_path, method)
     (["--fp16"], "--fp16 needs a CUDA GPU"),
     (["--gpus-per-worker", "1"], "--gpus-per-worker: this machine has no GPU"),
     (["--report-to", "slack"], "--report-to"),
-    (["--moe-experts", "3", "--workers", "2"], "not available with --moe-experts"),
+    (["--moe-experts", "3", "--mini-batch-size", "2"], "not available with --moe-experts"),
 ])
 def test_bad_scale_flags_are_one_line_errors_before_any_work(toy, tmp_path, capsys, flags, message):
     try:
@@ -188,3 +188,16 @@ def test_report_to_tensorboard_writes_event_files_into_the_run_folder(toy, tmp_p
     events.Reload()
     assert "train/loss" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_moe_heads_on_two_ray_workers_follow_one_worker_accumulating_two_batches(toy, tmp_path):
+    """Each worker takes its own domain-homogeneous micro-batch and DDP averages the gradients: the curve of one
+    worker accumulating the same two micro-batches."""
+    fit_dense(config(toy, moe_experts=3, max_steps=4, lr=5e-2, gradient_accumulation_steps=2), tmp_path / "one")
+    two, model = fit_dense(config(toy, moe_experts=3, max_steps=4, lr=5e-2, workers=2), tmp_path / "two")
+    assert two["workers"] == 2 and (tmp_path / "two" / "moe.safetensors").exists()
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-4)
+    domains = ["Animals", "Cities", None]
+    one_model = load_encoder(str(tmp_path / "one"))
+    np.testing.assert_allclose(model.encode(TEXTS, domains=domains),
+                               one_model.model.encode(TEXTS, domains=domains), atol=1e-4)
