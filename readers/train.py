@@ -142,9 +142,15 @@ def lora_targets(model: Any, spec: str) -> list[str] | None:
     return sorted(names)
 
 
+def ray_entry(cfg: ReaderTrainConfig, out: Path, worker: Any) -> None:
+    """One Ray Train worker of `train_reader` (core/training/ray_train.py)."""
+    train_reader(cfg, out, worker=worker)
+
+
 def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-                 retriever: Any = None) -> dict[str, Any]:
-    """Train one reader into `out`; returns the metrics written to metrics.json."""
+                 retriever: Any = None, worker: Any = None) -> dict[str, Any]:
+    """Train one reader into `out`; returns the metrics written to metrics.json. With `--workers N` the driver
+    claims the run folder and N Ray Train workers train (`worker` is set in them: core/training/ray_train.py)."""
     import torch
 
     from core.errors import RagError
@@ -158,8 +164,11 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     cit = CITConfig(cfg.cit_weight, cfg.cit_margin, cfg.cit_margin_relative)  # bad values: one line, before any work
     if cfg.peft_targets and cfg.peft != "lora":
         raise RagError(f"--peft-targets applies to --peft lora, not {cfg.peft}")
-    from core.training.hf import check_scale
-    check_scale(cfg, str(pick_device(cfg.device)), distributed=False)
+    from core.training.hf import check_scale, last_checkpoint
+    distributed = cfg.workers > 1 or bool(cfg.gpus_per_worker)
+    if worker is None:
+        check_scale(cfg, "cuda" if cfg.gpus_per_worker else str(pick_device(cfg.device)))
+    device = ("cuda" if cfg.gpus_per_worker else "cpu") if worker is not None else cfg.device
     from core.io import read_jsonl
 
     if not any(_answers(row) for row in read_jsonl(cfg.train)):
@@ -167,9 +176,17 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     # The model is loaded (and refused if it is the wrong kind) before the run folder is written.
     reader_cfg = ReaderConfig(max_passage_tokens=cfg.max_passage_tokens, max_answer_tokens=cfg.max_answer_tokens,
                               cit_proxy=cfg.cit_proxy)
-    reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=cfg.device)
+    reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=device)
     reader.cit_proxy()  # a proxy the kind lacks is refused here
-    run = RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite)
+    if distributed and worker is None:  # the driver: claim the folder (refusals first), then launch the workers
+        from core.training.ray_train import run_workers
+        RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite).close()
+        return run_workers("readers.train:ray_entry", cfg, Path(out))
+    if worker is not None:  # the driver holds the folder; resume where a restarted worker group left off
+        run = RunFolder.attach(out, f"reader:{cfg.kind}")
+        resume = last_checkpoint(run.checkpoints) is not None
+    else:
+        run = RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite)
     cache_dir = run.path / RETRIEVAL_DIR
     train_set, retriever = retrieve_cached(cache_dir, "train", cfg.train, cfg.index, cfg.k, retriever)
     train_set = [e for e in train_set if e.answers]
@@ -188,7 +205,7 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
         targets = lora_targets(reader.model, cfg.peft_targets)
         reader.model = (apply_peft(reader.model, cfg.peft, target_modules=targets) if targets
                         else apply_peft(reader.model, cfg.peft))
-    reader.to(pick_device(cfg.device))
+    reader.to(pick_device(device))
     reference_mode = None
     if reference is not None:
         from core.peft import can_disable_adapters
@@ -228,7 +245,7 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     loop = TrainLoop(run, reader.model, cfg, batch_for_step, loss_fn, evaluate if dev_set else None,
                      save_final=save_final, resume=resume)
     metrics = loop.fit()
-    if dev_set:  # predictions of the final reader, for inspection
+    if dev_set and (worker is None or worker.is_main):  # predictions of the final reader, for inspection
         from core.io import write_jsonl
         preds = answer_examples(reader, dev_set, cfg.eval_batch_size)
         write_jsonl(run.path / "dev_predictions.jsonl", guess_rows(dev_set, preds))

@@ -79,8 +79,8 @@ def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None 
     """The one-line refusals that must come before any work (the model check once it is loaded);
     `distributed=False`: a trainer that runs in one process refuses --workers/--gpus-per-worker."""
     if not distributed and (config.workers > 1 or config.gpus_per_worker):
-        raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the dense and "
-                       "generative retrievers have Ray Train); on a GPU use --device cuda")
+        raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the retrievers and "
+                       "readers have Ray Train); on a GPU use --device cuda")
     if config.fp16 and not device.startswith("cuda"):
         raise RagError(f"--fp16 needs a CUDA GPU (this run is on {device}); on a CPU train in float32")
     if config.gpus_per_worker and config.address is None and not torch.cuda.is_available():

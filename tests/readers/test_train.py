@@ -326,3 +326,33 @@ def test_readers_answer_in_bfloat16_only_on_a_gpu_that_has_it(monkeypatch):
     assert inference_dtype(torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # before Ampere
     assert inference_dtype(torch.device("cuda")) == torch.float32
+
+
+def test_reader_with_cit_on_two_ray_workers_follows_one_worker_accumulating_two_batches(setup, tmp_path,
+                                                                                         bert_tokenizer):
+    """`--workers 2`: each worker its own micro-batch (CIT penalty included), gradients all-reduced; the curve
+    of one worker accumulating the same two micro-batches (dropout off). Worker 0 alone writes the run."""
+    import csv
+
+    from transformers import T5ForConditionalGeneration
+
+    root, models = setup
+    model = T5ForConditionalGeneration.from_pretrained(models["fid"])
+    model.config.dropout_rate = 0.0
+    plain = tmp_path / "t5-no-dropout"
+    model.save_pretrained(plain)
+    bert_tokenizer.save_pretrained(plain)
+
+    def losses(run):
+        with open(run / "curves.csv") as fh:
+            return [float(r["value"]) for r in csv.DictReader(fh) if r["split"] == "train" and r["metric"] == "loss"]
+
+    extra = ["--cit-weight", "1.0", "--eval-every", "0", "--save-every", "0", "--log-every", "1"]
+    assert main(train_args(root, str(plain), "fid", tmp_path / "one", *extra,
+                           "--gradient-accumulation-steps", "2")) == 0
+    assert main(train_args(root, str(plain), "fid", tmp_path / "two", *extra, "--workers", "2")) == 0
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and len(losses(tmp_path / "two")) == 4
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
+                               rtol=0, atol=1e-4)
+    assert (tmp_path / "two" / "reader" / "config.json").exists()
