@@ -369,8 +369,9 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
         raise RagError(f"--report-to {config.report_to}: the re-ranker keeps its figures in metrics.json only for "
                        "now (its short run is staged in a temporary folder)")
     if config.workers > 1 or config.gpus_per_worker:
-        raise RagError("--workers/--gpus-per-worker: the re-ranker trains in one process for now (the dense "
-                       "retriever has Ray Train); on a GPU use --device cuda")
+        raise RagError("--workers/--gpus-per-worker: the re-ranker trains in one process for now (its listwise "
+                       "loss scores each candidate in a separate forward pass, which DDP refuses); on a GPU use "
+                       "--device cuda")
     from core.training.hf import check_scale
     from core.training.loop import pick_device
     device = str(pick_device(config.device))
