@@ -154,7 +154,7 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     import torch
 
     from core.errors import RagError
-    from core.training import RunFolder, TrainLoop
+    from core.training import TrainLoop
     from core.training.loop import EpochSampler, pick_device
     from readers.base import ReaderConfig, load_reader, save_reader
     from readers.cit import REFERENCE_FILE, CITConfig, CITObjective, ReferenceNLL
@@ -164,11 +164,11 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
     cit = CITConfig(cfg.cit_weight, cfg.cit_margin, cfg.cit_margin_relative)  # bad values: one line, before any work
     if cfg.peft_targets and cfg.peft != "lora":
         raise RagError(f"--peft-targets applies to --peft lora, not {cfg.peft}")
-    from core.training.hf import check_scale, last_checkpoint
-    distributed = cfg.workers > 1 or bool(cfg.gpus_per_worker)
+    from core.training.hf import check_scale
+    from core.training.ray_train import launch, open_run, worker_device
     if worker is None:
-        check_scale(cfg, "cuda" if cfg.gpus_per_worker else str(pick_device(cfg.device)))
-    device = ("cuda" if cfg.gpus_per_worker else "cpu") if worker is not None else cfg.device
+        check_scale(cfg)
+    device = worker_device(cfg, worker)
     from core.io import read_jsonl
 
     if not any(_answers(row) for row in read_jsonl(cfg.train)):
@@ -178,15 +178,9 @@ def train_reader(cfg: ReaderTrainConfig, out: str | Path, resume: bool = False, 
                               cit_proxy=cfg.cit_proxy)
     reader = load_reader(cfg.kind, cfg.model, reader_cfg, device=device)
     reader.cit_proxy()  # a proxy the kind lacks is refused here
-    if distributed and worker is None:  # the driver: claim the folder (refusals first), then launch the workers
-        from core.training.ray_train import run_workers
-        RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite).close()
-        return run_workers("readers.train:ray_entry", cfg, Path(out))
-    if worker is not None:  # the driver holds the folder; resume where a restarted worker group left off
-        run = RunFolder.attach(out, f"reader:{cfg.kind}")
-        resume = last_checkpoint(run.checkpoints) is not None
-    else:
-        run = RunFolder(out, cfg, f"reader:{cfg.kind}", resume=resume, overwrite=overwrite)
+    if (cfg.workers > 1 or cfg.gpus_per_worker) and worker is None:
+        return launch("readers.train:ray_entry", cfg, out, f"reader:{cfg.kind}", resume, overwrite)
+    run, resume = open_run(out, cfg, f"reader:{cfg.kind}", resume, overwrite, worker)
     cache_dir = run.path / RETRIEVAL_DIR
     train_set, retriever = retrieve_cached(cache_dir, "train", cfg.train, cfg.index, cfg.k, retriever)
     train_set = [e for e in train_set if e.answers]

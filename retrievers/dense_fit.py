@@ -22,7 +22,6 @@ from core.errors import RagError
 logger = logging.getLogger(__name__)
 
 KIND = "retriever:dense"
-TRAINER_DIR = "checkpoints"
 
 
 def _evaluator_class() -> type:
@@ -77,7 +76,6 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         RunFolderCallback,
         check_scale,
         enable_gradient_checkpointing,
-        last_checkpoint,
         quiet_progress,
         reporter_callbacks,
         step_zero_and_end,
@@ -109,11 +107,11 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
     if data.negatives is not None:
         columns["negative"] = data.negatives
     run = RunFolder.attach(out, KIND)
-    resume_from = last_checkpoint(out / TRAINER_DIR)
+    resume_from = run.latest_checkpoint()
     if resume_from is not None and is_main:
         run.truncate_curves(int(resume_from.name.split("-")[1]))
     callback = RunFolderCallback(run, evaluates=dev is not None, is_main=is_main)
-    args = training_arguments(SentenceTransformerTrainingArguments, config, out / TRAINER_DIR, device,
+    args = training_arguments(SentenceTransformerTrainingArguments, config, run.checkpoints, device,
                               batch_sampler=(BatchSamplers.NO_DUPLICATES if config.batch_sampler == "no_duplicates"
                                              else BatchSamplers.BATCH_SAMPLER), eval_on_start=dev is not None,
                               ddp_find_unused_parameters=True,  # e.g. BERT's pooler: mean pooling never uses it

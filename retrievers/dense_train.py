@@ -114,7 +114,7 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
 
     from core.corpus import Corpus
     from core.peft import peft_config
-    from core.training import RunFolder, TrainLoop
+    from core.training import TrainLoop
     from core.training.hf import check_scale
     from core.training.loop import EpochSampler, pick_device
     from retrievers.encoders import DenseEncoder
@@ -125,32 +125,27 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
         raise RagError("--corpus and --train are required")
     overrides = {} if config.rank is None else {"rank": config.rank}
     peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before any work
-    distributed = config.workers > 1 or bool(config.gpus_per_worker)
     if worker is None:
-        check_scale(config, "cuda" if config.gpus_per_worker else str(pick_device(config.device)))
+        check_scale(config)
     corpus = corpus or Corpus.load(config.corpus)
     moe_cfg = moe_config_for(config, corpus_domains(corpus, config.domain_field))
     if moe_cfg is None:  # the library trainer (retrievers/dense_fit.py)
         return _fit_library(config, Path(out), resume, overwrite, corpus)
     _refuse_scale_for_moe(config)
     data = build_training_data(config, corpus)
-    if distributed and worker is None:  # the driver: claim the folder (refusals first), then launch the workers
-        from core.training.ray_train import run_workers
-        RunFolder(out, config, "retriever:dense", resume=resume, overwrite=overwrite).close()
-        return run_workers("retrievers.dense_train:moe_ray_entry", config, Path(out)), load_dense_run(out)
+    if (config.workers > 1 or config.gpus_per_worker) and worker is None:
+        from core.training.ray_train import launch
+        metrics = launch("retrievers.dense_train:moe_ray_entry", config, out, "retriever:dense", resume, overwrite)
+        return metrics, load_dense_run(out)
     evaluator = (DevEvaluator(corpus, config.dev, config.eval_docs, config.eval_seed, config.words_per_passage,
                               config.domain_field, config.eval_batch_size,
                               bm25_index=_bm25_index_for(config, corpus) if config.eval_bm25_docs else None,
                               bm25_docs=config.eval_bm25_docs) if config.dev else None)
 
-    device = str(pick_device(("cuda" if config.gpus_per_worker else "cpu") if worker is not None else config.device))
+    from core.training.ray_train import open_run, worker_device
+    device = str(pick_device(worker_device(config, worker)))
     model, st, base_params, base_fingerprint = build_model(config, corpus_domains(corpus, config.domain_field), device)
-    if worker is not None:  # the driver holds the folder; resume where a restarted worker group left off
-        from core.training.hf import last_checkpoint
-        run = RunFolder.attach(out, "retriever:dense")
-        resume = last_checkpoint(run.checkpoints) is not None
-    else:
-        run = RunFolder(out, config, "retriever:dense", resume=resume, overwrite=overwrite)
+    run, resume = open_run(out, config, "retriever:dense", resume, overwrite, worker)
     mnrl = MultipleNegativesRankingLoss(model, scale=config.scale)
 
     if moe_cfg is not None:

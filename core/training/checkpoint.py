@@ -1,16 +1,12 @@
-"""Checkpoints without pickle: tensors in safetensors, everything else (steps, RNG, hyper-params) in JSON."""
+"""Checkpoint state without pickle: the optimizer split into tensors (safetensors) and a JSON remainder, and the
+RNG state as JSON. core/training/hf.py's SafeCheckpoints writes transformers' checkpoints with them."""
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-
-from core.io import atomic_dir, read_json
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -49,20 +45,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    scheduler: Any, step: int, extra: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint folder atomically (weights, optimizer tensors, JSON state)."""
-    with atomic_dir(folder, overwrite=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-        opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        state = {"step": step, "optimizer": opt_meta, "rng": rng_state(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None, "extra": extra or {}}
-        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-
-
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    return (load_file(str(folder / "weights.safetensors")), load_file(str(folder / "optimizer.safetensors")),
-            read_json(folder / "state.json"))

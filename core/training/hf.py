@@ -74,13 +74,12 @@ class ScaleConfig(TrainConfig):
             raise RagError("--bf16 and --fp16 exclude each other: choose one")
 
 
-def check_scale(config: ScaleConfig, device: str, model: torch.nn.Module | None = None,
-                distributed: bool = True) -> None:
-    """The one-line refusals that must come before any work (the model check once it is loaded);
-    `distributed=False`: a trainer that runs in one process refuses --workers/--gpus-per-worker."""
-    if not distributed and (config.workers > 1 or config.gpus_per_worker):
-        raise RagError("--workers/--gpus-per-worker: this trainer runs in one process for now (the retrievers and "
-                       "readers have Ray Train); on a GPU use --device cuda")
+def check_scale(config: ScaleConfig, device: str | None = None, model: torch.nn.Module | None = None) -> None:
+    """The one-line refusals that must come before any work (the model check once it is loaded). `device`
+    defaults to where the run will train: cuda with --gpus-per-worker, else the asked (or picked) device."""
+    if device is None:
+        from core.training.loop import pick_device
+        device = "cuda" if config.gpus_per_worker else str(pick_device(config.device))
     if config.fp16 and not device.startswith("cuda"):
         raise RagError(f"--fp16 needs a CUDA GPU (this run is on {device}); on a CPU train in float32")
     if config.gpus_per_worker and config.address is None and not torch.cuda.is_available():
@@ -285,12 +284,8 @@ class RunFolderCallback:
                     if is_main:
                         run.log(state.global_step, "train", values)
                     what = "the loss" if "loss" in bad else "the gradient norm"
-                    last = last_checkpoint(Path(args.output_dir))
-                    kept = (f"the last checkpoint before it is kept at {last}" if last is not None
-                            else "no checkpoint had been saved yet")
-                    raise RagError(f"training diverged at step {state.global_step}: {what} is {next(iter(bad.values()))}"
-                                   f" (lr {args.learning_rate:g}); the run is stopped, {kept}. A lower --lr (or "
-                                   "--grad-clip) usually helps")
+                    raise diverged(state.global_step, f"{what} is {next(iter(bad.values()))}", args.learning_rate,
+                                   Path(args.output_dir))
                 if "loss" in values:
                     if extra_logs is not None:  # the trainer's own figures of its last step (e.g. CIT terms)
                         values = {**{k: v for k, v in extra_logs().items() if k != "loss"}, **values}
@@ -345,6 +340,14 @@ def last_checkpoint(folder: Path) -> Path | None:
     done = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if done else None
+
+
+def diverged(step: int, what: str, lr: float, checkpoints: Path) -> RagError:
+    """The error that stops a run whose loss or gradients are no longer finite, naming the checkpoint kept."""
+    last = last_checkpoint(checkpoints)
+    kept = f"the last checkpoint before it is kept at {last}" if last is not None else "no checkpoint had been saved yet"
+    return RagError(f"training diverged at step {step}: {what} (lr {lr:g}); the run is stopped, {kept}. A lower "
+                    "--lr (or --grad-clip) usually helps")
 
 
 def step_zero_and_end(dev_by_step: dict[int, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:

@@ -110,7 +110,7 @@ class TrainLoop:
                 params[name].copy_(value)
 
     def fit(self) -> dict[str, Any]:
-        from core.training.hf import last_checkpoint, step_zero_and_end
+        from core.training.hf import step_zero_and_end
 
         cfg = self.config
         params = [p for p in (self.params or self.model.parameters()) if p.requires_grad]
@@ -123,7 +123,7 @@ class TrainLoop:
             raise RagError("--workers/--gpus-per-worker: this trainer was not started on Ray Train "
                            "(core/training/ray_train.py run_workers)")
         start_step = 0
-        resume_from = last_checkpoint(self.run.checkpoints) if self.resume else None
+        resume_from = self.run.latest_checkpoint() if self.resume else None
         if resume_from is not None:
             start_step = int(resume_from.name.split("-")[1])
             if self.worker.is_main:
@@ -252,15 +252,11 @@ class TrainLoop:
     def _diverged(self, step: int, what: str, logs: dict[str, float]) -> None:
         """Stop a run whose loss is no longer finite: no update is made with it, nothing is saved over the
         checkpoints already written, no metrics.json claims a finished run."""
-        from core.training.hf import last_checkpoint
+        from core.training.hf import diverged
 
         if getattr(self, "worker", None) is None or self.worker.is_main:
             self.run.log(step, "train", {"loss": float("nan"), **logs})
-        last = last_checkpoint(self.run.checkpoints)
-        kept = (f"the last checkpoint before it is kept at {last}" if last is not None
-                else "no checkpoint had been saved yet")
-        raise RagError(f"training diverged at step {step}: {what} (lr {self.config.lr:g}); the run is stopped, "
-                       f"{kept}. A lower --lr (or --grad-clip) usually helps")
+        raise diverged(step, what, self.config.lr, self.run.checkpoints)
 
     def _eval(self) -> dict[str, float]:
         assert self.evaluate is not None

@@ -33,6 +33,34 @@ class WorkerInfo:
         return self.rank == 0
 
 
+def launch(entry: str, config: Any, out: str | Path, kind: str, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """The driver's part: claim the run folder (its refusals come before any work) and hold it while the
+    workers run `entry`; returns the metrics worker 0 wrote."""
+    from core.training.run import RunFolder
+
+    with RunFolder(out, config, kind, resume=resume, overwrite=overwrite):
+        return run_workers(entry, config, Path(out))
+
+
+def open_run(out: str | Path, config: Any, kind: str, resume: bool, overwrite: bool,
+             worker: WorkerInfo | None) -> tuple[Any, bool]:
+    """(run folder, resume?): claimed here outside Ray; inside a worker, the driver's folder, resumed where a
+    restarted worker group left off."""
+    from core.training.run import RunFolder
+
+    if worker is None:
+        return RunFolder(out, config, kind, resume=resume, overwrite=overwrite), resume
+    run = RunFolder.attach(out, kind)
+    return run, run.latest_checkpoint() is not None
+
+
+def worker_device(config: Any, worker: WorkerInfo | None) -> str | None:
+    """Where this process trains: a Ray worker on its GPU, or its CPU; elsewhere the asked device."""
+    if worker is None:
+        return config.device
+    return "cuda" if config.gpus_per_worker else "cpu"
+
+
 def _load(ref: str) -> Any:
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)

@@ -363,7 +363,7 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
     `--gpus-per-worker`) the driver claims the run folder and N Ray Train workers train (`worker` is set in
     them: core/training/ray_train.py); each micro-batch index goes to one worker, so a step sees N batches."""
     from core.corpus import Corpus
-    from core.training import RunFolder, TrainLoop
+    from core.training import TrainLoop
     from core.training.loop import EpochSampler, pick_device
     from retrievers.generative.model import CAUSAL, model_kind, save_run_model, title_spec
     from retrievers.generative.prompt import PromptEncoder
@@ -375,26 +375,19 @@ def train_generative(config: GenerativeTrainConfig, out: str | Path, resume: boo
                        f"{', '.join(method_names(seq2seq=True))}")
     if not config.corpus:
         raise RagError("--corpus is required (the titles the model learns to generate)")
-    from core.training.hf import check_scale, last_checkpoint
-    distributed = config.workers > 1 or bool(config.gpus_per_worker)
+    from core.training.hf import check_scale
+    from core.training.ray_train import launch, open_run, worker_device
     if worker is None:
-        check_scale(config, "cuda" if config.gpus_per_worker else str(pick_device(config.device)))
+        check_scale(config)
     corpus = corpus or Corpus.load(config.corpus)
     pairs, data_info = training_pairs(config, corpus)
     kind_name = f"retriever:generative:{config.stage}"
-    if distributed and worker is None:  # the driver: claim the folder (refusals first), then launch the workers
-        from core.training.ray_train import run_workers
-        RunFolder(out, config, kind_name, resume=resume, overwrite=overwrite).close()
-        return run_workers("retrievers.generative.train:ray_entry", config, Path(out))
-    device = pick_device("cuda" if worker is not None and config.gpus_per_worker else
-                         "cpu" if worker is not None else config.device)
+    if (config.workers > 1 or config.gpus_per_worker) and worker is None:
+        return launch("retrievers.generative.train:ray_entry", config, out, kind_name, resume, overwrite)
+    device = pick_device(worker_device(config, worker))
     model, tokenizer, base, base_fp = build_model(config)
     model.to(device)
-    if worker is not None:  # the driver holds the folder; resume where a restarted worker group left off
-        run = RunFolder.attach(out, kind_name)
-        resume = last_checkpoint(run.checkpoints) is not None
-    else:
-        run = RunFolder(out, config, kind_name, resume=resume, overwrite=overwrite)
+    run, resume = open_run(out, config, kind_name, resume, overwrite, worker)
     kind = model_kind(model)
     spec = title_spec(model, tokenizer, config.prompt, config.title_end)
     targets = TargetEncoder(tokenizer, spec.start_token_id, spec.eos_token_id, max_length=config.max_target_length,
