@@ -1,9 +1,12 @@
-"""Tiny sentence-transformers encoders and a toy corpus with domains, shared by the dense-training tests."""
+"""Tiny sentence-transformers encoders, a stable fake embedding model and a toy corpus with domains, shared by the
+dense-training and dense-build tests."""
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TOPICS = {
@@ -69,3 +72,29 @@ def build_tiny_st(out: Path, hidden: int = 32, layers: int = 2, seed: int = 0, d
                              device="cpu")
     st.save(str(out))
     return out
+
+
+class StableModel:
+    """Hashed bag-of-words embeddings seeded by crc32 (not `hash`), so every Ray worker agrees; `device` as asked."""
+
+    def __init__(self, dim: int = 16, device: str = "cpu") -> None:
+        self.dim, self.device, self.casts = dim, device, []
+
+    def get_embedding_dimension(self) -> int:
+        return self.dim
+
+    def to(self, dtype):  # what a cast in place does to a torch module: returns itself
+        self.casts.append(str(dtype))
+        return self
+
+    def encode(self, texts, batch_size=32, normalize_embeddings=True, **_):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                out[i] += np.random.default_rng(zlib.crc32(word.encode())).standard_normal(self.dim)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def stable_encoder():
+    from retrievers.encoders import DenseEncoder
+    return DenseEncoder(StableModel(), "fake")

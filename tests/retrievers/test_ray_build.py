@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,31 +23,11 @@ from index.manifest import read_manifest
 from retrievers.dense_build import DenseBuildConfig, build_dense_index, shard_path, shard_ranges, staging_dir
 from retrievers.encoders import DenseEncoder
 from retrievers.ray_build import ray_encode_shards
+from tests.retrievers.dense_fixtures import StableModel, stable_encoder
 
 SHARD = 8
 DOCS = [{"id": f"d{i}", "title": f"Doc {i}", "text": f"passage number {i} about topic t{i % 7} with word w{i} "
          f"and some shared filler text"} for i in range(40)]  # one passage each: 40 passages, 5 shards
-
-
-class StableModel:
-    """Hashed bag-of-words embeddings seeded by crc32 (not `hash`), so every Ray worker agrees."""
-
-    def __init__(self, dim: int = 16) -> None:
-        self.dim = dim
-
-    def get_embedding_dimension(self) -> int:
-        return self.dim
-
-    def encode(self, texts, batch_size=32, normalize_embeddings=True, **_):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in text.lower().split():
-                out[i] += np.random.default_rng(zlib.crc32(word.encode())).standard_normal(self.dim)
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-
-def stable_encoder() -> DenseEncoder:
-    return DenseEncoder(StableModel(), "fake")
 
 
 class DyingEncoder(DenseEncoder):

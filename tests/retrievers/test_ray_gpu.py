@@ -13,7 +13,6 @@ import re
 import shutil
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,35 +34,11 @@ from retrievers.dense_build import (
 )
 from retrievers.encoders import CPU_BATCH_SIZE, GPU_BATCH_SIZE, DenseEncoder
 from retrievers.ray_build import check_gpus, cluster_gpus, default_workers, ray_encode_shards, use_cpus
+from tests.retrievers.dense_fixtures import StableModel, stable_encoder
 
 SHARD = 8
 DOCS = [{"id": f"d{i}", "title": f"Doc {i}", "text": f"passage {i} on topic t{i % 5} with word w{i}"}
         for i in range(40)]  # one passage each: 40 passages, 5 shards
-
-
-class StableModel:
-    """Hashed bag-of-words embeddings seeded by crc32, so every Ray worker agrees; `device` as asked."""
-
-    def __init__(self, dim: int = 16, device: str = "cpu") -> None:
-        self.dim, self.device, self.casts = dim, device, []
-
-    def get_embedding_dimension(self) -> int:
-        return self.dim
-
-    def to(self, dtype):  # what a cast in place does to a torch module: returns itself
-        self.casts.append(str(dtype))
-        return self
-
-    def encode(self, texts, batch_size=32, normalize_embeddings=True, **_):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in text.lower().split():
-                out[i] += np.random.default_rng(zlib.crc32(word.encode())).standard_normal(self.dim)
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-
-def stable_encoder() -> DenseEncoder:
-    return DenseEncoder(StableModel(), "fake")
 
 
 class RecordingLoader:
