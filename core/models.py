@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from core.errors import RagError
 
@@ -108,6 +109,14 @@ def check_device(device: str | None) -> None:
 
 
 SEQ2SEQ_DEFAULT = "minilm-bert2bert"
+
+
+def pick_device(device: str | None) -> Any:
+    """The asked device (refused with one line if this machine lacks it), or cuda when there is one, else cpu."""
+    import torch
+
+    check_device(device)
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def warm_start_bert2bert(path: str):

@@ -303,7 +303,10 @@ def _loss(ce: Any, name: str) -> Any:
         raise RagError(f"--loss must be one of {', '.join(LOSSES)}, not {name!r}")
     if name == "mnrl":
         return MultipleNegativesRankingLoss(ce)
-    return ListNetLoss(ce) if name == "listnet" else BinaryCrossEntropyLoss(ce)
+    # ListNet scores every (question, passage) pair of the batch in one forward pass (mini_batch_size -1; 0 would
+    # read as "unset" and fall back to one pass per question): under
+    # DDP a parameter may join only one forward per backward, and one pass is what makes N workers equal one.
+    return ListNetLoss(ce, mini_batch_size=-1) if name == "listnet" else BinaryCrossEntropyLoss(ce)
 
 
 def dev_candidates(config: RerankerTrainConfig, bm25_dir: Path) -> tuple[list[dict[str, Any]], list[list[dict]]]:
@@ -344,18 +347,10 @@ def _apply_method(ce: Any, config: RerankerTrainConfig) -> None:
             p.requires_grad_(True)  # the new scoring head always trains
 
 
-def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = False,
-                   overwrite: bool = False) -> dict[str, Any]:
-    """Train a cross-encoder; the run folder is a CrossEncoder folder (full) or base + peft/ (PEFT)."""
-    import tempfile
-
-    import torch
-    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
-
-    from core.corpus import Corpus
-    from core.io import atomic_dir, write_json
+def _check_train(config: RerankerTrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    """The one-line refusals, before any work (the driver's part under Ray)."""
     from core.peft import PEFT_METHODS
-    from core.training.hf import quiet_progress, training_arguments
+    from core.training.hf import check_scale
 
     if not config.corpus or not config.train:
         raise RagError("--corpus and --train are required")
@@ -368,30 +363,69 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
     if config.report_to not in ("csv", "none"):
         raise RagError(f"--report-to {config.report_to}: the re-ranker keeps its figures in metrics.json only for "
                        "now (its short run is staged in a temporary folder)")
-    if config.workers > 1 or config.gpus_per_worker:
-        raise RagError("--workers/--gpus-per-worker: the re-ranker trains in one process for now (its listwise "
-                       "loss scores each candidate in a separate forward pass, which DDP refuses); on a GPU use "
-                       "--device cuda")
-    from core.training.hf import check_scale
-    from core.training.loop import pick_device
-    device = str(pick_device(config.device))
-    check_scale(config, device)
-    out = Path(out)
+    if (config.workers > 1 or config.gpus_per_worker) and config.loss == "mnrl":
+        raise RagError("--loss mnrl on --workers/--gpus-per-worker: its in-batch negatives would be each worker's "
+                       "own (not gathered), so N workers would not train like one of N x the batch; use listnet or bce")
+    check_scale(config)
     if out.exists() and not overwrite:
         raise RagError(f"{out} exists; pass --overwrite to replace it")
+
+
+def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Train a cross-encoder; the run folder is a CrossEncoder folder (full) or base + peft/ (PEFT).
+
+    With `--workers N` (or `--gpus-per-worker`) the same training runs in N Ray Train workers (data parallel,
+    `--batch-size` questions each; listwise and pointwise losses average over questions and pairs, so N
+    workers of batch B train like one worker of batch N*B). Each worker builds its own BM25 index when
+    `--bm25-index` is not given (no shared temporary storage is assumed); worker 0 evaluates and writes
+    `out`, which must be on storage the workers see. The run keeps no checkpoints: a worker group that
+    fails is restarted from step 0.
+    """
+    out = Path(out)
+    _check_train(config, out, resume, overwrite)
+    if config.workers > 1 or config.gpus_per_worker:
+        from core.training.ray_train import run_workers
+
+        return run_workers("retrievers.rerank:ray_entry", config, out)  # out checked above: worker 0 may replace it
+    return _fit(config, out, overwrite)
+
+
+def ray_entry(config: RerankerTrainConfig, out: Path, worker: Any) -> None:
+    """One Ray Train worker (core/training/ray_train.py): its share of every batch; worker 0 writes `out`."""
+    _fit(config, out, overwrite=True, worker=worker)
+
+
+def _fit(config: RerankerTrainConfig, out: Path, overwrite: bool, worker: Any = None) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+
+    from core.corpus import Corpus
+    from core.io import atomic_dir, write_json
+    from core.training.hf import check_scale, quiet_progress, training_arguments
+    from core.training.loop import pick_device
+    from core.training.ray_train import worker_device
+
+    is_main = worker is None or worker.is_main
+    device = str(pick_device(worker_device(config, worker)))
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     corpus = Corpus.load(config.corpus)
     with tempfile.TemporaryDirectory(prefix="rag-rerank-") as work:
         bm25_dir = _bm25_index(config, Path(work)) if not config.bm25_index else Path(config.bm25_index)
         examples, info = training_examples(config, corpus, bm25_dir)
-        ce = load_base_cross_encoder(config.base, config.max_length, config.device)
+        ce = load_base_cross_encoder(config.base, config.max_length, device)
         _apply_method(ce, config)
         trainable = sum(p.numel() for p in ce.parameters() if p.requires_grad)
         total = sum(p.numel() for p in ce.parameters())
-        dev = dev_candidates(config, bm25_dir) if config.dev else None
+        dev = dev_candidates(config, bm25_dir) if config.dev and is_main else None
         metrics: dict[str, Any] = {"peft": config.peft, "loss": config.loss, "trainable_params": trainable,
-                                   "total_params": total, "trainable_fraction": trainable / total, **info}
+                                   "total_params": total, "trainable_fraction": trainable / total,
+                                   "workers": config.workers,
+                                   "examples_per_step": config.batch_size * config.gradient_accumulation_steps
+                                   * (worker.world_size if worker else 1), **info}
         if dev:
             metrics["dev_step0"] = evaluate_rerank(ce, config, *dev)
             logger.info("step 0 (untrained head): %s", json.dumps(metrics["dev_step0"]))
@@ -401,16 +435,22 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
             enable_gradient_checkpointing(ce)
         args = training_arguments(CrossEncoderTrainingArguments, config, Path(work) / "trainer", device,
                                   save_strategy="no", dataloader_drop_last=False)
-        trainer = CrossEncoderTrainer(model=ce, args=args, train_dataset=_dataset(examples, config.loss),
-                                      loss=_loss(ce, config.loss))
+        trainer = _trainer(ce, args, examples, config.loss)
         quiet_progress(trainer)
+        unused = _freeze_unused(ce) if worker is not None and worker.world_size > 1 else []
         train_start = time.perf_counter()
         trainer.train()
+        for param in unused:
+            param.requires_grad_(True)  # saved as trainable, as a one-process run saves them
         metrics["seconds_per_step"] = (time.perf_counter() - train_start) / max(config.max_steps, 1)
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-        metrics["train_loss"] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None}
+        metrics["train_loss"] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                                 "by_step": {str(row["step"]): row["loss"] for row in trainer.state.log_history
+                                             if "loss" in row}}
         if losses and not all(math.isfinite(x) for x in losses):
             raise RagError("training diverged (non-finite loss); lower --lr")
+        if not is_main:
+            return metrics
         if dev:
             metrics["dev"] = evaluate_rerank(ce, config, *dev)
             logger.info("end: %s", json.dumps(metrics["dev"]))
@@ -435,6 +475,31 @@ def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = 
             write_json(tmp / "rag_config.json", {k: getattr(config, k) for k in config.__dataclass_fields__})
             write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def _freeze_unused(ce: Any) -> list[Any]:
+    """Freeze the trainable parameters that never reach the score (BERT's pooler under the mean-pooled head),
+    found by one backward pass on a dummy pair; returns them.
+
+    DDP must otherwise search the graph for unused parameters at every step, which it cannot do through the
+    CrossEncoder's output ("marked ready twice"). Frozen or not, these parameters get no gradient.
+    """
+    from sentence_transformers.util import batch_to_device
+
+    ce.zero_grad(set_to_none=True)
+    tokens = batch_to_device(ce.preprocess([("a question", "a passage")]), ce.device)
+    ce(tokens)["scores"].sum().backward()
+    unused = [p for p in ce.parameters() if p.requires_grad and p.grad is None]
+    ce.zero_grad(set_to_none=True)
+    for param in unused:
+        param.requires_grad_(False)
+    return unused
+
+
+def _trainer(ce: Any, args: Any, examples: Sequence[RerankExample], loss: str) -> Any:
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
+
+    return CrossEncoderTrainer(model=ce, args=args, train_dataset=_dataset(examples, loss), loss=_loss(ce, loss))
 
 
 def read_guess_candidates(path: str | Path) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:

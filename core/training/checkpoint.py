@@ -3,6 +3,7 @@ RNG state as JSON. core/training/hf.py's SafeCheckpoints writes transformers' ch
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,3 +46,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (its trainer_state.json written last) under `folder`."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
+            and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if done else None

@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from core.errors import RagError
-from core.training.checkpoint import flatten_optimizer_state, rng_state, set_rng_state, unflatten_optimizer_state
+from core.training.checkpoint import (  # noqa: F401  (CHECKPOINT_PREFIX, last_checkpoint: re-exported)
+    CHECKPOINT_PREFIX,
+    flatten_optimizer_state,
+    last_checkpoint,
+    rng_state,
+    set_rng_state,
+    unflatten_optimizer_state,
+)
 from core.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -35,7 +42,6 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "optimizer_state.json"
 REPORTERS = ("none", "csv", "tensorboard", "wandb", "mlflow")
-CHECKPOINT_PREFIX = "checkpoint-"
 REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
@@ -78,7 +84,7 @@ def check_scale(config: ScaleConfig, device: str | None = None, model: torch.nn.
     """The one-line refusals that must come before any work (the model check once it is loaded). `device`
     defaults to where the run will train: cuda with --gpus-per-worker, else the asked (or picked) device."""
     if device is None:
-        from core.training.loop import pick_device
+        from core.models import pick_device
         device = "cuda" if config.gpus_per_worker else str(pick_device(config.device))
     if config.fp16 and not device.startswith("cuda"):
         raise RagError(f"--fp16 needs a CUDA GPU (this run is on {device}); on a CPU train in float32")
@@ -331,15 +337,6 @@ def quiet_progress(trainer: Any) -> Any:
 def _strip(key: str) -> str:
     key = key.removeprefix("eval_")
     return key.split("_", 1)[1] if key.startswith("kilt-dev_") else key
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint (its trainer_state.json written last) under `folder`."""
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
-            and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if done else None
 
 
 def diverged(step: int, what: str, lr: float, checkpoints: Path) -> RagError:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core.errors import RagError
-from core.models import check_device
+from core.models import pick_device  # noqa: F401  (re-exported: trainers import it from here)
 from core.training.config import TrainConfig
 from core.training.run import RunFolder
 
@@ -28,12 +28,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(device: str | None) -> torch.device:
-    """The asked device (refused with one line if this machine lacks it), or cuda when there is one, else cpu."""
-    check_device(device)
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class EpochSampler:

@@ -123,7 +123,7 @@ class RunFolder:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint (transformers' `checkpoint-N` layout, core/training/hf.py)."""
-        from core.training.hf import last_checkpoint
+        from core.training.checkpoint import last_checkpoint
         return last_checkpoint(self.checkpoints)
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:

@@ -46,7 +46,7 @@ def test_guess_files_without_candidates_are_refused(tmp_path, row, field):
         read_guess_candidates(path)
 
 
-def _tiny_cross_encoder_base(out: Path) -> Path:
+def _tiny_cross_encoder_base(out: Path, dropout: float = 0.1) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -55,7 +55,8 @@ def _tiny_cross_encoder_base(out: Path) -> Path:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=256)
+                     intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -66,6 +67,7 @@ def toy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rerank")
     data = write_toy_data(folder)
     data["base"] = _tiny_cross_encoder_base(folder / "tiny-bert")
+    data["base_no_dropout"] = _tiny_cross_encoder_base(folder / "tiny-bert-no-dropout", dropout=0.0)
     return data
 
 
@@ -109,13 +111,31 @@ def test_bf16_checkpointing_and_accumulation_run_and_refusals_come_first(toy, tm
     knobs = train_reranker(_config(toy, max_steps=4, dev=None, bf16=True, gradient_checkpointing=True,
                                    gradient_accumulation_steps=2, batch_size=4), tmp_path / "knobs")
     assert abs(knobs["train_loss"]["first"] - plain["train_loss"]["first"]) < 0.05  # bf16 autocast, half batches
-    with pytest.raises(RagError, match="re-ranker trains in one process"):
-        train_reranker(_config(toy, workers=2), tmp_path / "w")
+    with pytest.raises(RagError, match="--loss mnrl on --workers"):
+        train_reranker(_config(toy, workers=2, loss="mnrl"), tmp_path / "w")
     with pytest.raises(RagError, match="--fp16 needs a CUDA GPU"):
         train_reranker(_config(toy, fp16=True), tmp_path / "f")
     with pytest.raises(RagError, match="--report-to tensorboard: the re-ranker keeps its figures in metrics.json"):
         train_reranker(_config(toy, report_to="tensorboard"), tmp_path / "t")
     assert not (tmp_path / "w").exists() and not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("loss", ["listnet", "bce"])
+def test_two_ray_workers_train_like_one_worker_of_twice_the_batch(toy, tmp_path, loss):
+    """Listwise and pointwise losses average over the batch, so 2 Ray Train workers x 2 questions must follow
+    1 worker x 4 (dropout off; each worker scores its own share of every batch, DDP averages the gradients).
+    Within one epoch (18 toy questions): at an epoch's end the last, partial batch is shared out differently."""
+    kw = dict(base=str(toy["base_no_dropout"]), max_steps=4, log_every=1, loss=loss, dev=None)
+    one = train_reranker(_config(toy, batch_size=4 if loss == "listnet" else 8, **kw), tmp_path / "one")
+    two = train_reranker(_config(toy, batch_size=2 if loss == "listnet" else 4, workers=2, **kw), tmp_path / "two")
+    a, b = one["train_loss"]["by_step"], two["train_loss"]["by_step"]
+    assert len(a) == 4 and a.keys() == b.keys() and two["workers"] == 2
+    assert two["examples_per_step"] == one["examples_per_step"]
+    np.testing.assert_allclose(list(b.values()), list(a.values()), atol=1e-4)
+    pairs = [["what is the lion known for?", "Lion: The lion is a famous subject of animals."],
+             ["what is the lion known for?", "Paris: The paris is a famous subject of cities."]]
+    np.testing.assert_allclose(load_reranker(tmp_path / "two").predict(pairs, convert_to_numpy=True),
+                               load_reranker(tmp_path / "one").predict(pairs, convert_to_numpy=True), atol=1e-4)
 
 
 def test_bad_options_fail_before_work(toy, tmp_path):
