@@ -219,8 +219,9 @@ def check_output_location(out: str | Path, inputs: Inputs = ()) -> Path:
 _refuse_protected = check_output_location
 
 
-def _check_target(out: Path, overwrite: bool, inputs: Inputs) -> None:
-    """Raise unless `out` may become the new output: absent, empty, or (with overwrite) a toolkit folder."""
+def _check_target(out: Path, overwrite: bool, inputs: Inputs, owned: bool = False) -> None:
+    """Raise unless `out` may become the new output: absent, empty, or (with overwrite) a toolkit folder or one
+    the caller's own record says it made (`owned`)."""
     _refuse_protected(out, inputs)
     if not os.path.lexists(out):
         return
@@ -230,7 +231,7 @@ def _check_target(out: Path, overwrite: bool, inputs: Inputs) -> None:
         return
     if not overwrite:
         raise RagError(f"{out} already exists; pass --overwrite to replace it")
-    if toolkit_kind(out) is None:
+    if toolkit_kind(out) is None and not owned:
         raise RagError(f"refusing to replace {out}: the toolkit did not make it (it holds none of "
                        f"{', '.join(MARKERS)}); delete it yourself or choose another output folder")
 
@@ -339,26 +340,28 @@ def remove_output_dir(out: str | Path, *, kind: str | None = None, inputs: Input
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False, work_dir: str | Path | None = None, *,
-               inputs: Inputs = ()) -> Iterator[Path]:
+               inputs: Inputs = (), owned: bool = False) -> Iterator[Path]:
     """Build a folder under a temp name beside `out` and rename it into place at the end.
 
     Checked first as in `prepare_output_dir`; `out`'s lock is held for the whole build, so a second build
     to the same `out` fails at once. A failure removes the temp folder, and an old `out` stays whole until
     the new one is complete (see `move_into_place`). The temp folder is private (0700) while it is built;
     the finished folder gets 0777 & ~umask. `work_dir` lets a caller keep a persistent staging folder (for
-    resumable builds): it is kept on failure and renamed on success.
+    resumable builds): it is kept on failure and renamed on success. `owned`: the caller's own record names
+    `out` as its product (a training run's model/ in its run metadata), so with `overwrite` it is replaced
+    although it carries no toolkit marker (a sentence-transformers folder does not).
     """
     out = Path(out)
     _refuse_protected(out, inputs)
     with output_lock(out):
-        _check_target(out, overwrite, inputs)
+        _check_target(out, overwrite, inputs, owned)
         keep_on_failure = work_dir is not None
         staging = (Path(work_dir) if work_dir is not None
                    else Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)))
         staging.mkdir(parents=True, exist_ok=True)
         try:
             yield staging
-            _check_target(out, overwrite, inputs)  # nothing else may have appeared at `out` meanwhile
+            _check_target(out, overwrite, inputs, owned)  # nothing else may have appeared at `out` meanwhile
             _check_same_kind(staging, out)
             _swap_in(staging, out)
         except BaseException:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.io import atomic_dir, write_json
+from core.io import atomic_dir, read_json, write_json
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -33,12 +33,15 @@ def save_dense_run(st: Any, config: Any, out: Path, base_fingerprint: list[float
     from retrievers.dense_run import PEFT_DIR, RUN_META
 
     model_dir = None
+    # A resumed run replaces the folders its own dense_run.json named (they carry no toolkit marker).
+    old = read_json(out / RUN_META) if (out / RUN_META).is_file() else {}
+    (out / RUN_META).unlink(missing_ok=True)  # written again last: a folder without it is not a finished run
     if config.peft in EXPORTED:
-        with atomic_dir(out / MODEL_DIR, overwrite=True) as tmp:
+        with atomic_dir(out / MODEL_DIR, overwrite=True, owned=old.get("model") == MODEL_DIR) as tmp:
             (merged_lora_copy(st) if config.peft == "lora" else st).save_pretrained(str(tmp))
         model_dir = MODEL_DIR
         if config.peft == "lora":
-            with atomic_dir(out / ADAPTER_DIR, overwrite=True) as tmp:
+            with atomic_dir(out / ADAPTER_DIR, overwrite=True, owned=old.get("peft") == "lora") as tmp:
                 save_lora_adapter(inner_model(st), str(Path(resolve_model(config.encoder)).resolve()), tmp)
     else:
         overrides = {} if config.rank is None else {"rank": config.rank}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,12 @@ logger = logging.getLogger(__name__)
 RUN_META = "reranker_run.json"
 PEFT_DIR = "peft"
 HEAD_WEIGHTS = "head.safetensors"
-FORMAT_VERSION = 2  # 2: head.safetensors holds head_state() (mean-pooled heads)
+MODEL_DIR = "model"
+KIND = "reranker"
+# 3: a training run folder (config.json, curves.csv, checkpoints/, metrics.json) with the CrossEncoder in
+# model/ (full tuning); 2: the CrossEncoder at the folder's root (still loaded). head.safetensors holds head_state().
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
 LOSSES = ("bce", "listnet", "mnrl")
 
 
@@ -151,10 +155,10 @@ def load_reranker(spec: str | Path, device: str | None = None, max_length: int |
         return CrossEncoder(str(spec) if path.exists() else _resolve_base(str(spec)), device=device,
                             max_length=max_length, trust_remote_code=False)
     meta = json.loads((path / RUN_META).read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READ_VERSIONS:
         raise RagError(f"{path / RUN_META}: unsupported format_version {meta.get('format_version')!r}")
     if meta["peft"] == "full":
-        return CrossEncoder(str(path), device=device, max_length=max_length or meta["max_length"],
+        return CrossEncoder(str(path / meta.get("model", ".")), device=device, max_length=max_length or meta["max_length"],
                             trust_remote_code=False)
     from safetensors.torch import load_file
 
@@ -321,13 +325,17 @@ def dev_candidates(config: RerankerTrainConfig, bm25_dir: Path) -> tuple[list[di
 
 
 def evaluate_rerank(ce: Any, config: RerankerTrainConfig, dev_rows: list[dict[str, Any]],
-                    candidates: list[list[dict]]) -> dict[str, Any]:
-    """KILT Rprec and recall@5 plus MRR@10 of the re-ranked BM25 candidates (and of BM25 itself)."""
+                    candidates: list[list[dict]], with_bm25: bool = True,
+                    with_reranked: bool = True) -> dict[str, Any]:
+    """KILT Rprec, recall@5, success@1 and success@10 of the re-ranked BM25 candidates (and of BM25 itself)."""
     from eval.kilt import evaluate_kilt
 
-    ranked = rerank(ce, [r["input"] for r in dev_rows], candidates, batch_size=config.eval_batch_size)
+    runs = [("bm25", candidates)] if with_bm25 else []
+    if with_reranked:
+        runs.append(("reranked", rerank(ce, [r["input"] for r in dev_rows], candidates,
+                                        batch_size=config.eval_batch_size)))
     result = {}
-    for name, lists in (("bm25", candidates), ("reranked", ranked)):
+    for name, lists in runs:
         guesses = [{"id": r["id"], "output": [{"provenance": lst}]} for r, lst in zip(dev_rows, lists)]
         scores = evaluate_kilt(guesses, str(config.dev), ks=(1, 5, 10))["retrieval"]
         result[name] = {m: scores[m] for m in ("Rprec", "recall@5", "success_rate@1", "success_rate@10")
@@ -347,7 +355,7 @@ def _apply_method(ce: Any, config: RerankerTrainConfig) -> None:
             p.requires_grad_(True)  # the new scoring head always trains
 
 
-def _check_train(config: RerankerTrainConfig, out: Path, resume: bool, overwrite: bool) -> None:
+def _check_train(config: RerankerTrainConfig) -> None:
     """The one-line refusals, before any work (the driver's part under Ray)."""
     from core.peft import PEFT_METHODS
     from core.training.hf import check_scale
@@ -358,123 +366,173 @@ def _check_train(config: RerankerTrainConfig, out: Path, resume: bool, overwrite
         raise RagError(f"unknown PEFT method {config.peft!r}; allowed: {sorted(PEFT_METHODS)}")
     if config.loss not in LOSSES:
         raise RagError(f"--loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
-    if resume:
-        raise RagError("rag train reranker has no --resume yet: rerun the (short) training")
-    if config.report_to not in ("csv", "none"):
-        raise RagError(f"--report-to {config.report_to}: the re-ranker keeps its figures in metrics.json only for "
-                       "now (its short run is staged in a temporary folder)")
     if (config.workers > 1 or config.gpus_per_worker) and config.loss == "mnrl":
         raise RagError("--loss mnrl on --workers/--gpus-per-worker: its in-batch negatives would be each worker's "
                        "own (not gathered), so N workers would not train like one of N x the batch; use listnet or bce")
     check_scale(config)
-    if out.exists() and not overwrite:
-        raise RagError(f"{out} exists; pass --overwrite to replace it")
 
 
 def train_reranker(config: RerankerTrainConfig, out: str | Path, resume: bool = False,
                    overwrite: bool = False) -> dict[str, Any]:
-    """Train a cross-encoder; the run folder is a CrossEncoder folder (full) or base + peft/ (PEFT).
+    """Train a cross-encoder into the run folder `out` (config, curves, checkpoints, metrics); the model is a
+    CrossEncoder folder in `out/model` (full) or base + `peft/` + `head.safetensors` (PEFT).
 
     With `--workers N` (or `--gpus-per-worker`) the same training runs in N Ray Train workers (data parallel,
     `--batch-size` questions each; listwise and pointwise losses average over questions and pairs, so N
     workers of batch B train like one worker of batch N*B). Each worker builds its own BM25 index when
-    `--bm25-index` is not given (no shared temporary storage is assumed); worker 0 evaluates and writes
-    `out`, which must be on storage the workers see. The run keeps no checkpoints: a worker group that
-    fails is restarted from step 0.
+    `--bm25-index` is not given (no shared temporary storage is assumed); worker 0 writes `out`, which must be
+    on storage the workers see; a worker group that fails resumes from the last checkpoint.
     """
-    out = Path(out)
-    _check_train(config, out, resume, overwrite)
+    _check_train(config)
     if config.workers > 1 or config.gpus_per_worker:
-        from core.training.ray_train import run_workers
+        from core.training.ray_train import launch
 
-        return run_workers("retrievers.rerank:ray_entry", config, out)  # out checked above: worker 0 may replace it
-    return _fit(config, out, overwrite)
+        return launch("retrievers.rerank:ray_entry", config, out, KIND, resume, overwrite)
+    return _fit(config, Path(out), resume, overwrite)
 
 
 def ray_entry(config: RerankerTrainConfig, out: Path, worker: Any) -> None:
     """One Ray Train worker (core/training/ray_train.py): its share of every batch; worker 0 writes `out`."""
-    _fit(config, out, overwrite=True, worker=worker)
+    _fit(config, out, resume=False, overwrite=False, worker=worker)
 
 
-def _fit(config: RerankerTrainConfig, out: Path, overwrite: bool, worker: Any = None) -> dict[str, Any]:
+def _evaluator(config: RerankerTrainConfig, dev: tuple[list[dict[str, Any]], list[list[dict]]]) -> Any:
+    """The KILT dev evaluation (BM25's top --rerank-depth re-ranked) as a sentence-transformers evaluator, so
+    the trainer runs it at step 0, every --eval-every steps and at the end."""
+    from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+
+    class KiltRerankEvaluator(BaseEvaluator):
+        def __init__(self) -> None:
+            super().__init__()
+            self.name, self.primary_metric = "kilt-dev", "Rprec"
+
+        def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1,
+                     **_: Any) -> dict[str, float]:
+            scores = evaluate_rerank(model, config, *dev, with_bm25=False)["reranked"]
+            return self.prefix_name_to_metrics(scores, self.name)
+
+    return KiltRerankEvaluator()
+
+
+def _fit(config: RerankerTrainConfig, out: Path, resume: bool, overwrite: bool, worker: Any = None) -> dict[str, Any]:
     import tempfile
 
     import torch
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
     from core.corpus import Corpus
-    from core.io import atomic_dir, write_json
-    from core.training.hf import check_scale, quiet_progress, training_arguments
+    from core.training.hf import (
+        RunFolderCallback,
+        check_scale,
+        quiet_progress,
+        reporter_callbacks,
+        step_zero_and_end,
+        training_arguments,
+    )
     from core.training.loop import pick_device
-    from core.training.ray_train import worker_device
+    from core.training.ray_train import fault_injection, open_run, worker_device
 
     is_main = worker is None or worker.is_main
-    device = str(pick_device(worker_device(config, worker)))
-    torch.manual_seed(config.seed)
-    start = time.perf_counter()
-    corpus = Corpus.load(config.corpus)
-    with tempfile.TemporaryDirectory(prefix="rag-rerank-") as work:
+    run, resume = open_run(out, config, KIND, resume, overwrite, worker)
+    with run, tempfile.TemporaryDirectory(prefix="rag-rerank-") as work:
+        device = str(pick_device(worker_device(config, worker)))
+        torch.manual_seed(config.seed)
+        start = time.perf_counter()
+        corpus = Corpus.load(config.corpus)
         bm25_dir = _bm25_index(config, Path(work)) if not config.bm25_index else Path(config.bm25_index)
         examples, info = training_examples(config, corpus, bm25_dir)
         ce = load_base_cross_encoder(config.base, config.max_length, device)
         _apply_method(ce, config)
         trainable = sum(p.numel() for p in ce.parameters() if p.requires_grad)
         total = sum(p.numel() for p in ce.parameters())
-        dev = dev_candidates(config, bm25_dir) if config.dev and is_main else None
-        metrics: dict[str, Any] = {"peft": config.peft, "loss": config.loss, "trainable_params": trainable,
-                                   "total_params": total, "trainable_fraction": trainable / total,
-                                   "workers": config.workers,
-                                   "examples_per_step": config.batch_size * config.gradient_accumulation_steps
-                                   * (worker.world_size if worker else 1), **info}
-        if dev:
-            metrics["dev_step0"] = evaluate_rerank(ce, config, *dev)
-            logger.info("step 0 (untrained head): %s", json.dumps(metrics["dev_step0"]))
+        dev = dev_candidates(config, bm25_dir) if config.dev else None
         if config.gradient_checkpointing:
             from core.training.hf import enable_gradient_checkpointing
             check_scale(config, device, ce)
             enable_gradient_checkpointing(ce)
-        args = training_arguments(CrossEncoderTrainingArguments, config, Path(work) / "trainer", device,
-                                  save_strategy="no", dataloader_drop_last=False)
-        trainer = _trainer(ce, args, examples, config.loss)
-        quiet_progress(trainer)
+        resume_from = run.latest_checkpoint() if resume else None
+        if resume_from is not None and is_main:
+            run.truncate_curves(int(resume_from.name.split("-")[1]))
+        callback = RunFolderCallback(run, evaluates=dev is not None, is_main=is_main)
+        args = training_arguments(CrossEncoderTrainingArguments, config, run.checkpoints, device,
+                                  dataloader_drop_last=False, eval_on_start=dev is not None,
+                                  eval_strategy="steps" if dev is not None and config.eval_every else "no")
+        trainer = _trainer_class()(
+            model=ce, args=args, train_dataset=_dataset(examples, config.loss), loss=_loss(ce, config.loss),
+            evaluator=_evaluator(config, dev) if dev else None,
+            callbacks=[callback, *reporter_callbacks(config, out, is_main),
+                       *(fault_injection(worker.rank, out) if worker is not None else [])])
+        progress = quiet_progress(trainer)
         unused = _freeze_unused(ce) if worker is not None and worker.world_size > 1 else []
         train_start = time.perf_counter()
-        trainer.train()
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except RagError:
+            progress.close()  # the error gets a line of its own
+            raise
         for param in unused:
             param.requires_grad_(True)  # saved as trainable, as a one-process run saves them
-        metrics["seconds_per_step"] = (time.perf_counter() - train_start) / max(config.max_steps, 1)
-        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-        metrics["train_loss"] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                                 "by_step": {str(row["step"]): row["loss"] for row in trainer.state.log_history
-                                             if "loss" in row}}
-        if losses and not all(math.isfinite(x) for x in losses):
-            raise RagError("training diverged (non-finite loss); lower --lr")
+        done = config.max_steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
+        losses = [r for r in run.read_curves() if r["split"] == "train" and r["metric"] == "loss"]
+        dev_step0, dev_end = step_zero_and_end(callback.dev_by_step)
+        bm25_dev = evaluate_rerank(None, config, *dev, with_reranked=False)["bm25"] if dev and is_main else None
+        metrics: dict[str, Any] = {
+            "peft": config.peft, "loss": config.loss, "trainable_params": trainable, "total_params": total,
+            "trainable_fraction": trainable / total, "workers": worker.world_size if worker else 1,
+            "examples_per_step": config.batch_size * config.gradient_accumulation_steps
+            * (worker.world_size if worker else 1), **info,
+            "steps": config.max_steps, "resumed_from": config.max_steps - done,
+            "seconds_per_step": (time.perf_counter() - train_start) / max(done, 1),
+            "train_loss": {"first": losses[0]["value"] if losses else None,
+                           "last": losses[-1]["value"] if losses else None,
+                           "by_step": {str(r["step"]): r["value"] for r in losses}},
+            "dev_step0": {"bm25": bm25_dev, "reranked": dev_step0} if dev_step0 else None,
+            "dev": {"bm25": bm25_dev, "reranked": dev_end} if dev_end else None}
         if not is_main:
             return metrics
-        if dev:
-            metrics["dev"] = evaluate_rerank(ce, config, *dev)
-            logger.info("end: %s", json.dumps(metrics["dev"]))
+        _save(ce, config, out)
         metrics["seconds"] = time.perf_counter() - start
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            meta = {"format_version": FORMAT_VERSION, "base": config.base, "peft": config.peft,
-                    "max_length": config.max_length}
-            if config.peft == "full":
-                ce.save_pretrained(str(tmp))
-            else:
-                from safetensors.torch import save_file
-
-                from core.peft import save_peft
-                head_params = [p for n, p in ce[0].model.named_parameters() if "classifier" in n.split(".")]
-                for p in head_params:  # the head is saved on its own (head.safetensors), not as a PEFT part
-                    p.requires_grad_(False)
-                save_peft(ce[0].model, tmp / PEFT_DIR, name=config.peft)
-                for p in head_params:
-                    p.requires_grad_(True)
-                save_file(head_state(ce), str(tmp / HEAD_WEIGHTS))
-            write_json(tmp / RUN_META, meta)
-            write_json(tmp / "rag_config.json", {k: getattr(config, k) for k in config.__dataclass_fields__})
-            write_json(tmp / "metrics.json", metrics)
+        run.write_metrics(metrics)
+        metrics["plots"] = [str(p) for p in run.plot()]
+        run.write_metrics(metrics)
     return metrics
+
+
+def _save(ce: Any, config: RerankerTrainConfig, out: Path) -> None:
+    """The model into the run folder; reranker_run.json last, so a folder without it is not a finished run."""
+    from core.io import atomic_dir, read_json, write_json
+
+    old = read_json(out / RUN_META) if (out / RUN_META).is_file() else {}
+    (out / RUN_META).unlink(missing_ok=True)
+    meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "base": config.base, "peft": config.peft,
+                            "max_length": config.max_length}
+    if config.peft == "full":
+        with atomic_dir(out / MODEL_DIR, overwrite=True, owned=old.get("model") == MODEL_DIR) as tmp:
+            ce.save_pretrained(str(tmp))  # a resumed run replaces the model/ its own run metadata named
+        meta["model"] = MODEL_DIR
+    else:
+        from safetensors.torch import save_file
+
+        from core.peft import save_peft
+        head_params = [p for n, p in ce[0].model.named_parameters() if "classifier" in n.split(".")]
+        for p in head_params:  # the head is saved on its own (head.safetensors), not as a PEFT part
+            p.requires_grad_(False)
+        save_peft(ce[0].model, out / PEFT_DIR, name=config.peft)
+        for p in head_params:
+            p.requires_grad_(True)
+        save_file(head_state(ce), str(out / HEAD_WEIGHTS))
+    write_json(out / RUN_META, meta)
+
+
+def _trainer_class() -> type:
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
+
+    from core.training.hf import SafeCheckpoints
+
+    class RerankerTrainer(SafeCheckpoints, CrossEncoderTrainer):
+        """CrossEncoderTrainer whose checkpoints hold only trained tensors, in safetensors + JSON."""
+
+    return RerankerTrainer
 
 
 def _freeze_unused(ce: Any) -> list[Any]:
@@ -494,12 +552,6 @@ def _freeze_unused(ce: Any) -> list[Any]:
     for param in unused:
         param.requires_grad_(False)
     return unused
-
-
-def _trainer(ce: Any, args: Any, examples: Sequence[RerankExample], loss: str) -> Any:
-    from sentence_transformers.cross_encoder import CrossEncoderTrainer
-
-    return CrossEncoderTrainer(model=ce, args=args, train_dataset=_dataset(examples, loss), loss=_loss(ce, loss))
 
 
 def read_guess_candidates(path: str | Path) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                                          bm25_index=str(args.bm25_index), negatives=args.negatives,
                                          max_length=args.max_length, max_steps=args.steps, batch_size=args.batch_size,
                                          lr=args.lr, warmup_steps=max(1, args.steps // 10), seed=seed,
-                                         peft=args.peft, loss=args.loss, log_every=10, base=args.base)
+                                         peft=args.peft, loss=args.loss, log_every=10, base=args.base,
+                                         save_every=0)  # no checkpoints: a study run is short and rerun whole
             train_reranker(config, run_dir, overwrite=True)
         train_info[seed] = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         ce = load_reranker(run_dir)

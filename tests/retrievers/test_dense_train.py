@@ -200,13 +200,16 @@ def test_same_seed_same_result(toy, tmp_path):
     assert (tmp_path / "a" / "curves.csv").read_text() == (tmp_path / "b" / "curves.csv").read_text()
 
 
-def test_resume_continues_and_refuses_a_different_config(toy, tmp_path):
+@pytest.mark.parametrize("peft", ["iaa", "lora"])
+def test_resume_continues_and_refuses_a_different_config(toy, tmp_path, peft):
+    """A finished run continued to more steps replaces the model/ and adapter/ folders it wrote itself."""
     out = tmp_path / "run"
-    train_dense(make_config(toy, max_steps=4, save_every=2), out)
-    metrics = train_dense(make_config(toy, max_steps=6, save_every=2), out, resume=True)
+    train_dense(make_config(toy, max_steps=4, save_every=2, peft=peft), out)
+    metrics = train_dense(make_config(toy, max_steps=6, save_every=2, peft=peft), out, resume=True)
     assert metrics["resumed_from"] == 4 and metrics["steps"] == 6
+    assert (out / "dense_run.json").is_file() and ((out / "model").is_dir() == (peft == "lora"))
     with pytest.raises(RagError, match=r"--resume refused.*rank: run has None, asked 8"):
-        train_dense(make_config(toy, max_steps=8, rank=8), out, resume=True)
+        train_dense(make_config(toy, max_steps=8, rank=8, peft=peft), out, resume=True)
 
 
 def test_pseudo_queries_and_hard_negatives(toy, tmp_path):

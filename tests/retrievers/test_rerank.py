@@ -83,12 +83,16 @@ def test_training_lowers_the_loss_and_saves_a_folder_plain_sentence_transformers
     out = tmp_path / "run"
     metrics = train_reranker(_config(toy), out)
     assert metrics["train_loss"]["last"] < metrics["train_loss"]["first"]
-    assert set(metrics["dev"]) == {"bm25", "reranked"} and "dev_step0" in metrics
+    assert set(metrics["dev"]) == {"bm25", "reranked"} and set(metrics["dev_step0"]) == {"bm25", "reranked"}
+    assert metrics["dev"]["bm25"] == metrics["dev_step0"]["bm25"]  # BM25's own order does not train
+    curves = (out / "curves.csv").read_text().splitlines()
+    assert any(line.startswith("0,dev,Rprec,") for line in curves)  # the untrained head, at step 0
+    assert any(line.startswith("40,dev,Rprec,") for line in curves)  # and the end
     pairs = [["what is the lion known for?", "Lion: The lion is a famous subject of animals."],
              ["what is the lion known for?", "Paris: The paris is a famous subject of cities."]]
     ours = load_reranker(out).predict(pairs, convert_to_numpy=True)
     code = ("import json, sys; from sentence_transformers import CrossEncoder; "
-            f"print(json.dumps(CrossEncoder({str(out)!r}).predict({pairs!r}).tolist()))")
+            f"print(json.dumps(CrossEncoder({str(out / 'model')!r}).predict({pairs!r}).tolist()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,19 +119,44 @@ def test_bf16_checkpointing_and_accumulation_run_and_refusals_come_first(toy, tm
         train_reranker(_config(toy, workers=2, loss="mnrl"), tmp_path / "w")
     with pytest.raises(RagError, match="--fp16 needs a CUDA GPU"):
         train_reranker(_config(toy, fp16=True), tmp_path / "f")
-    with pytest.raises(RagError, match="--report-to tensorboard: the re-ranker keeps its figures in metrics.json"):
-        train_reranker(_config(toy, report_to="tensorboard"), tmp_path / "t")
     assert not (tmp_path / "w").exists() and not (tmp_path / "f").exists()
 
 
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(toy, tmp_path):
+    """Checkpoints every 2 steps (safetensors + JSON, no pickle); a run stopped after step 4 and resumed to 6
+    ends on the same curve and the same model as one run of 6 steps. Tensorboard events go to the run folder."""
+    kw = dict(base=str(toy["base_no_dropout"]), log_every=1, dev=None, save_every=2)
+    whole = train_reranker(_config(toy, max_steps=6, report_to="tensorboard", **kw), tmp_path / "whole")
+    train_reranker(_config(toy, max_steps=4, **kw), tmp_path / "part")
+    assert (tmp_path / "part" / "checkpoints" / "checkpoint-4" / "trainable.safetensors").is_file()
+    resumed = train_reranker(_config(toy, max_steps=6, **kw), tmp_path / "part", resume=True)
+    assert resumed["resumed_from"] == 4
+    np.testing.assert_allclose(list(resumed["train_loss"]["by_step"].values()),
+                               list(whole["train_loss"]["by_step"].values()), atol=1e-5)
+    pairs = [["what is the lion known for?", "Lion: The lion is a famous subject of animals."]]
+    np.testing.assert_allclose(load_reranker(tmp_path / "part").predict(pairs, convert_to_numpy=True),
+                               load_reranker(tmp_path / "whole").predict(pairs, convert_to_numpy=True), atol=1e-5)
+    assert list((tmp_path / "whole" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list((tmp_path / "part").rglob("*.pt")) and not list((tmp_path / "part").rglob("*.pkl"))
+    with pytest.raises(RagError, match="already holds a run"):
+        train_reranker(_config(toy, max_steps=6, **kw), tmp_path / "part")
+
+
 @pytest.mark.parametrize("loss", ["listnet", "bce"])
-def test_two_ray_workers_train_like_one_worker_of_twice_the_batch(toy, tmp_path, loss):
+def test_two_ray_workers_train_like_one_worker_of_twice_the_batch(toy, tmp_path, loss, monkeypatch):
     """Listwise and pointwise losses average over the batch, so 2 Ray Train workers x 2 questions must follow
     1 worker x 4 (dropout off; each worker scores its own share of every batch, DDP averages the gradients).
-    Within one epoch (18 toy questions): at an epoch's end the last, partial batch is shared out differently."""
-    kw = dict(base=str(toy["base_no_dropout"]), max_steps=4, log_every=1, loss=loss, dev=None)
+    Within one epoch (18 toy questions): at an epoch's end the last, partial batch is shared out differently.
+    With listnet, worker 1 dies after step 3: the group restarts from the step-2 checkpoint on the same curve."""
+    from core.training.ray_train import FAULT_ENV
+
+    if loss == "listnet":
+        monkeypatch.setenv(FAULT_ENV, "1:3")  # inherited by the local Ray that train_reranker starts
+    kw = dict(base=str(toy["base_no_dropout"]), max_steps=4, log_every=1, loss=loss, dev=None, save_every=2)
     one = train_reranker(_config(toy, batch_size=4 if loss == "listnet" else 8, **kw), tmp_path / "one")
     two = train_reranker(_config(toy, batch_size=2 if loss == "listnet" else 4, workers=2, **kw), tmp_path / "two")
+    assert (tmp_path / "two" / ".fault-injected-1-3").exists() == (loss == "listnet")
+    assert two["resumed_from"] == (2 if loss == "listnet" else 0)
     a, b = one["train_loss"]["by_step"], two["train_loss"]["by_step"]
     assert len(a) == 4 and a.keys() == b.keys() and two["workers"] == 2
     assert two["examples_per_step"] == one["examples_per_step"]
