@@ -320,7 +320,9 @@ def load_reader(kind: str | None = None, model: str | None = None, config: Reade
         cfg = config or ReaderConfig(**{k: v for k, v in meta.get("config", {}).items()
                                         if k in {f.name for f in dataclasses.fields(ReaderConfig)}})
     else:
-        kind = kind or "fid"
+        # The default reader is the decoder-only one (Gemma-3-270M offline): the only pretrained generator
+        # packaged here. The offline FiD default is a bert2bert warm start whose decoder never learned to generate.
+        kind = kind or "causal"
         base, tokenizer = load_base_model(kind, model)
         cfg = config or ReaderConfig()
     if config_overrides:

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KILT guesses JSONL (answer + provenance used; never one of the inputs)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file (default: off: an existing file is refused)")
-    p.add_argument("--kind", choices=list(READER_KINDS), help="reader kind (default: from --model's run folder, else fid)")
+    p.add_argument("--kind", choices=list(READER_KINDS), help="reader kind (default: from --model's run folder, else causal: Gemma-3-270M offline; fid needs T5/BART weights to be a reader)")
     p.add_argument("--model", help="a trained reader (run folder of `rag train reader`) or a base model "
                                    "(default: minilm-bert2bert for fid, gemma-3-270m for causal)")
     p.add_argument("--k", type=positive_int, default=5, help="passages per question")
