@@ -13,11 +13,8 @@ folder's last checkpoint. N workers of batch B train like one worker of batch N*
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
-
-from core.errors import RagError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +76,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
         quiet_progress,
         reporter_callbacks,
         step_zero_and_end,
+        train_from,
         training_arguments,
     )
     from core.training.loop import count_params, current_rss_mb, peak_rss_mb, pick_device
@@ -127,14 +125,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
                                           *(extra_callbacks or [])])
     progress = quiet_progress(trainer)
     rss_start = current_rss_mb()
-    t0 = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except RagError:
-        progress.close()  # the error gets a line of its own
-        raise
-    seconds = time.perf_counter() - t0
-    done_steps = config.max_steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
+    seconds, done_steps = train_from(trainer, progress, resume_from, config.max_steps)
     dev_step0, dev_end = step_zero_and_end(callback.dev_by_step)
     trainable = sum(p.numel() for p in st.parameters() if p.requires_grad)
     metrics: dict[str, Any] = {

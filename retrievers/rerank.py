@@ -427,6 +427,7 @@ def _fit(config: RerankerTrainConfig, out: Path, resume: bool, overwrite: bool, 
         quiet_progress,
         reporter_callbacks,
         step_zero_and_end,
+        train_from,
         training_arguments,
     )
     from core.training.loop import pick_device
@@ -464,15 +465,9 @@ def _fit(config: RerankerTrainConfig, out: Path, resume: bool, overwrite: bool, 
                        *(fault_injection(worker.rank, out) if worker is not None else [])])
         progress = quiet_progress(trainer)
         unused = _freeze_unused(ce) if worker is not None and worker.world_size > 1 else []
-        train_start = time.perf_counter()
-        try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except RagError:
-            progress.close()  # the error gets a line of its own
-            raise
+        seconds, done = train_from(trainer, progress, resume_from, config.max_steps)
         for param in unused:
             param.requires_grad_(True)  # saved as trainable, as a one-process run saves them
-        done = config.max_steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
         losses = [r for r in run.read_curves() if r["split"] == "train" and r["metric"] == "loss"]
         dev_step0, dev_end = step_zero_and_end(callback.dev_by_step)
         bm25_dev = evaluate_rerank(None, config, *dev, with_reranked=False)["bm25"] if dev and is_main else None
@@ -482,7 +477,7 @@ def _fit(config: RerankerTrainConfig, out: Path, resume: bool, overwrite: bool, 
             "examples_per_step": config.batch_size * config.gradient_accumulation_steps
             * (worker.world_size if worker else 1), **info,
             "steps": config.max_steps, "resumed_from": config.max_steps - done,
-            "seconds_per_step": (time.perf_counter() - train_start) / max(done, 1),
+            "seconds_per_step": seconds / max(done, 1),
             "train_loss": {"first": losses[0]["value"] if losses else None,
                            "last": losses[-1]["value"] if losses else None,
                            "by_step": {str(r["step"]): r["value"] for r in losses}},

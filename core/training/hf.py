@@ -334,6 +334,21 @@ def quiet_progress(trainer: Any) -> Any:
     return quiet
 
 
+def train_from(trainer: Any, progress: Any, resume_from: Path | None, max_steps: int) -> tuple[float, int]:
+    """`trainer.train()` from `resume_from` (a checkpoint-N folder) or the start; (seconds, steps done here).
+    A RagError (divergence) closes the progress bar first, so the error gets a line of its own."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except RagError:
+        progress.close()
+        raise
+    done = max_steps - (int(resume_from.name[len(CHECKPOINT_PREFIX):]) if resume_from else 0)
+    return time.perf_counter() - start, done
+
+
 def _strip(key: str) -> str:
     key = key.removeprefix("eval_")
     return key.split("_", 1)[1] if key.startswith("kilt-dev_") else key
