@@ -362,6 +362,12 @@ def _check_train(config: RerankerTrainConfig) -> None:
 
     if not config.corpus or not config.train:
         raise RagError("--corpus and --train are required")
+    from core.corpus import resolve_corpus_path
+
+    resolve_corpus_path(config.corpus)  # a missing corpus is one line here, not a traceback from a worker
+    for flag, value in (("--train", config.train), ("--dev", config.dev), ("--bm25-index", config.bm25_index)):
+        if value and not Path(value).exists():
+            raise RagError(f"{flag} {value}: no such file or folder")
     if config.peft not in PEFT_METHODS:
         raise RagError(f"unknown PEFT method {config.peft!r}; allowed: {sorted(PEFT_METHODS)}")
     if config.loss not in LOSSES:

@@ -172,7 +172,11 @@ def test_bad_options_fail_before_work(toy, tmp_path):
         train_reranker(_config(toy, peft="qlora"), tmp_path / "x")
     with pytest.raises(RagError, match="--loss"):
         train_reranker(_config(toy, loss="pairwise"), tmp_path / "y")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(InputError, match="corpus file not found"):
+        train_reranker(_config(toy, corpus=str(tmp_path / "nope.jsonl"), workers=2), tmp_path / "z")
+    with pytest.raises(RagError, match="--dev .*: no such file"):
+        train_reranker(_config(toy, dev=str(tmp_path / "nope.jsonl"), workers=2), tmp_path / "z")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_rag_rerank_cli_reorders_a_guess_file_and_refuses_to_overwrite_its_input(toy, tmp_path, capsys):
