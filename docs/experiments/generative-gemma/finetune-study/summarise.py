@@ -11,6 +11,7 @@ from eval.kilt import per_question
 from eval.stats import paired_bootstrap
 
 RUNS = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/rr/gen3")
+PRETRAIN = Path(sys.argv[2] if len(sys.argv) > 2 else "runs/rr/gen4")
 GOLD = Path("runs/rr/fanoutqa/dev.jsonl")
 METRICS = ("Rprec", "recall@5")
 ARMS = {  # arm: (seeds' guess files)
@@ -20,10 +21,16 @@ ARMS = {  # arm: (seeds' guess files)
     "full 100%": [RUNS / "ft-full-s1-dev.jsonl"],
     "lora 25%": [RUNS / "ft-lora-25pct-s0-dev.jsonl", RUNS / "ft-lora-25pct-s1-dev.jsonl"],
     "lora 10%": [RUNS / "ft-lora-10pct-s0-dev.jsonl", RUNS / "ft-lora-10pct-s1-dev.jsonl"],
+    "lora 10% seed 0": [RUNS / "ft-lora-10pct-s0-dev.jsonl"],
+    # pre-training over every title once (../pretrain-cover), then the 10% fine-tuning, seed 0
+    "pretrain + lora 10%": [PRETRAIN / "pt-ft-10pct-s0-dev.jsonl"],
 }
+ARMS = {arm: files for arm, files in ARMS.items() if all(Path(f).is_file() for f in files)}
 PAIRS = [("iaa 100%", "lora 100%"), ("full 100%", "lora 100%"), ("iaa 100%", "full 100%"),
          ("lora 25%", "lora 100%"), ("lora 10%", "lora 100%"), ("lora 10%", "lora 25%"),
-         ("lora 10%", "bm25"), ("lora 100%", "bm25")]
+         ("lora 10%", "bm25"), ("lora 100%", "bm25"),
+         ("pretrain + lora 10%", "lora 10%"), ("pretrain + lora 10%", "lora 10% seed 0"),
+         ("pretrain + lora 10%", "lora 100%")]
 
 
 def seed_mean(files: list) -> dict[str, list[float]]:
@@ -42,7 +49,7 @@ def main() -> None:
              "per_question": {"ids": ids, **{Path(f).name: seed_mean([f]) for f in files}},
              "metrics": {m: {"mean": sum(v) / n} for m, v in scores[arm].items()}} for arm, files in ARMS.items()]
     diffs = [{"a": a, "b": b, "n": n, **{m: paired_bootstrap(scores[b][m], scores[a][m]) for m in METRICS}}
-             for a, b in PAIRS]
+             for a, b in PAIRS if a in scores and b in scores]
     out = Path(__file__).with_name("results.json")
     out.write_text(json.dumps({"gold": str(GOLD), "arms": arms, "differences (a - b)": diffs}, indent=2) + "\n")
     for arm in arms:
