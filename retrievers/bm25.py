@@ -6,7 +6,7 @@ rankings can be compared directly.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +20,7 @@ from core.io import atomic_dir
 from index.manifest import MANIFEST, check_files, check_versions, read_manifest, require_keys, write_manifest
 from index.passages import PassageStore, write_passage_store
 from retrievers.base import Hit, aggregate_passages, check_k
+from retrievers.bm25s_stream import Bm25sSearcher, build_bm25s_streamed
 
 
 @dataclass
@@ -35,16 +36,26 @@ class BM25Config:
 
 
 class BM25Backend(Protocol):
-    def build(self, texts: Sequence[str], folder: Path, config: BM25Config) -> None: ...
-    def open(self, folder: Path, config: BM25Config) -> BM25Searcher: ...
+    def build(self, store: PassageStore, folder: Path, config: BM25Config) -> None: ...
+    def open(self, folder: Path, config: BM25Config, threads: int | None = None) -> BM25Searcher: ...
 
 
 class BM25Searcher(Protocol):
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def passage_texts(store: PassageStore) -> Iterator[str]:
+    """What BM25 indexes of each passage, "title text", read one line at a time from the store."""
+    return (f"{p['title']} {p['text']}" for p in store)
+
+
 class Bm25sBackend:
-    """bm25s with a PyStemmer stemmer and English stop words; vocabulary saved as JSON."""
+    """bm25s with a PyStemmer stemmer and English stop words; vocabulary saved as JSON.
+
+    Built by `retrievers.bm25s_stream.build_bm25s_streamed` from the passage store, a chunk of passages at
+    a time (the same files and numbers as `bm25s.BM25(method="lucene").index(...)`), and searched
+    memory-mapped, a batch of queries over a thread pool (`Bm25sSearcher`).
+    """
 
     def _tokenizer(self, config: BM25Config):
         import Stemmer
@@ -52,55 +63,14 @@ class Bm25sBackend:
         stemmer = Stemmer.Stemmer(config.stemmer) if config.stemmer else None
         return Tokenizer(stemmer=stemmer, stopwords=config.stopwords or [])
 
-    def build(self, texts: Sequence[str], folder: Path, config: BM25Config) -> None:
-        import bm25s
-        tokenizer = self._tokenizer(config)
-        ids = tokenizer.tokenize(list(texts), return_as="ids", show_progress=True)
-        model = bm25s.BM25(k1=config.k1, b=config.b, method="lucene")
-        model.index(ids, show_progress=True)
-        out = folder / "bm25s"
-        model.save(out, show_progress=False)
-        tokenizer.save_vocab(out)
-        tokenizer.save_stopwords(out)
+    def build(self, store: PassageStore, folder: Path, config: BM25Config) -> None:
+        build_bm25s_streamed(passage_texts(store), folder / "bm25s", self._tokenizer(config), config.k1, config.b)
 
-    def open(self, folder: Path, config: BM25Config) -> BM25Searcher:
-        return _Bm25sSearcher(folder / "bm25s", self._tokenizer(config))
+    def open(self, folder: Path, config: BM25Config, threads: int | None = None) -> BM25Searcher:
+        return Bm25sSearcher(folder / "bm25s", self._tokenizer(config), threads)
 
 
-class _Bm25sSearcher:
-    def __init__(self, folder: Path, tokenizer) -> None:
-        import bm25s
-        self.model = bm25s.BM25.load(folder, mmap=False)
-        tokenizer.load_vocab(folder)
-        tokenizer.load_stopwords(folder)
-        self.tokenizer = tokenizer
-        self.n = int(self.model.scores["num_docs"])
-
-    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top k among the passages scoring > 0 (ties: lower passage id first).
-
-        bm25s's own top-k runs np.argpartition over every passage; most score exactly 0 for a query and
-        argpartition degrades badly on such ties (bench/bench_bm25.py: 74 -> 3,300 queries/s at 100k
-        passages when only the non-zero scores are ranked). Passages sharing no term are not hits anyway.
-        """
-        k = min(k, self.n)
-        ids = self.tokenizer.tokenize(list(queries), update_vocab=False, return_as="ids", show_progress=False)
-        # bm25s maps unknown words to the empty-string id; drop them so they score nothing.
-        unk = self.tokenizer.word_to_id.get("")
-        pids = np.full((len(ids), k), -1, dtype=np.int64)
-        scores = np.zeros((len(ids), k), dtype=np.float32)
-        for i, query in enumerate(ids):
-            query = [t for t in query if t != unk]
-            if not query or k == 0:
-                continue
-            s = np.asarray(self.model.get_scores(query), dtype=np.float32)
-            hits = np.flatnonzero(s > 0)
-            if len(hits) > k:  # keep every passage tied with the k-th score, then order exactly
-                kth = np.partition(s[hits], len(hits) - k)[len(hits) - k]
-                hits = hits[s[hits] >= kth]
-            top = hits[np.lexsort((hits, -s[hits]))][:k]
-            pids[i, :len(top)], scores[i, :len(top)] = top, s[top]
-        return pids, scores
+_Bm25sSearcher = Bm25sSearcher  # the name before the searcher moved to retrievers/bm25s_stream.py
 
 
 BM25_BACKENDS: dict[str, BM25Backend] = {"bm25s": Bm25sBackend()}
@@ -132,10 +102,8 @@ def build_bm25_index(corpus: str | Path, out: str | Path, config: BM25Config | N
     start = time.perf_counter()
     with atomic_dir(out, overwrite) as staging:
         counts = write_passage_store(staging, _passages(corpus_path, config))
-        store = PassageStore(staging)
-        texts = [f"{p['title']} {p['text']}" for p in store]
-        store.close()
-        backend.build(texts, staging, config)
+        with PassageStore(staging) as store:  # each backend streams the passages from the store
+            backend.build(store, staging, config)
         seconds = time.perf_counter() - start
         manifest = write_manifest(staging, "bm25", backend=config.backend, config=asdict(config),
                                   corpus_path=str(corpus_path), corpus_checksum=file_checksum(corpus_path),
@@ -147,9 +115,13 @@ BM25_KEYS = {"config": dict, "counts.passages": int}
 
 
 class BM25Retriever:
-    """Ranks documents by their best BM25 passage; opening checks the folder is whole (sizes, counts)."""
+    """Ranks documents by their best BM25 passage; opening checks the folder is whole (sizes, counts).
 
-    def __init__(self, index_dir: str | Path) -> None:
+    `threads` (default: os.cpu_count()) is how many queries of a batch are searched at once (bm25s: a
+    thread pool over the memory-mapped index; pyserini: Lucene's batch_search threads).
+    """
+
+    def __init__(self, index_dir: str | Path, threads: int | None = None) -> None:
         self.index_dir = Path(index_dir)
         self.manifest = read_manifest(index_dir, "bm25")
         require_keys(index_dir, self.manifest, BM25_KEYS)
@@ -166,7 +138,7 @@ class BM25Retriever:
         self.store = PassageStore(index_dir, expected=passages)
         backend = _backend(self.config.backend)
         try:
-            self.searcher = backend.open(self.index_dir, self.config)
+            self.searcher = backend.open(self.index_dir, self.config, threads)
         except (OSError, ValueError, KeyError, EOFError) as exc:  # bm25s's files missing, truncated or damaged
             where = where_bm25(self.index_dir, self.config)
             detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -188,5 +160,5 @@ def where_bm25(index_dir: Path, config: BM25Config) -> Path:
     return index_dir / "bm25s" if config.backend == "bm25s" else index_dir
 
 
-def open_bm25(index_dir: str | Path, **_: Any) -> BM25Retriever:
-    return BM25Retriever(index_dir)
+def open_bm25(index_dir: str | Path, threads: int | None = None, **_: Any) -> BM25Retriever:
+    return BM25Retriever(index_dir, threads=threads)

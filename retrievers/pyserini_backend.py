@@ -6,16 +6,20 @@ has no such module), and set a dummy OPENAI_API_KEY that pyserini's import deman
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from core.errors import RagError
+from index.passages import PassageStore
 
 _DROPPED_JVM_OPTIONS = {"--add-modules=jdk.incubator.vector"}
 
@@ -47,15 +51,70 @@ def pyserini_env() -> dict[str, str]:
     return {**os.environ, "JAVA_HOME": os.environ["JAVA_HOME"], "OPENAI_API_KEY": os.environ["OPENAI_API_KEY"]}
 
 
-class PyseriniBackend:
-    """Lucene index over the same passages, default Anserini analyzer (Porter stemmer, stop words)."""
+JSONL_CHUNK = 1 << 19  # passages per JSONL file handed to the indexer (Anserini indexes files in parallel)
+DOC_KEYS = "lucene_doc_keys.npy"  # sorted uint64 (32-bit hash of a document id << 32 | its row in docs.jsonl)
+WARM_UP_QUERY = "warm up"
 
-    def build(self, texts: Sequence[str], folder: Path, config) -> None:
+
+def lucene_docid(doc_id: str, index_in_doc: int) -> str:
+    """The Lucene docid of a passage: its document's id, '#', its index among that document's passages."""
+    return f"{doc_id}#{index_in_doc}"
+
+
+def _doc_key(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "little")
+
+
+def write_collection(store: PassageStore, collection: Path, chunk: int = JSONL_CHUNK) -> np.ndarray:
+    """Write the store's passages as Pyserini JsonCollection files (`chunk` passages a file), one at a time;
+    returns the sorted document-key array (8 bytes per document) that maps a docid back to a passage."""
+    collection.mkdir(parents=True, exist_ok=True)
+    keys = np.empty(store.n_docs, dtype=np.uint64)
+    fh = None
+    previous, index_in_doc, row = None, 0, -1
+    try:
+        for pid, passage in enumerate(store):
+            if pid % chunk == 0:
+                if fh is not None:
+                    fh.close()
+                fh = open(collection / f"docs{pid // chunk:05d}.jsonl", "w", encoding="utf-8")
+            if passage["doc_id"] != previous:
+                previous, index_in_doc, row = passage["doc_id"], 0, row + 1
+                keys[row] = (_doc_key(previous) << 32) | row
+            else:
+                index_in_doc += 1
+            contents = f"{passage['title']} {passage['text']}"
+            fh.write(json.dumps({"id": lucene_docid(previous, index_in_doc), "contents": contents},
+                                ensure_ascii=False) + "\n")
+    finally:
+        if fh is not None:
+            fh.close()
+    if row + 1 != store.n_docs:
+        raise RagError(f"{store.folder}: passages of {row + 1} document runs for {store.n_docs} documents: a "
+                       "document's passages are not contiguous; the pyserini backend needs them grouped")
+    keys.sort()
+    return keys
+
+
+class PyseriniBackend:
+    """Lucene index over the same passages, default Anserini analyzer (Porter stemmer, stop words).
+
+    Build: the passage store is written, a file of `JSONL_CHUNK` passages at a time, as a JsonCollection
+    whose docids name the document (`{doc_id}#{passage index within the document}`, so a Pyserini user
+    of the `lucene/` folder sees document ids), indexed by Anserini in a child process (its JVM options
+    are fixed at start) with one thread per CPU, and deleted. `lucene_doc_keys.npy` (8 bytes per document)
+    maps a docid back to its passage number: the document's row by hash (confirmed against docs.jsonl),
+    then the row's first passage + the index. Python memory: that array and one passage; the JVM holds
+    Lucene's indexing buffers (Anserini's default, a few hundred MB, whatever the corpus size).
+
+    Search: `LuceneSearcher.batch_search` with `threads` threads (default os.cpu_count()); the JVM is
+    started and warmed with one query when the searcher opens. Indexes of earlier toolkits (docid = the
+    passage number) still open and search.
+    """
+
+    def build(self, store: PassageStore, folder: Path, config) -> None:
         collection = folder / "pyserini-collection"
-        collection.mkdir(parents=True, exist_ok=True)
-        with open(collection / "docs.jsonl", "w", encoding="utf-8") as fh:
-            for pid, text in enumerate(texts):
-                fh.write(json.dumps({"id": str(pid), "contents": text}, ensure_ascii=False) + "\n")
+        keys = write_collection(store, collection)
         # Run the indexer in a child process: the JVM's options are fixed once it has started.
         code = ("import sys; from retrievers.pyserini_backend import prepare_java; prepare_java(); "
                 "from pyserini.index.lucene import LuceneIndexer; import runpy; "
@@ -68,28 +127,56 @@ class PyseriniBackend:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not (folder / "lucene").exists():
             raise RagError(f"pyserini indexing failed:\n{proc.stderr[-3000:]}")
-        for f in collection.iterdir():
-            f.unlink()
-        collection.rmdir()
+        shutil.rmtree(collection)
+        np.save(folder / DOC_KEYS, keys)
 
-    def open(self, folder: Path, config) -> _LuceneSearcher:
-        return _LuceneSearcher(folder / "lucene", config)
+    def open(self, folder: Path, config, threads: int | None = None) -> _LuceneSearcher:
+        return _LuceneSearcher(folder, config, threads)
+
+
+def open_lucene_searcher(folder: Path, k1: float, b: float) -> Any:
+    """A pyserini LuceneSearcher on `folder` with BM25(k1, b), its JVM warmed by one query."""
+    prepare_java()
+    from pyserini.search.lucene import LuceneSearcher
+    searcher = LuceneSearcher(str(folder))
+    searcher.set_bm25(k1, b)
+    searcher.batch_search([WARM_UP_QUERY], ["0"], k=1, threads=1)
+    return searcher
 
 
 class _LuceneSearcher:
-    def __init__(self, folder: Path, config) -> None:
-        prepare_java()
-        from pyserini.search.lucene import LuceneSearcher
-        self.searcher = LuceneSearcher(str(folder))
-        self.searcher.set_bm25(config.k1, config.b)
+    def __init__(self, folder: Path, config, threads: int | None = None) -> None:
+        self.searcher = open_lucene_searcher(folder / "lucene", config.k1, config.b)
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.store = PassageStore(folder)
+        keys = folder / DOC_KEYS
+        self.keys = np.load(keys, mmap_mode="r") if keys.is_file() else None  # None: docids are passage numbers
+
+    def pid(self, docid: str) -> int:
+        """The passage number of a Lucene docid (`{doc_id}#{i}`; a bare number in indexes of earlier toolkits)."""
+        doc_id, sep, index = docid.rpartition("#")
+        if not sep or self.keys is None:
+            return int(docid)
+        key = _doc_key(doc_id)
+        i = int(np.searchsorted(self.keys, np.uint64(key << 32)))
+        while i < len(self.keys) and int(self.keys[i]) >> 32 == key:
+            row = int(self.keys[i]) & 0xFFFFFFFF
+            if self.store.doc(row)["id"] == doc_id:
+                pid = int(np.searchsorted(self.store.passage_docs, row, side="left")) + int(index)
+                if pid >= len(self.store) or self.store.doc_row(pid) != row:
+                    break
+                return pid
+            i += 1
+        raise RagError(f"{self.store.folder}: Lucene docid {docid!r} names no passage of the passage table: "
+                       "files of another index; rebuild the index")
 
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         pids = np.full((len(queries), k), -1, dtype=np.int64)
         scores = np.zeros((len(queries), k), dtype=np.float32)
         qids = [str(i) for i in range(len(queries))]
-        results = self.searcher.batch_search(list(queries), qids, k=k, threads=max(1, os.cpu_count() or 1))
+        results = self.searcher.batch_search(list(queries), qids, k=k, threads=self.threads)
         for i, qid in enumerate(qids):
             hits = results.get(qid, [])
-            pids[i, :len(hits)] = [int(h.docid) for h in hits]
+            pids[i, :len(hits)] = [self.pid(h.docid) for h in hits]
             scores[i, :len(hits)] = [h.score for h in hits]
         return pids, scores
