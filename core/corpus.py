@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
+import os
+import threading
 import unicodedata
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
 
 from core.errors import InputError
-from core.io import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -188,36 +193,317 @@ def resolve_corpus_path(path: str | Path) -> Path:
     return path
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> dict[str, Any] | None:
+    """One JSONL line as an object (None for a blank line); the errors of `core.io.iter_jsonl`, word for word."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"invalid UTF-8 at byte {exc.start}", path, lineno) from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise InputError("JSON nested too deeply", path, lineno) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, lineno) from None
+    if not isinstance(obj, dict):
+        raise InputError(f"expected a JSON object, got {type(obj).__name__}", path, lineno)
+    return obj
+
+
+def _scan(path: Path, digest: Any = None) -> Iterator[tuple[int, int, int, Document]]:
+    """(line number, byte offsets where the line starts and ends, Document) for each non-blank line;
+    `digest` sees every byte read."""
+    with open(path, "rb") as fh:
+        offset = 0
+        for lineno, raw in enumerate(fh, start=1):
+            start, offset = offset, offset + len(raw)
+            if digest is not None:
+                digest.update(raw)
+            obj = _decode_line(raw, path, lineno)
+            if obj is not None:
+                yield lineno, start, offset, _parse_row(obj, path, lineno)
+
+
 def iter_documents(path: str | Path) -> Iterator[tuple[int, Document]]:
     path = resolve_corpus_path(path)
-    for line, obj in iter_jsonl(path):
-        yield line, _parse_row(obj, path, line)
+    for line, _, _, doc in _scan(path):
+        yield line, doc
+
+
+# --------------------------------------------------------------------------- memory-flat id bookkeeping
+
+CHUNK = 1 << 16      # entries per block of the growing integer arrays
+DOC_CACHE = 256      # parsed documents a disk-backed corpus keeps (least recently used dropped first)
+_ROW_MASK = (1 << 32) - 1
+
+
+def id_hash(doc_id: str, nbytes: int = 8) -> int:
+    """A blake2b hash of an id as an unsigned integer of `nbytes` bytes (8: duplicate checks; 4: id -> row keys)."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=nbytes).digest()
+    return int.from_bytes(digest, "little")
+
+
+class _Growing:
+    """A 1-D integer array appended one entry at a time, kept in blocks of CHUNK (no list of Python ints)."""
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = np.dtype(dtype)
+        self._blocks: list[np.ndarray] = []
+        self._buf = np.empty(CHUNK, self.dtype)
+        self._fill = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks) * CHUNK + self._fill
+
+    def append(self, value: int) -> None:
+        self._buf[self._fill] = value
+        self._fill += 1
+        if self._fill == CHUNK:
+            self._blocks.append(self._buf)
+            self._buf = np.empty(CHUNK, self.dtype)
+            self._fill = 0
+
+    def array(self) -> np.ndarray:
+        """Every entry as one array; the blocks are released (the builder is done after this)."""
+        out = np.concatenate([*self._blocks, self._buf[:self._fill]]) if self._blocks else self._buf[:self._fill].copy()
+        self._blocks, self._buf, self._fill = [], np.empty(0, self.dtype), 0
+        return out
+
+
+def _duplicate_error(path: Path, doc_id: str, first: int, second: int) -> InputError:
+    return InputError(f"duplicate id {doc_id!r} (first seen on line {first})", path, second, "id")
+
+
+def _first_duplicate_by_rescan(path: Path, hashes: np.ndarray, before: int | None) -> InputError | None:
+    """The error a dict of every id would have raised first, from the 64-bit id hashes of the rows (sorted here, in
+    place): only ids whose hash occurs twice are looked at again, by reading the file up to line `before`."""
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    if not len(repeated):
+        return None
+    suspects = {int(h) for h in np.unique(repeated)}
+    first: dict[str, int] = {}
+    for line, _, _, doc in _scan(path):
+        if before is not None and line >= before:
+            break
+        if id_hash(doc.id) in suspects:
+            if doc.id in first:
+                return _duplicate_error(path, doc.id, first[doc.id], line)
+            first[doc.id] = line
+    return None  # distinct ids that share a hash
+
+
+class DocumentFile(Sequence[Document]):
+    """The documents of a corpus file as a read-only sequence, read from disk on demand (what `Corpus.load` holds).
+
+    Per document it keeps 16 bytes in two numpy arrays: the byte offset of its line (int64), and a sorted
+    uint64 key, a 32-bit blake2b hash of the id in the high half and the row in the low half, for `row_of`
+    (a hash match is confirmed against the id on disk). `table[i]` reads and parses line i with one `pread`
+    (the last DOC_CACHE documents parsed are kept); slicing gives a list; iteration streams the file.
+
+    The file's size and modification time are recorded when it is loaded: reading a document from a file that
+    changed since is a one-line InputError naming it (the offsets would point into other bytes).
+    """
+
+    def __init__(self, path: Path, offsets: np.ndarray, keys: np.ndarray, end: int, stat: os.stat_result) -> None:
+        self.path = path
+        self.offsets = offsets  # byte offset of each document's line
+        self._keys = keys       # sorted (hash32 << 32) | row
+        self._end = end         # end of the last document's line
+        self._stamp = (stat.st_size, stat.st_mtime_ns)
+        self._fd = -1
+        self._cache: OrderedDict[int, Document] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[DocumentFile, str]:
+        """Read and validate the file once (bad rows, duplicate ids, an empty corpus raise InputError, as a
+        pass remembering every id would, first error first); returns the table and the file's sha256 checksum."""
+        before = os.stat(path)
+        digest = hashlib.sha256()
+        offsets, keys = _Growing(np.int64), _Growing(np.uint64)
+        end = 0
+        try:
+            for _, start, end, doc in _scan(path, digest):
+                row = len(offsets)
+                if row > _ROW_MASK:
+                    raise InputError(f"more than {_ROW_MASK + 1} documents", path)
+                offsets.append(start)
+                keys.append((id_hash(doc.id, 4) << 32) | row)
+        except InputError:  # a duplicate on an earlier line is the first error of the file
+            partial = cls(path, offsets.array(), np.sort(keys.array()), end, before)
+            duplicate = partial._first_duplicate()
+            if duplicate is not None:
+                raise duplicate from None
+            raise
+        if not len(offsets):
+            raise InputError("corpus is empty", path)
+        after = os.stat(path)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise InputError("the file changed while it was being read; load it again", path)
+        key_array = keys.array()
+        key_array.sort()
+        table = cls(path, offsets.array(), key_array, end, after)
+        duplicate = table._first_duplicate()
+        if duplicate is not None:
+            raise duplicate
+        return table, f"sha256:{digest.hexdigest()}"
+
+    # ------------------------------------------------------------------ reading
+
+    def _check_unchanged(self) -> None:
+        try:
+            stat = os.stat(self.path)
+        except OSError as exc:
+            raise InputError(f"the corpus file is gone since it was loaded ({exc.strerror}); load it again",
+                             self.path) from None
+        if (stat.st_size, stat.st_mtime_ns) != self._stamp:
+            raise InputError(f"the file changed on disk since it was loaded (size {self._stamp[0]} -> "
+                             f"{stat.st_size} bytes, or a new modification time); load the corpus again", self.path)
+
+    def _read(self, row: int) -> Document:
+        start = int(self.offsets[row])
+        end = int(self.offsets[row + 1]) if row + 1 < len(self.offsets) else self._end
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        raw = os.pread(self._fd, end - start, start)
+        try:
+            obj = _decode_line(raw, self.path, 0) if len(raw) == end - start else None
+            if obj is None:
+                raise InputError("blank or cut off")
+            return _parse_row(obj, self.path, 0)
+        except InputError:
+            raise InputError(f"document {row} (bytes {start} to {end}) no longer parses: the file changed since "
+                             "it was loaded; load the corpus again", self.path) from None
+
+    def _doc(self, row: int) -> Document:
+        with self._lock:
+            doc = self._cache.get(row)
+            if doc is not None:
+                self._cache.move_to_end(row)
+                return doc
+            self._check_unchanged()
+            doc = self._read(row)
+            self._cache[row] = doc
+            if len(self._cache) > DOC_CACHE:
+                self._cache.popitem(last=False)
+            return doc
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @overload
+    def __getitem__(self, i: int) -> Document: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Document]: ...
+
+    def __getitem__(self, i: int | slice) -> Document | list[Document]:
+        if isinstance(i, slice):
+            return [self._doc(row) for row in range(*i.indices(len(self)))]
+        row = operator.index(i)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"document {i} out of range ({len(self)} documents)")
+        return self._doc(row)
+
+    def __iter__(self) -> Iterator[Document]:
+        self._check_unchanged()
+        for _, _, _, doc in _scan(self.path):
+            yield doc
+
+    def row_of(self, doc_id: str) -> int | None:
+        """The row of the document with this id, or None."""
+        key = id_hash(doc_id, 4)
+        i = int(self._keys.searchsorted(np.uint64(key << 32)))
+        while i < len(self._keys) and int(self._keys[i]) >> 32 == key:
+            row = int(self._keys[i]) & _ROW_MASK
+            if self._doc(row).id == doc_id:
+                return row
+            i += 1
+        return None
+
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self._keys.nbytes
+
+    # ------------------------------------------------------------------ load-time checks
+
+    def _first_duplicate(self) -> InputError | None:
+        """The first duplicate id in file order (the second occurrence with the lowest line), or None: rows
+        whose 32-bit hashes are equal are read back and their ids compared."""
+        keys, n = self._keys, len(self._keys)
+        suspects: set[int] = set()
+        for s in range(0, max(n - 1, 0), CHUNK):
+            block = keys[s:s + CHUNK + 1] >> np.uint64(32)
+            for j in np.flatnonzero(block[1:] == block[:-1]).tolist():
+                suspects.update((int(keys[s + j]) & _ROW_MASK, int(keys[s + j + 1]) & _ROW_MASK))
+        rows_by_id: dict[str, list[int]] = {}
+        for row in sorted(suspects):
+            rows_by_id.setdefault(self._read(row).id, []).append(row)
+        repeats = [(rows[1], rows[0], doc_id) for doc_id, rows in rows_by_id.items() if len(rows) > 1]
+        if not repeats:
+            return None
+        second, first, doc_id = min(repeats)
+        first_line, second_line = _line_numbers(self.path, [int(self.offsets[first]), int(self.offsets[second])])
+        return _duplicate_error(self.path, doc_id, first_line, second_line)
+
+    def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    __del__ = close
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable (Ray workers): no descriptor, lock or cache
+        state = dict(self.__dict__)
+        state.update(_fd=-1, _cache=OrderedDict(), _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _line_numbers(path: Path, offsets: list[int]) -> list[int]:
+    """The 1-based line number of each byte offset (offsets ascending), counting newlines in 1 MB blocks."""
+    lines, newlines, pos = [], 0, 0
+    with open(path, "rb") as fh:
+        for offset in offsets:
+            while pos < offset:
+                block = fh.read(min(1 << 20, offset - pos))
+                if not block:
+                    break
+                newlines += block.count(b"\n")
+                pos += len(block)
+            lines.append(newlines + 1)
+    return lines
 
 
 class Corpus:
-    """An in-memory corpus with id lookup. Use `iter_documents` to stream very large files."""
+    """A corpus with id lookup: in memory (`Corpus(documents)`) or backed by its file (`Corpus.load`).
 
-    def __init__(self, documents: list[Document], path: Path | None = None, checksum: str | None = None) -> None:
-        self.documents = documents
+    `Corpus.load` keeps 16 bytes per document (a `DocumentFile`), whatever the documents' size: `documents[i]`
+    and `get` read one line from disk, iteration streams the file. `by_title()` and `passages()` build whole-corpus
+    structures (every document, every passage) by design: use them on corpora that fit in memory, and
+    `iter_documents` / `split_passages(corpus)` to stream very large ones.
+    """
+
+    def __init__(self, documents: Sequence[Document], path: Path | None = None, checksum: str | None = None) -> None:
+        self.documents: Sequence[Document] = documents
         self.path = path
         self.checksum = checksum
-        self._by_id = {d.id: i for i, d in enumerate(documents)}
+        self._by_id: dict[str, int] | None = (None if isinstance(documents, DocumentFile)
+                                               else {d.id: i for i, d in enumerate(documents)})
 
     @classmethod
     def load(cls, path: str | Path) -> Corpus:
-        """Load and validate: bad rows, duplicate ids and an empty corpus raise InputError."""
+        """Load and validate: bad rows, duplicate ids and an empty corpus raise InputError. Disk-backed: the
+        documents stay in the file (see `DocumentFile`); one pass reads it, the checksum computed on the way."""
         path = resolve_corpus_path(path)
-        docs: list[Document] = []
-        first_line: dict[str, int] = {}
-        for line, doc in iter_documents(path):
-            if doc.id in first_line:
-                raise InputError(f"duplicate id {doc.id!r} (first seen on line {first_line[doc.id]})",
-                                 path, line, "id")
-            first_line[doc.id] = line
-            docs.append(doc)
-        if not docs:
-            raise InputError("corpus is empty", path)
-        return cls(docs, path, file_checksum(path))
+        table, checksum = DocumentFile.load(path)
+        return cls(table, path, checksum)
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -225,16 +511,28 @@ class Corpus:
     def __iter__(self) -> Iterator[Document]:
         return iter(self.documents)
 
-    def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._by_id
+    def _row(self, doc_id: str) -> int | None:
+        if self._by_id is not None:
+            return self._by_id.get(doc_id)
+        assert isinstance(self.documents, DocumentFile)
+        return self.documents.row_of(doc_id) if isinstance(doc_id, str) else None
+
+    def __contains__(self, doc_id: object) -> bool:
+        return isinstance(doc_id, str) and self._row(doc_id) is not None
 
     def get(self, doc_id: str) -> Document:
-        return self.documents[self._by_id[doc_id]]
+        """The document with this id; KeyError if there is none."""
+        row = self._row(doc_id)
+        if row is None:
+            raise KeyError(doc_id)
+        return self.documents[row]
 
     def by_title(self) -> dict[str, Document]:
+        """title -> document (the last of a repeated title). Holds every document in memory: O(corpus size)."""
         return {d.title: d for d in self.documents}
 
     def passages(self, words_per_passage: int = 100, stride: int = 80) -> list[Passage]:
+        """Every passage as a list: O(corpus size) in memory; `split_passages(corpus, ...)` streams them."""
         return list(split_passages(self.documents, words_per_passage, stride))
 
 
@@ -260,15 +558,26 @@ def split_passages(documents, words_per_passage: int = 100, stride: int = 80) ->
 def validate_corpus(path: str | Path) -> int:
     """Stream through a corpus once, raising on the first bad row or duplicate id; return the count.
 
-    Runs before any index folder is created, so bad input never leaves a half-built index behind.
-    Memory: one set of ids.
+    Runs before any index folder is created, so bad input never leaves a half-built index behind. The errors
+    (and which one comes first) are those of a single pass remembering every id, but the memory is 8 bytes per
+    document: a 64-bit hash of each id, in numpy blocks, sorted at the end; ids whose hash repeats are
+    confirmed by reading the file again (only when there is a repeat: a real duplicate, or one chance in
+    2**64 / documents**2 of two ids sharing a hash).
     """
     path = resolve_corpus_path(path)
-    first_line: dict[str, int] = {}
-    for line, doc in iter_documents(path):
-        if doc.id in first_line:
-            raise InputError(f"duplicate id {doc.id!r} (first seen on line {first_line[doc.id]})", path, line, "id")
-        first_line[doc.id] = line
-    if not first_line:
+    hashes = _Growing(np.uint64)
+    try:
+        for _, _, _, doc in _scan(path):
+            hashes.append(id_hash(doc.id))
+    except InputError as exc:  # a duplicate on an earlier line is the first error of the file
+        duplicate = _first_duplicate_by_rescan(path, hashes.array(), exc.line)
+        if duplicate is not None:
+            raise duplicate from None
+        raise
+    n = len(hashes)
+    if not n:
         raise InputError("corpus is empty", path)
-    return len(first_line)
+    duplicate = _first_duplicate_by_rescan(path, hashes.array(), None)
+    if duplicate is not None:
+        raise duplicate
+    return n
