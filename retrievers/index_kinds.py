@@ -15,7 +15,7 @@ from typing import Any
 
 from core.config import build_config
 from core.errors import RagError
-from index.manifest import read_manifest
+from index.manifest import MANIFEST, read_manifest
 from retrievers.base import Retriever
 
 
@@ -36,6 +36,13 @@ INDEX_KINDS: dict[str, IndexKind] = {
     "trie": IndexKind("title trie for generative retrieval over a model's tokenizer (--model)",
                       "retrievers.generative.index:TrieBuildConfig", "retrievers.generative.index:build_trie_index",
                       "retrievers.generative.retriever:open_generative"),
+}
+
+
+# Index folders built by other tools, opened in place (no manifest; nothing is written into them): name ->
+# ("module:is_folder_of_this_kind", "module:open"). A Lucene folder: retrievers/lucene_index.py.
+FOREIGN_INDEXES: dict[str, tuple[str, str]] = {
+    "lucene": ("retrievers.lucene_index:is_lucene_index", "retrievers.lucene_index:open_lucene"),
 }
 
 
@@ -67,7 +74,15 @@ def build_index(kind: str, corpus: str | Path, out: str | Path, config: Any = No
 
 
 def open_retriever(index_dir: str | Path, **options: Any) -> Retriever:
-    """Open any index folder the toolkit built, dispatching on its manifest's `kind`."""
+    """Open any index folder the toolkit built, dispatching on its manifest's `kind`, or a folder of
+    FOREIGN_INDEXES (an existing Lucene index: options `docid_suffix`, `threads`, `k1`, `b`)."""
+    if not (Path(index_dir) / MANIFEST).exists():
+        for is_kind, open_kind in FOREIGN_INDEXES.values():
+            if _load(is_kind)(index_dir):
+                return _load(open_kind)(index_dir, **options)
+        if Path(index_dir).is_dir():
+            raise RagError(f"{index_dir}: neither an index folder of rag (no {MANIFEST}: an interrupted build?) "
+                           "nor a Lucene index (no segments_N file)")
     manifest = read_manifest(index_dir)
     kind = manifest["kind"]
     if kind not in INDEX_KINDS:

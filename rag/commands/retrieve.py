@@ -20,10 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing --out / --trec files (default: off: an existing file is refused)")
     p.add_argument("--encoder", help="dense: override the encoder (checked against the manifest)")
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense: memory-map the Faiss index file instead of reading it (same results, RAM not "
+                        "held; default: on for every index type but fast-scan ...x4fs, off with --gpu)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="queries per search batch")
     p.add_argument("--nprobe", type=positive_int, help="IVF indexes: lists to visit")
     p.add_argument("--ef-search", type=positive_int, help="HNSW indexes: search breadth")
     p.add_argument("--k-factor", type=positive_int, help="...,RFlat indexes: exactly re-rank k * k_factor candidates")
+    p.add_argument("--threads", type=positive_int,
+                   help="bm25 and Lucene indexes: queries of a batch searched at once (default: the CPU count)")
+    p.add_argument("--docid-suffix", default="",
+                   help="an existing Lucene index folder: regular expression removed from the end of each docid to "
+                        "give the document id, e.g. '-\\d+' (default: '', docids as they are)")
     add_gpu_flags(p)
     p.add_argument("--model", help="generative: the seq2seq model or run folder that generates titles")
     p.add_argument("--beams", type=positive_int, default=10, help="generative: beams (every beam is a ranked candidate)")
@@ -92,7 +100,8 @@ def _retrieve(args: argparse.Namespace) -> int:
     queries = load_queries(args.queries)
     with record.timed("load_s"):
         retriever = open_retriever(args.index, encoder=args.encoder, nprobe=args.nprobe, ef_search=args.ef_search,
-                                   k_factor=args.k_factor, model=args.model, beams=args.beams, **gpu)
+                                   k_factor=args.k_factor, model=args.model, beams=args.beams,
+                                   threads=args.threads, docid_suffix=args.docid_suffix, mmap=args.mmap, **gpu)
     start = time.perf_counter()
     with record.timed("retrieve_s"):
         rankings = retrieve_queries(retriever, [q.text for q in queries], args.k, args.batch_size,

