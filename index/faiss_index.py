@@ -9,7 +9,11 @@ import numpy as np
 
 from core.errors import RagError
 from index.faiss_gpu import gpu_count, place_on_gpus, search_replicas
-from index.faiss_lib import faiss  # a one-line error when neither the cpu nor the gpu extra is installed
+from index.faiss_lib import (  # a one-line error when neither the cpu nor the gpu extra is installed
+    HAS_MMAP_IN_FILE_CODES,
+    HAS_MMAP_IVF,
+    faiss,
+)
 from index.faiss_params import ParamPlan, build_params, read_plan
 
 INDEX_FILE = "index.faiss"
@@ -17,6 +21,23 @@ INDEX_FILE = "index.faiss"
 
 def faiss_has_gpu() -> bool:
     return gpu_count() > 0
+
+
+def mmap_flags(factory: str) -> int:
+    """The faiss.read_index flags that memory-map an index of this factory string; 0 where it cannot be mapped.
+
+    With a faiss that has IO_FLAG_MMAP_IFC (faiss-cpu 1.15 here): every CPU index except fast-scan ones (`...x4fs`, whose codes
+    faiss re-packs in memory): Flat, SQ, PQ and refine codes, IVF lists (`IVF...`), HNSW's vector storage (its
+    graph is still read into memory). With an older faiss: IVF indexes only (IO_FLAG_MMAP, OnDiskInvertedLists).
+    Always read-only (IO_FLAG_READ_ONLY): a mapped index is searched, never added to.
+    """
+    if "x4fs" in factory.lower():
+        return 0
+    if HAS_MMAP_IN_FILE_CODES:
+        return int(faiss.IO_FLAG_MMAP_IFC) | int(faiss.IO_FLAG_READ_ONLY)
+    if HAS_MMAP_IVF and "IVF" in factory.upper():
+        return int(faiss.IO_FLAG_MMAP) | int(getattr(faiss, "IO_FLAG_READ_ONLY", 0))
+    return 0
 
 
 class FaissIndex:
@@ -34,6 +55,7 @@ class FaissIndex:
         self.replicas = list(replicas) or [index]
         self.on_gpu = on_gpu
         self._gpu_resources = list(gpu_resources)  # the GPU clones use them: keep them alive as long
+        self.mapped: tuple[Path, int, int] | None = None  # (file, size, mtime_ns) of a memory-mapped index
 
     @classmethod
     def create(cls, dim: int, factory: str = "Flat") -> FaissIndex:
@@ -133,6 +155,8 @@ class FaissIndex:
         for this call only: they travel as SearchParameters, the index itself is never changed. A value an
         index does not use is ignored; None keeps the index's own.
         """
+        if self.mapped is not None:
+            self._check_mapped_file()
         x = np.ascontiguousarray(queries, dtype=np.float32)
         params = build_params(self.plan(), nprobe, ef_search, k_factor)
         try:
@@ -158,19 +182,47 @@ class FaissIndex:
         faiss.write_index(index, str(Path(folder) / INDEX_FILE))
 
     @classmethod
-    def load(cls, folder: str | Path, factory: str, mmap: bool = False) -> FaissIndex:
-        """Read `folder/index.faiss`; a missing, truncated or foreign file is a RagError naming it."""
+    def load(cls, folder: str | Path, factory: str, mmap: bool | None = False) -> FaissIndex:
+        """Read `folder/index.faiss`; a missing, truncated or foreign file is a RagError naming it.
+
+        mmap: True maps the file instead of reading it (see `mmap_flags` for the index types that allow it; a
+        RagError for the others); None maps it where the type allows and reads it otherwise; False reads it.
+        Searches of a mapped index give exactly the results of one read into memory; the file's size and
+        modification time are checked before each search (a file cut short under a mapping would crash the
+        process on access).
+        """
         path = Path(folder) / INDEX_FILE
         if not path.is_file():
             raise RagError(f"{path}: missing; the index is incomplete: rebuild it")
-        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        flags = mmap_flags(factory) if mmap or mmap is None else 0
+        if mmap and not flags:
+            raise RagError(f"{path}: a {factory!r} index cannot be memory-mapped by faiss {faiss.__version__} "
+                           "(fast-scan codes, or a faiss without IO_FLAG_MMAP_IFC for a non-IVF index); "
+                           "open it without mmap (--no-mmap)")
+        stat = path.stat()
         try:
             index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise RagError(f"{path}: not a readable Faiss index (truncated or damaged: {reason}); "
                            "rebuild the index") from None
-        return cls(index, factory)
+        loaded = cls(index, factory)
+        if flags:
+            loaded.mapped = (path, stat.st_size, stat.st_mtime_ns)
+            loaded._check_mapped_file()  # changed while it was being read
+        return loaded
+
+    def _check_mapped_file(self) -> None:
+        assert self.mapped is not None
+        path, size, mtime = self.mapped
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise RagError(f"{path}: {exc.strerror} since it was memory-mapped; reopen the index") from None
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+            raise RagError(f"{path}: changed on disk since it was memory-mapped ({size} -> {stat.st_size} bytes, "
+                           "or a new modification time): searching it could read garbage or crash; reopen the index "
+                           "(rebuild it if it was cut short)")
 
     def check_shape(self, folder: str | Path, count: int | None = None, dim: int | None = None) -> None:
         """Raise unless the index holds `count` vectors of `dim` dimensions (None: not checked)."""

@@ -23,4 +23,10 @@ except ImportError as exc:
 
 faiss: Any = _faiss  # SWIG classes: their stubs miss most fields and keyword constructors
 
-__all__ = ["faiss", "FaissMissing", "INSTALL_HINT"]
+# Memory-mapped reading (faiss.read_index flags). IO_FLAG_MMAP_IFC (newer faiss; 1.15 has it) maps the codes where they
+# lie in the file: flat codes (Flat, SQ, PQ, refine stages), IVF lists, HNSW's vector storage. Older faiss only
+# has IO_FLAG_MMAP, which maps IVF lists (as OnDiskInvertedLists) and nothing else.
+HAS_MMAP_IN_FILE_CODES = hasattr(_faiss, "IO_FLAG_MMAP_IFC")
+HAS_MMAP_IVF = hasattr(_faiss, "IO_FLAG_MMAP")
+
+__all__ = ["faiss", "FaissMissing", "INSTALL_HINT", "HAS_MMAP_IN_FILE_CODES", "HAS_MMAP_IVF"]

@@ -22,7 +22,7 @@ __all__ = ["DenseRetriever", "DenseEncoder", "build_dense_index", "DenseBuildCon
 DENSE_KEYS = {"encoder": str, "encoder_fingerprint": list, "dim": int, "faiss": str, "counts.passages": int}
 FINGERPRINT_ATOL = 2e-3
 # What open_dense passes on to DenseRetriever (the swap harness checks a dense model's options against it).
-DENSE_OPTIONS = ("device", "gpu", "gpu_shard", "gpu_fp16", "nprobe", "ef_search", "batch_size", "k_factor")
+DENSE_OPTIONS = ("device", "gpu", "gpu_shard", "gpu_fp16", "nprobe", "ef_search", "batch_size", "k_factor", "mmap")
 
 
 def same_fingerprint(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -35,12 +35,18 @@ class DenseRetriever:
     The encoder is accepted by what it computes, not by its name: its fingerprint (the embedding of a fixed
     probe, retrievers/fingerprint.py) must match the one recorded at build time, so an alias or a copy of
     the building model is accepted and another model under the same name is refused.
+
+    mmap: memory-map the Faiss file instead of reading it (`index.faiss_index.mmap_flags`: with this faiss every
+    CPU index type except fast-scan `...x4fs` ones; with a faiss lacking IO_FLAG_MMAP_IFC, IVF only). None (the
+    default): mapped where the type allows it, read otherwise, and read when `gpu` (the index is copied to the
+    GPUs anyway); True: mapped, a one-line error for a type that cannot be; False: read into memory. Results are
+    the same either way.
     """
 
     def __init__(self, index_dir: str | Path, encoder: str | DenseEncoder | None = None, device: str | None = None,
                  gpu: bool = False, nprobe: int | None = None, ef_search: int | None = None,
                  batch_size: int = 64, k_factor: int | None = None, gpu_shard: bool = False,
-                 gpu_fp16: bool = False) -> None:
+                 gpu_fp16: bool = False, mmap: bool | None = None) -> None:
         if (gpu_shard or gpu_fp16) and not gpu:
             raise RagError("gpu_shard / gpu_fp16 (--gpu-shard / --gpu-fp16) need gpu (--gpu)")
         if gpu:
@@ -70,7 +76,8 @@ class DenseRetriever:
             raise ManifestMismatch(
                 f"{index_dir}: {which}: fingerprint {fingerprint[:3]} vs {self.manifest['encoder_fingerprint'][:3]}; "
                 "use the building encoder or rebuild the index")
-        self.index = FaissIndex.load(index_dir, self.manifest["faiss"])
+        self.index = FaissIndex.load(index_dir, self.manifest["faiss"], mmap=(False if gpu else None) if mmap is None
+                                     else mmap)
         self.index.check_shape(index_dir, passages, dim)
         if gpu:  # every visible GPU (CUDA_VISIBLE_DEVICES picks them)
             self.index = self.index.to_gpu(shard=gpu_shard, fp16=gpu_fp16)
