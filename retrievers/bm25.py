@@ -1,7 +1,8 @@
 """BM25 over passages: bm25s (default, pure Python) or Pyserini/Lucene (extra `pyserini`).
 
 Both backends read the same passage table and share the Anserini defaults k1=0.9, b=0.4, so their
-rankings can be compared directly.
+rankings can be compared directly. Neither holds a list of every passage: each streams the passage
+table. How each builds and searches, and its memory per passage and per term: docs/bm25-at-scale.md.
 """
 from __future__ import annotations
 

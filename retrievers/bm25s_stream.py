@@ -28,7 +28,8 @@ query's score is accumulated over its terms' postings only into a per-thread den
 per passage per thread), adding the terms in query order exactly as bm25s's `get_scores` does, so the
 float32 sums, and therefore the ties, are identical; the passages scoring > 0 are ranked by (score desc,
 passage id asc). A batch of queries is split over a thread pool: numpy's fancy indexing, sorting and
-comparisons release the GIL.
+comparisons release the GIL, but at ~50k passages a query is ~0.3 ms of mostly Python and two threads
+gave no gain on a loaded 2-core machine (docs/bm25-at-scale.md); `threads=1` searches in the caller.
 """
 from __future__ import annotations
 

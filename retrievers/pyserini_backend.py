@@ -6,6 +6,7 @@ has no such module), and set a dummy OPENAI_API_KEY that pyserini's import deman
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -70,26 +71,24 @@ def write_collection(store: PassageStore, collection: Path, chunk: int = JSONL_C
     returns the sorted document-key array (8 bytes per document) that maps a docid back to a passage."""
     collection.mkdir(parents=True, exist_ok=True)
     keys = np.empty(store.n_docs, dtype=np.uint64)
-    fh = None
-    previous, index_in_doc, row = None, 0, -1
-    try:
+    with contextlib.ExitStack() as files:
+        fh: TextIO | None = None
+        previous, index_in_doc, row = "", 0, -1
         for pid, passage in enumerate(store):
-            if pid % chunk == 0:
-                if fh is not None:
-                    fh.close()
-                fh = open(collection / f"docs{pid // chunk:05d}.jsonl", "w", encoding="utf-8")
-            if passage["doc_id"] != previous:
+            if fh is None or pid % chunk == 0:
+                files.close()
+                fh = files.enter_context(open(collection / f"docs{pid // chunk:05d}.jsonl", "w", encoding="utf-8"))
+            if row < 0 or passage["doc_id"] != previous:
                 previous, index_in_doc, row = passage["doc_id"], 0, row + 1
+                if row >= len(keys):
+                    break  # a document's passages are not contiguous: refused below
                 keys[row] = (_doc_key(previous) << 32) | row
             else:
                 index_in_doc += 1
             contents = f"{passage['title']} {passage['text']}"
             fh.write(json.dumps({"id": lucene_docid(previous, index_in_doc), "contents": contents},
                                 ensure_ascii=False) + "\n")
-    finally:
-        if fh is not None:
-            fh.close()
-    if row + 1 != store.n_docs:
+    if row + 1 != store.n_docs or (store.n_docs and previous != store.doc(store.n_docs - 1)["id"]):
         raise RagError(f"{store.folder}: passages of {row + 1} document runs for {store.n_docs} documents: a "
                        "document's passages are not contiguous; the pyserini backend needs them grouped")
     keys.sort()
