@@ -46,18 +46,19 @@ import math
 import random
 import re
 import shutil
+from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.corpus import file_checksum, iter_documents, resolve_corpus_path
-from core.errors import InputError, RagError
+from core.corpus import Corpus, file_checksum, resolve_corpus_path
+from core.errors import RagError
 from core.io import atomic_dir, iter_jsonl, read_json, write_json, write_jsonl
 
 __all__ = [
     "DERIVE_MANIFEST", "DEFAULT_PART", "VARIANT_TRANSFORMS", "derive", "topic_holdout", "new_domain", "perturb",
-    "subsample", "derive_from_rows", "split_sentences", "split_paragraphs", "gold_doc_ids", "read_derive_manifest", "resolve_part",
+    "subsample", "derive_from_rows", "JsonlRows", "streams_rows", "split_sentences", "split_paragraphs", "gold_doc_ids", "read_derive_manifest", "resolve_part",
 ]
 
 DERIVE_MANIFEST = "derive.json"
@@ -91,18 +92,39 @@ def _task_map(tasks: TaskArg) -> dict[str, Path]:
     return named
 
 
-def _read_docs(corpus: str | Path) -> tuple[Path, list[dict[str, Any]]]:
-    """Documents as rows of the toolkit's JSONL (whatever format the file is in); ids must be unique."""
+def _open_docs(corpus: str | Path) -> tuple[Path, Corpus]:
+    """The corpus validated (bad rows, duplicate ids, empty: InputError) and disk-backed (`Corpus.load`: 16 bytes a
+    document; `corpus.get(id)` and `corpus.documents[row]` read one line). The transforms stream it with `_rows`
+    and never hold a list of its documents; each streaming pass parses the file again."""
     path = resolve_corpus_path(corpus)
-    docs, seen = [], set()
-    for line, doc in iter_documents(path):
-        if doc.id in seen:
-            raise InputError(f"duplicate id {doc.id!r}", path, line, "id")
-        seen.add(doc.id)
-        docs.append(doc.to_json())
-    if not docs:
-        raise InputError("corpus is empty", path)
-    return path, docs
+    return path, Corpus.load(path)
+
+
+def _rows(corpus: Corpus) -> Iterator[dict[str, Any]]:
+    """The documents as rows of the toolkit's JSONL (whatever format the file is in), streamed in file order."""
+    return (doc.to_json() for doc in corpus)
+
+
+class JsonlRows:
+    """The rows of a JSONL file as a re-iterable: each `iter()` streams the file again (nothing is kept)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (row for _, row in iter_jsonl(self.path))
+
+
+def streams_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a row-level transform that takes any re-iterable of corpus rows (it iterates it more than once and
+    never indexes it) and may return the new corpus rows as an iterator: `derive_from_rows` and `rag data derive`
+    then stream the file through it instead of reading it into a list."""
+    fn.__dict__["streams_rows"] = True
+    return fn
+
+
+def is_streaming(fn: Any) -> bool:
+    return bool(getattr(fn, "streams_rows", False))
 
 
 def _read_task(path: Path) -> list[dict[str, Any]]:
@@ -210,20 +232,37 @@ def _inputs(corpus: str | Path, tasks: TaskArg) -> dict[str, Path]:
 
 def subsample(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None, seed: int = 0,
               sample: int = 2000, keep_gold: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """The tasks' gold documents plus `sample` other documents drawn at random (file order kept)."""
+    """The tasks' gold documents plus `sample` other documents drawn at random (file order kept).
+
+    Streamed: the sample is drawn as positions among the non-gold documents (the same draw as from a list of
+    their ids), then one pass writes the documents kept; memory holds the gold ids and the sample, not the corpus.
+    """
     named = _task_map(tasks)
-    corpus_path, docs = _read_docs(corpus)
+    corpus_path, docs = _open_docs(corpus)
     rows = {name: _read_task(path) for name, path in named.items()}
     gold = {d for task_rows in rows.values() for r in task_rows for d in gold_doc_ids(r)} if keep_gold else set()
-    others = [d["id"] for d in docs if d["id"] not in gold]
-    chosen = set(random.Random(seed).sample(others, min(max(int(sample), 0), len(others))))
-    kept = [d for d in docs if d["id"] in gold or d["id"] in chosen]
-    ids = {d["id"] for d in kept}
+    n_others = len(docs) - sum(doc_id in docs for doc_id in gold)
+    chosen = set(random.Random(seed).sample(range(n_others), min(max(int(sample), 0), n_others)))
+    asked = {d for task_rows in rows.values() for r in task_rows for d in gold_doc_ids(r)}
+    written: set[str] = set()  # the kept documents that some question names
+
+    def kept() -> Iterator[dict[str, Any]]:
+        other = 0
+        for d in _rows(docs):
+            if d["id"] in gold:
+                keep = True
+            else:
+                keep, other = other in chosen, other + 1
+            if keep:
+                if d["id"] in asked:
+                    written.add(d["id"])
+                yield d
+
     options = {"sample": sample, "keep_gold": keep_gold, "seed": seed}
     with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, tasks)) as staging:
-        part = _write_part(staging, ".", kept, rows)
-        missing = {name: sum(not gold_doc_ids(r) <= ids for r in task_rows) for name, task_rows in rows.items()}
-        stats = {"docs_in": len(docs), "docs_out": len(kept), "gold_docs": len(gold & ids),
+        part = _write_part(staging, ".", kept(), rows)
+        missing = {name: sum(not gold_doc_ids(r) <= written for r in task_rows) for name, task_rows in rows.items()}
+        stats = {"docs_in": len(docs), "docs_out": part["docs"], "gold_docs": len(gold & written),
                  "questions_with_missing_gold": missing}
         manifest = _finish(staging, "subsample", options, _source_info(corpus_path, named), {DEFAULT_PART: part}, stats)
     return manifest
@@ -241,9 +280,12 @@ def topic_holdout(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = N
     topic "" (held in unless "" is named). Questions follow their gold documents.
     """
     named = _task_map(tasks)
-    corpus_path, docs = _read_docs(corpus)
-    topic_of = {d["id"]: str(d.get(field) or "") for d in docs}
-    topics = sorted(set(topic_of.values()))
+    corpus_path, docs = _open_docs(corpus)
+
+    def topic_of(row: Mapping[str, Any]) -> str:
+        return str(row.get(field) or "")
+
+    topics = sorted({topic_of(d) for d in _rows(docs)})
     if isinstance(held_out, str):
         held_out = [t.strip() for t in held_out.split(",") if t.strip()]
     if held_out:
@@ -260,26 +302,28 @@ def topic_holdout(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = N
     if len(out_topics) >= len(topics):
         raise RagError("topic-holdout: every topic is held out; keep at least one in")
     held = set(out_topics)
-    part_of = {doc_id: ("held-out" if topic in held else "held-in") for doc_id, topic in topic_of.items()}
+
+    def part_of(row: Mapping[str, Any]) -> str:
+        return "held-out" if topic_of(row) in held else "held-in"
 
     split_rows: dict[str, dict[str, list[dict[str, Any]]]] = {"held-in": {}, "held-out": {}}
     dropped: dict[str, dict[str, int]] = {}
     for name, path in named.items():
-        kept = {"held-in": [], "held-out": []}
+        kept: dict[str, list[dict[str, Any]]] = {"held-in": [], "held-out": []}
         counts = {"mixed_topics": 0, "gold_not_in_corpus": 0, "no_gold": 0}
         for row in _read_task(path):
             gold = gold_doc_ids(row)
             if not gold:
                 counts["no_gold"] += 1
                 continue
-            if not gold <= part_of.keys():
+            if not all(d in docs for d in gold):
                 counts["gold_not_in_corpus"] += 1
                 continue
-            parts = {part_of[d] for d in gold}
-            if len(parts) > 1:
+            sides = {part_of(docs.get(d).to_json()) for d in gold}
+            if len(sides) > 1:
                 counts["mixed_topics"] += 1
                 continue
-            kept[parts.pop()].append(row)
+            kept[sides.pop()].append(row)
         for part in kept:
             split_rows[part][name] = kept[part]
         dropped[name] = counts
@@ -287,10 +331,17 @@ def topic_holdout(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = N
     options = {"held_out": out_topics, "fraction": fraction, "field": field, "seed": seed}
     with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, tasks)) as staging:
         parts = {}
-        for part in ("held-in", "held-out"):
-            part_docs = [d for d in docs if part_of[d["id"]] == part]
-            part_topics = sorted({topic_of[d["id"]] for d in part_docs})
-            parts[part] = _write_part(staging, part, part_docs, split_rows[part], topics=part_topics)
+        for part in ("held-in", "held-out"):  # one streaming pass per part
+            seen: set[str] = set()
+
+            def part_docs(part: str = part, seen: set[str] = seen) -> Iterator[dict[str, Any]]:
+                for d in _rows(docs):
+                    if part_of(d) == part:
+                        seen.add(topic_of(d))
+                        yield d
+
+            parts[part] = _write_part(staging, part, part_docs(), split_rows[part])
+            parts[part]["topics"] = sorted(seen)  # last key, where _write_part(..., topics=...) put it
         stats = {"topics": topics, "held_out_topics": out_topics, "dropped_questions": dropped,
                  "docs": {p: parts[p]["docs"] for p in parts}}
         manifest = _finish(staging, "topic-holdout", options, _source_info(corpus_path, named), parts, stats)
@@ -330,37 +381,53 @@ def new_domain(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None
     Task files given in `tasks` belong to the first corpus and are not carried over.
     """
     del tasks  # another domain: the first corpus's questions do not apply
-    corpus_path, docs = _read_docs(corpus)
-    candidates = []
-    for doc in docs:
+    corpus_path, docs = _open_docs(corpus)
+
+    def pseudo_query(doc: Mapping[str, Any]) -> tuple[str, bool] | None:
         sentence = _definition_sentence(doc["text"])
         terms = [doc["title"], *(doc.get("aliases") or [])]
         query = _mask_terms(sentence, terms, mask)
         words = query.split()
         content = [w for w in words if mask not in w]
         if len(content) >= min_words:
-            candidates.append((doc, " ".join(words[:max_query_words]), query != sentence))
+            return " ".join(words[:max_query_words]), query != sentence
+        return None
+
+    # Streamed: the rows of the candidates (8 bytes each), drawn from as a list of them would be; the picked
+    # documents are read back by row and their queries made again.
+    candidates = array("q", (row for row, doc in enumerate(_rows(docs)) if pseudo_query(doc) is not None))
     if not candidates:
         raise RagError(f"new-domain: no document of {corpus_path} has a definition sentence of {min_words}+ words")
-    picked = random.Random(seed).sample(candidates, min(int(n_queries), len(candidates)))
+    picked = []
+    for j in random.Random(seed).sample(range(len(candidates)), min(int(n_queries), len(candidates))):
+        doc = docs.documents[candidates[j]].to_json()
+        picked.append((doc, *(pseudo_query(doc) or ("", False))))
     picked.sort(key=lambda c: c[0]["id"])
     rows = [{"id": f"pseudo-{doc['id']}", "input": query,
              "output": [{"answer": doc["title"], "provenance": [{"wikipedia_id": doc["id"], "title": doc["title"]}]}],
              "meta": {"pseudo": True, "kind": "masked definition sentence", "term_masked": masked,
                       "domain": doc.get("domain")}}
             for doc, query, masked in picked]
-    kept = docs
-    if max_docs is not None:
-        gold = {doc["id"] for doc, _, _ in picked}
-        others = [d["id"] for d in docs if d["id"] not in gold]
-        chosen = set(random.Random(seed + 1).sample(others, max(0, min(int(max_docs) - len(gold), len(others)))))
-        kept = [d for d in docs if d["id"] in gold or d["id"] in chosen]
+    gold = {doc["id"] for doc, _, _ in picked}
+    n_others = len(docs) - len(gold)
+    chosen = (set(random.Random(seed + 1).sample(range(n_others), max(0, min(int(max_docs) - len(gold), n_others))))
+              if max_docs is not None else set())
+
+    def kept() -> Iterator[dict[str, Any]]:
+        other = 0
+        for d in _rows(docs):
+            if max_docs is None or d["id"] in gold:
+                yield d
+            else:
+                if other in chosen:
+                    yield d
+                other += 1
     options = {"n_queries": n_queries, "min_words": min_words, "max_query_words": max_query_words,
                "max_docs": max_docs, "task_name": task_name, "mask": mask, "seed": seed}
     with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, None)) as staging:
-        part = _write_part(staging, ".", kept, {task_name: rows}, pseudo=True,
+        part = _write_part(staging, ".", kept(), {task_name: rows}, pseudo=True,
                            note="pseudo-queries: masked definition sentences, not real questions")
-        stats = {"docs_in": len(docs), "docs_out": len(kept), "candidates": len(candidates), "queries": len(rows),
+        stats = {"docs_in": len(docs), "docs_out": part["docs"], "candidates": len(candidates), "queries": len(rows),
                  "queries_with_term_masked": sum(r["meta"]["term_masked"] for r in rows)}
         manifest = _finish(staging, "new-domain", options, _source_info(corpus_path, {}), {DEFAULT_PART: part}, stats)
     return manifest
@@ -390,23 +457,33 @@ def _perturb_text(text: str, rng: random.Random, paragraph_order: bool, sentence
 def perturb(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None, seed: int = 0,
             doc_order: bool = True, paragraph_order: bool = True, sentence_order: bool = True,
             regroup: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Reorder without rewriting: same documents, ids and sentences; task files copied unchanged."""
+    """Reorder without rewriting: same documents, ids and sentences; task files copied unchanged.
+
+    Streamed: with doc_order, the shuffle is drawn over row numbers (8 bytes a document; the same permutation as
+    shuffling the list of documents) and the documents are read back by row in that order, one at a time.
+    """
     named = _task_map(tasks)
-    corpus_path, docs = _read_docs(corpus)
-    out_docs, changed, fallback = [], 0, 0
-    for doc in docs:
+    corpus_path, docs = _open_docs(corpus)
+    counts = Counter(changed=0, fallback=0)
+
+    def perturbed(doc: dict[str, Any]) -> dict[str, Any]:
         before = Counter(split_sentences(doc["text"]))
         text = _perturb_text(doc["text"], _rng(seed, doc["id"]), paragraph_order, sentence_order, regroup)
         if Counter(split_sentences(text)) != before:
             # Rejoined pieces that the splitter would cut elsewhere: one sentence per paragraph always splits back.
-            fallback += 1
+            counts["fallback"] += 1
             text = "\n\n".join(s for p in split_paragraphs(text) for s in split_sentences(p))
             if Counter(split_sentences(text)) != before:
                 text = doc["text"]
-        changed += text != doc["text"]
-        out_docs.append({**doc, "text": text})
+        counts["changed"] += text != doc["text"]
+        return {**doc, "text": text}
+
     if doc_order:
-        random.Random(seed).shuffle(out_docs)
+        order = array("q", range(len(docs)))
+        random.Random(seed).shuffle(order)  # type: ignore[arg-type]  # any mutable sequence: the list's permutation
+        out_docs: Iterable[dict[str, Any]] = (perturbed(docs.documents[row].to_json()) for row in order)
+    else:
+        out_docs = (perturbed(doc) for doc in _rows(docs))
     options = {"doc_order": doc_order, "paragraph_order": paragraph_order, "sentence_order": sentence_order,
                "regroup": regroup, "seed": seed}
     with atomic_dir(out_dir, overwrite, inputs=_inputs(corpus, tasks)) as staging:
@@ -415,7 +492,8 @@ def perturb(corpus: str | Path, out_dir: str | Path, *, tasks: TaskArg = None, s
             shutil.copyfile(path, staging / f"{name}.jsonl")
             part["tasks"][name] = f"{name}.jsonl"
             part["questions"][name] = sum(1 for _ in iter_jsonl(path))
-        stats = {"docs": len(out_docs), "docs_text_changed": changed, "one_sentence_per_paragraph_fallback": fallback}
+        stats = {"docs": part["docs"], "docs_text_changed": counts["changed"],
+                 "one_sentence_per_paragraph_fallback": counts["fallback"]}
         manifest = _finish(staging, "perturb", options, _source_info(corpus_path, named), {DEFAULT_PART: part}, stats)
     return manifest
 
@@ -427,6 +505,7 @@ def derive_from_rows(transform: str, fn: Callable[..., Any], corpus: str | Path,
     """Run a row-level transform `fn(corpus_rows, qa_rows, seed=..., **options) -> (corpus_rows, qa_rows | None,
     stats)` (the shape of eval/transforms.py's row-level transforms, e.g. counterfactual) with this module's file layout.
 
+    The corpus is streamed through transforms marked with `streams_rows` (no list of its rows).
     The task files are passed as one list of rows; the rows it returns go back to the task they came from
     (by id), so a transform that keeps only the questions it changed yields smaller task files. None: the
     task files are copied unchanged.
@@ -435,7 +514,8 @@ def derive_from_rows(transform: str, fn: Callable[..., Any], corpus: str | Path,
 
     named = _task_map(tasks)
     corpus_path = resolve_corpus_path(corpus)
-    corpus_rows = read_jsonl(corpus_path)
+    # A transform marked `streams_rows` reads the file as it goes (and may hand back an iterator); others get a list.
+    corpus_rows: Iterable[dict[str, Any]] = JsonlRows(corpus_path) if is_streaming(fn) else read_jsonl(corpus_path)
     owner: dict[str, str] = {}
     qa_rows: list[dict[str, Any]] = []
     for name, path in named.items():

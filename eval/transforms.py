@@ -18,11 +18,11 @@ import copy
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from eval.corpus_variants import VARIANT_TRANSFORMS
+from eval.corpus_variants import VARIANT_TRANSFORMS, streams_rows
 
 Rows = list[dict[str, Any]]
 
@@ -84,18 +84,26 @@ def _evidence_ids(row: dict[str, Any]) -> list[str]:
     return ids
 
 
-def counterfactual_substitute(corpus_rows: Rows, qa_rows: Rows, seed: int = 0) -> tuple[Rows, Rows, dict[str, Any]]:
+@streams_rows
+def counterfactual_substitute(corpus_rows: Iterable[dict[str, Any]], qa_rows: Rows,
+                              seed: int = 0) -> tuple[Rows | Iterator[dict[str, Any]], Rows, dict[str, Any]]:
     """Substitute the answers of `qa_rows` in their evidence documents by other answers of the same type.
 
     Returns (new corpus rows: all documents, changed ones rewritten; new QA rows: only the questions
     whose answer was substituted, gold answer = the new one, meta.counterfactual = {old_answer,
     new_answer, type, docs}; stats, with `substitutions`: one entry per (document, old, new)).
     Deterministic for a seed: the replacement of a question depends only on (seed, question id).
+
+    Memory flat in the corpus: `corpus_rows` is read twice, keeping only the questions' evidence documents; a
+    list in gives a list of new rows, any other re-iterable (`eval.corpus_variants.JsonlRows`, which streams a
+    file) gives the new rows as a one-shot iterator, rewritten as they are read a third time.
     """
+    needed = {doc_id for row in qa_rows for doc_id in _evidence_ids(row)}
     docs = {}
     for row in corpus_rows:
         doc_id, title, text = _doc_fields(row)
-        docs[doc_id] = (title, text)
+        if doc_id in needed:
+            docs[doc_id] = (title, text)
     counts: Counter[str] = Counter()
     pools: dict[str, list[str]] = {}
     for row in qa_rows:
@@ -158,23 +166,27 @@ def counterfactual_substitute(corpus_rows: Rows, qa_rows: Rows, seed: int = 0) -
         out["meta"] = meta
         new_qa.append(out)
         by_type[kind] += 1
-    new_corpus: Rows = []
     substitutions = []
     for row in corpus_rows:
         doc_id, _, text = _doc_fields(row)
-        subs = doc_subs.get(doc_id)
-        if not subs:
-            new_corpus.append(row)
-            continue
-        changed = dict(row)
-        changed["text"] = apply_substitutions(text, list(subs.items()))
-        new_corpus.append(changed)
-        for old, new in subs.items():
+        for old, new in doc_subs.get(doc_id, {}).items():
             substitutions.append({"doc_id": doc_id, "old": old, "new": new,
                                   "occurrences": len(_pattern(old).findall(text)), "qa_ids": sub_qas[(doc_id, old)]})
     stats = {"transform": "counterfactual", "seed": seed, **dict(counts), "substituted_questions": len(new_qa),
              "by_type": dict(by_type), "changed_documents": len(doc_subs), "substitutions": substitutions}
-    return new_corpus, new_qa, stats
+    new_corpus = (_substituted(row, doc_subs) for row in corpus_rows)
+    return (list(new_corpus) if isinstance(corpus_rows, list) else new_corpus), new_qa, stats
+
+
+def _substituted(row: dict[str, Any], doc_subs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The row itself, or a copy with its text rewritten when its document has substitutions."""
+    doc_id, _, text = _doc_fields(row)
+    subs = doc_subs.get(doc_id)
+    if not subs:
+        return row
+    changed = dict(row)
+    changed["text"] = apply_substitutions(text, list(subs.items()))
+    return changed
 
 
 def _shift_number(ans: str, rng: random.Random) -> str:

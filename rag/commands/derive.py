@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     record = RunRecord(f"data derive {args.transform}", {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in vars(args).items()})
-    corpus_rows = read_jsonl(resolve_corpus_path(args.source))
+    from eval.corpus_variants import JsonlRows, is_streaming
+    corpus_path = resolve_corpus_path(args.source)  # streamed through transforms that take any re-iterable of rows
+    corpus_rows = JsonlRows(corpus_path) if is_streaming(transform.fn) else read_jsonl(corpus_path)
     qa_rows = read_jsonl(args.qa) if args.qa is not None else []
     with record.timed("transform_s"):
         new_corpus, new_qa, stats = transform.fn(corpus_rows, qa_rows, seed=args.seed)
