@@ -2,7 +2,8 @@
 
 z_l = act(D_l h_l), h_l <- h_l + U_l z_l. There is no C parameter at all, so each adapter is
 reached by the gradient only through the frozen layers above it; the parameter count is that of
-``iaa`` minus L*r*r.
+``iaa`` (first_c=drop) minus (A-1)*r*r, A adapters a stack (L with placement=block, 2L with houlsby).
+``placement`` and ``init`` are the same options as ``iaa``'s (BottleneckConfig).
 """
 from __future__ import annotations
 

@@ -107,9 +107,10 @@ def load_peft(base_model: nn.Module, in_dir: str | Path) -> nn.Module:
         raise PeftError(f"{src / CONFIG_FILE}: not a readable PEFT config ({err})") from err
     if meta.get("format_version") != FORMAT_VERSION:
         raise PeftError(f"{src / CONFIG_FILE}: unsupported format_version {meta.get('format_version')!r}")
-    model = apply_peft(base_model, name, _method(name).config_cls.from_dict(values))
-    weights = load_file(str(src / WEIGHTS_FILE))
+    config = _method(name).config_cls.from_dict(values)
+    model = apply_peft(base_model, name, config)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    weights = config.legacy_weights(load_file(str(src / WEIGHTS_FILE)), params)
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
         raise PeftError(f"{src / WEIGHTS_FILE} does not match the '{name}' model: "

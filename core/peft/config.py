@@ -47,6 +47,11 @@ class PeftMethodConfig:
                 f"{type(self).__name__}.{self.rank_field}={self.rank} exceeds the model's hidden size "
                 f"{width}; it must be between 1 and {width}")
 
+    def legacy_weights(self, weights: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """Saved weights (by name) made to fit a model adapted with this config, for checkpoints written by
+        an earlier version of the method; ``params`` are the model's trainable parameters. Default: as saved."""
+        return weights
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -84,3 +84,24 @@ def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
     if isinstance(output, (tuple, list)):
         return type(output)([hidden, *output[1:]])
     return hidden
+
+
+# Where the attention and feed-forward sub-layers of a block write their output, before the residual addition
+# (houlsby placement). Paths are relative to the block; the first layout whose two modules both exist wins.
+SUBLAYER_LAYOUTS: tuple[tuple[str, str, str], ...] = (
+    ("Llama/Gemma/Qwen/Mistral-like", "self_attn", "mlp"),
+    ("BERT-like (BERT, MiniLM, RoBERTa)", "attention.output.dense", "output.dense"),
+)
+
+
+def find_sublayers(layer: nn.Module, model: nn.Module | None = None) -> dict[str, nn.Module]:
+    """``{"attn": module, "ffn": module}``: the modules whose outputs are a block's attention and feed-forward
+    results before they join the residual stream; a PeftError naming the classes where no layout fits."""
+    modules = dict(layer.named_modules())
+    for _, attn, ffn in SUBLAYER_LAYOUTS:
+        if attn in modules and ffn in modules:
+            return {"attn": modules[attn], "ffn": modules[ffn]}
+    where = f" in {type(model).__name__}" if model is not None else ""
+    known = "; ".join(f"{name}: {attn} + {ffn}" for name, attn, ffn in SUBLAYER_LAYOUTS)
+    raise PeftError(f"placement=houlsby: cannot find the attention and feed-forward sub-layers of "
+                    f"{type(layer).__name__}{where} (known layouts: {known}); use placement=block")

@@ -197,7 +197,8 @@ def test_minilm_sized_iaa_trains_under_one_percent():
     cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
                      vocab_size=30522)
     counts = {m: count_parameters(apply_peft(BertModel(cfg), m)) for m in ("iaa", "adapter")}
-    assert counts["iaa"]["trainable_params"] == 6 * (2 * 384 * 32 + 32 * 32)  # D, U and C per layer
+    # D and U per layer, C per layer but the first (first_c=drop: with z_0 = 0 the first C never acts)
+    assert counts["iaa"]["trainable_params"] == 6 * (2 * 384 * 32) + 5 * 32 * 32
     assert counts["adapter"]["trainable_params"] == 6 * (2 * 384 * 32)  # same without C
     assert counts["iaa"]["trainable_fraction"] < 0.01
 
@@ -283,7 +284,7 @@ def test_bert2bert_encoder_decoder(batch):
               decoder_input_ids=batch["labels"])
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, base(**kw).logits)
-    assert sum(ADAPTER_ATTR in n for n, _ in model.named_parameters()) == 4 * 3  # 2 stacks x 2 layers x (D,C,U)
+    assert sum(ADAPTER_ATTR in n for n, _ in model.named_parameters()) == 4 * 3 - 2  # 2 stacks x 2 layers x (D,C,U), no C on each stack's first
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          max_new_tokens=3, num_beams=2)
     assert out.shape[0] == 2
