@@ -60,7 +60,6 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
                      extra_callbacks: list[Any] | None = None) -> tuple[dict[str, Any], Any]:
     """Train in this process (one of `world_size` data-parallel workers); the main one writes the run."""
     import torch
-    from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
@@ -101,9 +100,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
     check_scale(config, device, st)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(st)
-    columns = {"query": data.queries, "positive": data.positives}
-    if data.negatives is not None:
-        columns["negative"] = data.negatives
+    train_dataset = data.dataset()  # Arrow on disk, streamed from the pairs; the sampler shuffles once per epoch
     run = RunFolder.attach(out, KIND)
     resume_from = run.latest_checkpoint()
     if resume_from is not None and is_main:
@@ -119,7 +116,7 @@ def fit_with_trainer(config: Any, out: Path, corpus: Any = None, is_main: bool =
                                                   gather_across_devices=world_size > 1)
     else:
         loss = MultipleNegativesRankingLoss(st, scale=config.scale, gather_across_devices=world_size > 1)
-    trainer = _trainer_class()(model=st, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
+    trainer = _trainer_class()(model=st, args=args, train_dataset=train_dataset, loss=loss,
                                evaluator=_evaluator_class()(dev, config.eval_batch_size) if dev else None,
                                callbacks=[callback, *reporter_callbacks(config, out, is_main),
                                           *(extra_callbacks or [])])

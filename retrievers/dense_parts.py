@@ -12,7 +12,7 @@ recall@5/20 (official definitions).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,13 @@ class DenseTrainConfig(ScaleConfig):
     negative_depth: int = opt(20, "BM25 hard negatives are drawn from this many top hits", min=1)
     max_seq_length: int = opt(128, "tokens per query or passage", min=1)
     words_per_passage: int = opt(100, "words of a page used as its positive passage", min=1)
+    positives: str = opt("provenance", "provenance: the positive is the passage window (--words-per-passage "
+                                       "words, windows 4/5 of that apart) of the gold page that holds the provenance's paragraphs "
+                                       "(KILT start/end_paragraph_id), the page's first window where no paragraph "
+                                       "is named; first: always the page's first window",
+                         choices=("provenance", "first"))
+    mine_workers: int = opt(1, "Ray Data actors mining the BM25 hard negatives (1 = in this process; the same "
+                               "negatives either way)", min=1)
     scale: float = opt(20.0, "MultipleNegativesRankingLoss scale (1 / temperature)", gt=0, finite=True)
     batch_sampler: str = opt("no_duplicates", "no_duplicates: no two examples of a batch share a text (a duplicated "
                                               "gold page is never its own question's negative); random: plain "
@@ -205,46 +212,111 @@ def _bm25_index_for(config: DenseTrainConfig, corpus) -> Path:
     return path
 
 
-@dataclass
 class TrainingData:
-    pairs: list
-    queries: list[str]
-    positives: list[str]
-    negatives: list[str] | None
-    domains: list[list[str | None]]  # per column: query, positive[, negative]
-    report: dict[str, Any]
+    """The training examples and, written on demand from the corpus, their texts.
+
+    ``pairs`` hold queries and document ids only. ``dataset()`` streams the (query, positive[, negative]) texts
+    into an Arrow-backed ``datasets.Dataset`` on disk (``Dataset.from_generator``), so no list of every text is
+    held; ``queries`` / ``positives`` / ``negatives`` / ``domains`` build those lists on first use (the MoE loop
+    of retrievers/dense_train.py)."""
+
+    def __init__(self, pairs: list, corpus, words_per_passage: int, with_negatives: bool, domain_field: str,
+                 report: dict[str, Any]) -> None:
+        self.pairs, self.corpus, self.report = pairs, corpus, report
+        self.words_per_passage, self.with_negatives, self.domain_field = words_per_passage, with_negatives, domain_field
+        self._cache: dict[str, Any] = {}
+        self._tmp: Any = None
+
+    def columns(self) -> list[str]:
+        return ["query", "positive", *(["negative"] if self.with_negatives else [])]
+
+    def rows(self) -> Iterator[dict[str, str]]:
+        """One {query, positive[, negative]} row per pair, in pair order."""
+        from retrievers.training_pairs import document_text, positive_of
+
+        wpp = self.words_per_passage
+        for p in self.pairs:
+            row = {"query": p.query, "positive": positive_of(p, self.corpus, wpp)}
+            if self.with_negatives:
+                row["negative"] = document_text(p.negative_id, self.corpus, wpp)
+            yield row
+
+    def dataset(self, cache_dir: str | Path | None = None):
+        """The rows as an Arrow-backed ``datasets.Dataset`` written to a fresh folder (under ``cache_dir``,
+        else the system temp, TMPDIR), removed when this object goes or the process ends. No shuffle here: the
+        trainer's batch sampler shuffles once per epoch."""
+        import tempfile
+        import uuid
+
+        from datasets import Dataset, Features, Value
+        from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if "dataset" not in self._cache:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rag-train-pairs-", dir=cache_dir)
+            features = Features({c: Value("string") for c in self.columns()})
+            quiet = not are_progress_bars_disabled()
+            if quiet:
+                disable_progress_bars()
+            try:
+                self._cache["dataset"] = Dataset.from_generator(
+                    self.rows, features=features, cache_dir=self._tmp.name,
+                    fingerprint=uuid.uuid4().hex)  # a fresh folder, nothing to reuse; skips hashing the corpus
+            finally:
+                if quiet:
+                    enable_progress_bars()
+        return self._cache["dataset"]
+
+    def _column(self, name: str) -> list[Any]:
+        if name not in self._cache:
+            self._cache[name] = [row[name] for row in self.rows()] if name != "query" else [p.query for p in self.pairs]
+        return self._cache[name]
+
+    @property
+    def queries(self) -> list[str]:
+        return self._column("query")
+
+    @property
+    def positives(self) -> list[str]:
+        return self._column("positive")
+
+    @property
+    def negatives(self) -> list[str] | None:
+        return self._column("negative") if self.with_negatives else None
+
+    @property
+    def domains(self) -> list[list[str | None]]:
+        """Per column (query, positive[, negative]) the examples' domains."""
+        from retrievers.training_pairs import doc_domain
+
+        if "domains" not in self._cache:
+            get, field = self.corpus.get, self.domain_field
+            cols = [[p.domain for p in self.pairs], [doc_domain(get(p.positive_id), field) for p in self.pairs]]
+            if self.with_negatives:
+                cols.append([doc_domain(get(p.negative_id), field) for p in self.pairs])
+            self._cache["domains"] = cols
+        return self._cache["domains"]
 
 
 def build_training_data(config: DenseTrainConfig, corpus) -> TrainingData:
-    from retrievers.training_pairs import (
-        doc_domain,
-        document_text,
-        mine_bm25_negatives,
-        positive_of,
-        pseudo_query_pairs,
-        question_pairs,
-    )
+    from retrievers.training_pairs import mine_bm25_negatives, pseudo_query_pairs, question_pairs
 
-    pairs, report = question_pairs(config.train, corpus, config.domain_field)
+    pairs, report = question_pairs(config.train, corpus, config.domain_field, positives=config.positives,
+                                   words_per_passage=config.words_per_passage)
     logger.info(report.summary())
     pseudo = pseudo_query_pairs(corpus, config.pseudo_queries, config.seed, config.domain_field,
                                 words_per_passage=config.words_per_passage)
     pairs = pairs + pseudo
-    info: dict[str, Any] = {"train_file": report.to_json(), "pseudo_queries": len(pseudo), "train_pairs": len(pairs)}
+    info: dict[str, Any] = {"train_file": report.to_json(), "pseudo_queries": len(pseudo), "train_pairs": len(pairs),
+                            "positives": {"mode": config.positives, "paragraph": report.positive_from_paragraph,
+                                          "page": report.positive_from_page, "pseudo": len(pseudo)}}
     if config.hard_negatives == "bm25":
         pairs, stats = mine_bm25_negatives(pairs, _bm25_index_for(config, corpus), corpus, config.negative_depth,
-                                           config.seed)
+                                           config.seed, workers=config.mine_workers)
         info["hard_negatives"] = stats
     elif config.hard_negatives != "none":
         raise RagError(f"--hard-negatives {config.hard_negatives!r}: choose bm25 or none")
-    wpp = config.words_per_passage
-    queries = [p.query for p in pairs]
-    positives = [positive_of(p, corpus, wpp) for p in pairs]
-    negatives = [document_text(p.negative_id, corpus, wpp) for p in pairs] if config.hard_negatives == "bm25" else None
-    domains = [[p.domain for p in pairs], [doc_domain(corpus.get(p.positive_id), config.domain_field) for p in pairs]]
-    if negatives is not None:
-        domains.append([doc_domain(corpus.get(p.negative_id), config.domain_field) for p in pairs])
-    return TrainingData(pairs, queries, positives, negatives, domains, info)
+    return TrainingData(pairs, corpus, config.words_per_passage, config.hard_negatives == "bm25",
+                        config.domain_field, info)
 
 
 def build_model(config: DenseTrainConfig, domains: list[str], device: str):
