@@ -425,8 +425,9 @@ def queries_file(work: Path, repeat: int, n_warm: int) -> Path:
 
 def measure_size(n: int, args, work: Path, qpath: Path, smallest: bool) -> dict[str, Any]:
     corpus, cinfo = corpus_for(work, n, max(args.sizes))
-    print(f"== {n:,} passages: corpus {cinfo['passages']:,} passages, {cinfo['bytes'] / 2**20:.0f} MB "
-          f"({'reused' if cinfo.get('reused') else 'written in %.0f s' % cinfo['write_s']})", flush=True)
+    how = "reused" if cinfo.get("reused") else f"written in {cinfo['write_s']:.0f} s"
+    print(f"== {n:,} passages: corpus {cinfo['passages']:,} passages, {cinfo['bytes'] / 2**20:.0f} MB ({how})",
+          flush=True)
     script = Path(__file__)
     backends = list(args.backends)
     shift = args.sizes.index(n) % len(backends)

@@ -18,9 +18,19 @@ Figures:
 * scaling: build time (split into passage table / encoding / index assembly), search time of 100
   queries (k=10, exact Flat search, and `retrieve` with document aggregation) in a second fresh
   process, and both peaks, at each size: time per passage and memory minus index per passage
-  should stay flat.
+  should stay flat;
+* open with and without mmap, at the largest scaling size: `DenseRetriever(INDEX, mmap=True)` (the Faiss
+  file memory-mapped, faiss IO_FLAG_MMAP_IFC) vs `mmap=False` (read into memory), each in a fresh process,
+  alternated over `--open-rounds` rounds: open seconds, RSS after opening (RssAnon = the process's own
+  memory, RssFile = mapped file pages), and after 100 exact searches (which touch every vector of a Flat
+  index, so a mapped Flat index ends with the whole file resident as shared page cache, not as
+  anonymous memory). The index file was just written, so both read it from the page cache (caches are
+  not dropped on the shared machine).
 
-Usage: python bench/bench_build_memory.py [--quick] [--sizes 20000,200000] [--scaling 10000,100000,1000000]
+3M passages x 384 float32 = 4.6 GB of vectors for Flat: the full default builds it (about 6 GB peak; the
+machine has 24 GB), `--scaling` to choose other sizes.
+
+Usage: python bench/bench_build_memory.py [--quick] [--sizes 20000,200000] [--scaling 100000,1000000,3000000]
 Writes bench/results/build_memory.json (build_memory_quick.json with --quick).
 """
 from __future__ import annotations
@@ -190,6 +200,41 @@ def worker_build(corpus: str, out: str, factory: str, presize: str = "0") -> dic
     }
 
 
+def _status_mb() -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0]
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+def worker_open(index_dir: str, mmap: str, n_queries: int, k: int) -> dict[str, Any]:
+    """Open time and memory of a DenseRetriever with (mmap=1) or without (mmap=0) a memory-mapped index."""
+    from retrievers.dense import DenseRetriever
+    enc = fake_encoder()
+    enc.fingerprint()
+    base = _status_mb()
+    t0 = time.perf_counter()
+    r = DenseRetriever(index_dir, encoder=enc, mmap=mmap == "1")
+    open_s = time.perf_counter() - t0
+    opened = _status_mb()
+    queries = [f"query {i} about rivers and empires" for i in range(n_queries)]
+    t0 = time.perf_counter()
+    r.search_passages(queries, k)
+    first_search_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r.search_passages(queries, k)
+    search_s = time.perf_counter() - t0
+    return {"mmap": mmap == "1", "open_s": open_s, "first_search_s": first_search_s, "search_s": search_s,
+            "queries": n_queries, "base": base, "after_open": opened, "after_search": _status_mb(),
+            "peak_rss_mb": C.vmhwm_mb(), "mapped": r.index.mapped is not None}
+
+
 def worker_search(index_dir: str, n_queries: int, k: int) -> dict[str, Any]:
     from retrievers.dense import DenseRetriever
     t0 = time.perf_counter()
@@ -214,7 +259,7 @@ def worker_search(index_dir: str, n_queries: int, k: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ driver
 
 def measure(n: int, workdir: Path, factory: str, baseline_peak: float, n_queries: int, k: int,
-            search: bool, growing: bool) -> dict[str, Any]:
+            search: bool, growing: bool, open_rounds: int = 0) -> dict[str, Any]:
     corpus = workdir / f"corpus-{n}" / "corpus.jsonl"
     info = write_corpus(corpus, n)
     out = workdir / f"index-{n}"
@@ -244,6 +289,27 @@ def measure(n: int, workdir: Path, factory: str, baseline_peak: float, n_queries
                    search_peak_mb=s["peak_rss_mb"], search_minus_baseline_mb=s["peak_rss_mb"] - baseline_peak,
                    ms_per_query_search=s["search_s"] / n_queries * 1e3,
                    ms_per_query_retrieve=s["retrieve_s"] / n_queries * 1e3)
+    if open_rounds:
+        opens: dict[str, list[dict[str, Any]]] = {"1": [], "0": []}
+        for rnd in range(open_rounds):
+            for mm in (("1", "0") if rnd % 2 == 0 else ("0", "1")):
+                opens[mm].append(C.run_worker(Path(__file__), ["open", str(out), mm, str(n_queries), str(k)]))
+        row["open"] = []
+        for mm, runs in opens.items():
+            row["open"].append({
+                "mmap": mm == "1", "mapped": runs[0]["mapped"], "open_s": min(r["open_s"] for r in runs),
+                "open_s_rounds": [r["open_s"] for r in runs],
+                "first_search_s": min(r["first_search_s"] for r in runs), "search_s": min(r["search_s"] for r in runs),
+                "rss_base_mb": min(r["base"]["VmRSS"] for r in runs),
+                "rss_after_open_mb": max(r["after_open"]["VmRSS"] for r in runs),
+                "anon_after_open_mb": max(r["after_open"]["RssAnon"] for r in runs),
+                "file_after_open_mb": max(r["after_open"]["RssFile"] for r in runs),
+                "anon_after_search_mb": max(r["after_search"]["RssAnon"] for r in runs),
+                "file_after_search_mb": max(r["after_search"]["RssFile"] for r in runs),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "rounds": len(runs)})
+        o = {x["mmap"]: x for x in row["open"]}
+        print(f"  open at {n:,}: mmap {o[True]['open_s']:.2f} s / anon {o[True]['anon_after_open_mb']:.0f} MB, "
+              f"read {o[False]['open_s']:.2f} s / anon {o[False]['anon_after_open_mb']:.0f} MB", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(corpus.parent, ignore_errors=True)
     print(f"  {n:,} passages: build {row['build_s']:.1f}s, peak {row['build_peak_mb']:.0f} MB "
@@ -285,6 +351,21 @@ def tables(res: dict[str, Any]) -> list[str]:
                     "search peak MB"], rows) +
         f"\n\nbuild time per passage, largest / smallest size: {s['time_per_passage_ratio']:.2f} (1 = linear); "
         f"the search figures are exact Flat search ({s['queries']} queries, best of 3), linear in n by construction.")
+    big = next((r for r in reversed(s["rows"]) if r.get("open")), None)
+    if big:
+        rows = [["mmap (IO_FLAG_MMAP_IFC)" if o["mmap"] else "read into memory", o["mapped"], o["open_s"],
+                 o["rss_after_open_mb"], o["anon_after_open_mb"], o["file_after_open_mb"], o["first_search_s"],
+                 o["search_s"], o["anon_after_search_mb"], o["file_after_search_mb"], o["peak_rss_mb"]]
+                for o in big["open"]]
+        out.append(
+            f"### Opening the {big['passages']:,}-passage Flat index (fake encoder) with and without mmap, "
+            f"fresh process each, {big['open'][0]['rounds']} alternated rounds\n\n" +
+            C.md_table(["open", "mapped", "open s", "RSS after open MB", "RssAnon after open MB",
+                        "RssFile after open MB", f"first {s['queries']} searches s", f"next {s['queries']} searches s",
+                        "RssAnon after search MB", "RssFile after search MB", "peak RSS MB (VmHWM)"], rows) +
+            f"\n\nFlat index file {big['index_file_mb']:,.0f} MB. The file was just written (page cache warm for both). "
+            "A Flat search reads every vector, so after searching the mapped file is resident as RssFile (shared, "
+            "evictable page cache) instead of RssAnon.")
     return out
 
 
@@ -297,11 +378,16 @@ def main() -> None:
             C.emit_worker_result(worker_build(*rest))
         elif mode == "search":
             C.emit_worker_result(worker_search(rest[0], int(rest[1]), int(rest[2])))
+        elif mode == "open":
+            C.emit_worker_result(worker_open(rest[0], rest[1], int(rest[2]), int(rest[3])))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", default=None, help="memory comparison sizes (default 20000,200000; quick 5000,50000)")
-    ap.add_argument("--scaling", default=None, help="scaling sizes (default 10000,100000,1000000; quick 10000,100000)")
+    ap.add_argument("--scaling", default=None,
+                    help="scaling sizes (default 100000,1000000,3000000; quick 10000,100000)")
+    ap.add_argument("--open-rounds", type=int, default=2,
+                    help="mmap vs read open rounds at the largest scaling size (0: skip)")
     ap.add_argument("--factory", default="Flat")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--k", type=int, default=10)
@@ -310,7 +396,7 @@ def main() -> None:
     args = ap.parse_args()
     q = args.quick
     sizes = [int(x) for x in (args.sizes or ("5000,50000" if q else "20000,200000")).split(",")]
-    scaling = [int(x) for x in (args.scaling or ("10000,100000" if q else "10000,100000,1000000")).split(",")]
+    scaling = [int(x) for x in (args.scaling or ("10000,100000" if q else "100000,1000000,3000000")).split(",")]
     started = time.perf_counter()
     C.vital10k()
     workdir = Path(tempfile.mkdtemp(prefix="bench-mem-", dir=args.workdir))
@@ -320,7 +406,7 @@ def main() -> None:
         cache: dict[int, dict[str, Any]] = {}
         for n in sorted(set(sizes) | set(scaling)):
             cache[n] = measure(n, workdir, args.factory, baseline_peak, args.queries, args.k, search=n in scaling,
-                               growing=n in sizes)
+                               growing=n in sizes, open_rounds=args.open_rounds if n == max(scaling) else 0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     mem_rows = [cache[n] for n in sizes]
