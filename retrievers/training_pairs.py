@@ -153,7 +153,7 @@ def evidence_words(doc: Document, provenance: dict[str, Any]) -> tuple[int, int]
     """Words [lo, hi) of ``doc.text.split()`` that a KILT provenance entry's paragraphs (and characters) cover.
 
     None when the entry names no paragraph; False when it names one the text does not have. Paragraphs are
-    the ``"\n\n"``-separated parts of ``Document.text``. KILT's paragraph 0 is the page title, which
+    the blank-line (``\\n\\n``) separated parts of ``Document.text``. KILT's paragraph 0 is the page title, which
     core.corpus drops from the text when it repeats the title: then KILT paragraph p is text paragraph
     p - 1 (p = 0, the title, maps to the first paragraph: every window starts with the title). When the text
     still starts with the title, paragraph ids are used as they are. (core.corpus also drops empty
@@ -356,7 +356,10 @@ def _inside_ray_worker() -> bool:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return False
-    from ray._private.worker import WORKER_MODE, global_worker
+    try:
+        from ray._private.worker import WORKER_MODE, global_worker
+    except ImportError:  # a Ray that moved its internals: assume the driver
+        return False
     return bool(global_worker.mode == WORKER_MODE)
 
 
@@ -377,7 +380,7 @@ def _ray_hits(queries: Sequence[str], bm25_index: str | Path, depth: int, batch_
     # blocks of whole batches, at least two per actor while that keeps 1-8 batches a block
     batches = -(-len(queries) // batch_size)
     rows_per_block = batch_size * max(1, min(8, batches // (2 * workers)))
-    with ray_session(**local) as ray:
+    with ray_session(**local):
         import ray.data
 
         with warnings.catch_warnings():
