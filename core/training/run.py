@@ -22,7 +22,11 @@ from core.versions import package_versions
 
 CONFIG, METRICS, CURVES, CHECKPOINTS = "config.json", "metrics.json", "curves.csv", "checkpoints"
 # Keys that may differ between a run and its resumption without changing the result.
-RESUME_FREE_KEYS = {"max_steps", "eval_every", "save_every", "log_every", "device", "resume", "out"}
+RESUME_FREE_KEYS = {"max_steps", "eval_every", "save_every", "log_every", "device", "resume", "out",
+                    "mine_workers"}  # mining negatives on more Ray workers gives the same negatives
+# Options added after runs were already saved: the value that reproduces what such a run did, so resuming an
+# older run is compared against that, not refused for a key it could not have.
+ADDED_KEYS = {"positives": "first"}
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -86,9 +90,11 @@ class RunFolder:
         if existing.exists() and resume:
             old = read_json(existing)["config"]
             diff = sorted(k for k in set(old) | set(self.config)
-                          if k not in RESUME_FREE_KEYS and old.get(k) != self.config.get(k))
+                          if k not in RESUME_FREE_KEYS and old.get(k, ADDED_KEYS.get(k)) != self.config.get(k))
             if diff:
-                details = "; ".join(f"{k}: run has {old.get(k)!r}, asked {self.config.get(k)!r}" for k in diff)
+                details = "; ".join(f"{k}: run has {old.get(k, ADDED_KEYS.get(k))!r}"
+                                    f"{' (it predates the option)' if k not in old and k in ADDED_KEYS else ''}, "
+                                    f"asked {self.config.get(k)!r}" for k in diff)
                 raise RagError(f"--resume refused: {self.path} was trained with a different config ({details})")
         elif existing.exists() and not overwrite:
             raise RagError(f"{self.path} already holds a run; pass --resume to continue it or --overwrite")

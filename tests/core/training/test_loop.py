@@ -112,3 +112,20 @@ def test_gradient_accumulation_of_two_half_batches_equals_one_whole_batch(tmp_pa
     halves.fit()
     for a, b in zip(m_whole.parameters(), m_halves.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_resume_compares_options_added_later_with_what_older_runs_did(tmp_path):
+    """A run saved before `positives` existed built page-level positives: resuming it with positives="first" is
+    the same run, with "provenance" it is refused; mine_workers never blocks a resume (same negatives)."""
+    import json
+
+    from core.errors import RagError
+
+    out = tmp_path / "run"
+    RunFolder(out, {"max_steps": 2, "lr": 0.1, "mine_workers": 1}, "toy").close()
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["config"].pop("positives", None)
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RagError, match=r"--resume refused.*positives: run has 'first' \(it predates the option\), asked 'provenance'"):
+        RunFolder(out, {"max_steps": 4, "lr": 0.1, "positives": "provenance"}, "toy", resume=True)
+    RunFolder(out, {"max_steps": 4, "lr": 0.1, "positives": "first", "mine_workers": 3}, "toy", resume=True).close()
