@@ -49,6 +49,10 @@ def headline(name: str, res: dict[str, Any]) -> dict[str, Any]:
     elif name == "passage_store_memory":
         h["growth"] = res.get("growth")
         h["goal_10pct_met"] = res.get("goal_met")
+    elif name == "corpus_memory":
+        h["growth"] = res.get("growth")
+        h["goal_10pct_met"] = res.get("goal_met")
+        h["outputs_identical"] = res.get("outputs_identical")
     elif name == "bm25":
         h["rows"] = [{k: r.get(k) for k in ("backend", "passages", "index_s", "qps_single", "qps_batch",
                                              "overlap@10_vs_bm25s", "Rprec")} for r in res.get("rows", [])]
