@@ -42,6 +42,7 @@ def headline(name: str, res: dict[str, Any]) -> dict[str, Any]:
     elif name == "build_memory":
         h["memory_difference"] = res.get("memory", {}).get("difference")
         h["time_per_passage_ratio"] = res.get("scaling", {}).get("time_per_passage_ratio")
+        h["open_mmap_vs_read"] = [r.get("open") for r in res.get("scaling", {}).get("rows", []) if r.get("open")]
     elif name == "readers":
         h["rows"] = [{k: r.get(k) for k in ("variant", "trainable_params", "median_step_s", "peak_rss_mb", "skipped")}
                      for r in res.get("rows", [])]
@@ -54,8 +55,11 @@ def headline(name: str, res: dict[str, Any]) -> dict[str, Any]:
         h["goal_10pct_met"] = res.get("goal_met")
         h["outputs_identical"] = res.get("outputs_identical")
     elif name == "bm25":
-        h["rows"] = [{k: r.get(k) for k in ("backend", "passages", "index_s", "qps_single", "qps_batch",
-                                             "overlap@10_vs_bm25s", "Rprec")} for r in res.get("rows", [])]
+        sizes = res.get("sizes") or [{"rows": res.get("rows", [])}]  # one size in results before issue 17
+        h["rows"] = [{k: r.get(k) for k in ("backend", "passages", "build_s", "index_s", "qps_single", "qps_batch",
+                                             "search_peak_mb", "overlap@10_vs_bm25s", "Rprec")}
+                     for s in sizes for r in s.get("rows", [])]
+        h["faster"] = {s["passages"]: s["winner"] for s in sizes if s.get("winner")}
     return h
 
 
