@@ -122,10 +122,16 @@ def weights_fingerprint(model: str | None) -> str | None:
     alias resolves to its packaged folder first; anything else (a hub id) is fingerprinted by its name."""
     if not model:
         return None
+    from core.gemma import GEMMA_ALIAS, gemma_path
     from core.models import MODEL_ALIASES
 
     name = str(model)
-    if name in MODEL_ALIASES:
+    if name == GEMMA_ALIAS:  # readers and generative cells mean the causal LM, not the bi-encoder alias of that name
+        try:
+            name = gemma_path()
+        except RagError:
+            return f"alias:{model}"
+    elif name in MODEL_ALIASES:
         try:
             name = MODEL_ALIASES[name]()
         except RagError:

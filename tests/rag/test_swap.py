@@ -227,6 +227,21 @@ def _retrain(weights_file: Path, content: bytes) -> None:
     os.utime(weights_file, ns=(before + 2_000_000_000, before + 2_000_000_000))
 
 
+def test_gemma_alias_fingerprints_the_causal_lm_not_the_bi_encoder(tmp_path: Path, monkeypatch):
+    """`gemma-3-270m` in a swap cell is the reader/generative LM; the bi-encoder alias of the same name (for
+    dense training) must not be derived or fingerprinted in its place."""
+    import core.gemma
+    import core.models
+
+    lm = _fake_run(tmp_path / "gemma", b"\x02" * 64)
+    monkeypatch.setattr(core.gemma, "gemma_path", lambda: str(lm))
+
+    def no_bi_encoder() -> str:
+        raise AssertionError("the bi-encoder alias was resolved")
+    monkeypatch.setitem(core.models.MODEL_ALIASES, "gemma-3-270m", no_bi_encoder)
+    assert cs.weights_fingerprint("gemma-3-270m") == cs.weights_fingerprint(str(lm))
+
+
 def test_weights_fingerprint_covers_weights_only(tmp_path: Path):
     run = _fake_run(tmp_path / "run", b"\x00" * 64)
     first = cs.weights_fingerprint(str(run))
