@@ -44,7 +44,8 @@ def save_dense_run(st: Any, config: Any, out: Path, base_fingerprint: list[float
             with atomic_dir(out / ADAPTER_DIR, overwrite=True, owned=old.get("peft") == "lora") as tmp:
                 save_lora_adapter(inner_model(st), str(Path(resolve_model(config.encoder)).resolve()), tmp)
     else:
-        overrides = {} if config.rank is None else {"rank": config.rank}
+        from core.peft.api import method_overrides
+        overrides = method_overrides(config)
         save_peft(st, out / PEFT_DIR, config.peft, peft_config(config.peft, **overrides))
     write_json(out / RUN_META, {"format_version": RUN_FORMAT_VERSION, "base_model": config.encoder,
                                 "peft": config.peft, "max_seq_length": config.max_seq_length, "moe": None,

@@ -37,6 +37,8 @@ class DenseTrainConfig(ScaleConfig):
     encoder: str = opt("minilm", "base sentence-transformers model (alias or folder)", check="model")
     peft: str = opt("iaa", "PEFT method (core/peft registry)", check="peft")
     rank: int | None = opt(None, "bottleneck / LoRA rank, or prefix length (method default if unset)", min=1)
+    peft_options: str = opt("", "PEFT method options KEY=VALUE,... (e.g. placement=houlsby,init=small,first_c=use "
+                                "for iaa/adapter; docs/peft-backbones.md)")
     pseudo_queries: int = opt(0, "add N (sentence -> its document) pairs built from the corpus", min=0)
     hard_negatives: str = opt("bm25", "bm25 | none", choices=("bm25", "none"))
     bm25_index: str | None = opt(None, "an existing BM25 index folder of the corpus (else built and cached)")
@@ -322,11 +324,11 @@ def build_training_data(config: DenseTrainConfig, corpus) -> TrainingData:
 def build_model(config: DenseTrainConfig, domains: list[str], device: str):
     """(model to train, its SentenceTransformer, base parameter count, base fingerprint), seeded by config.seed."""
     from core.peft import apply_peft, peft_config
+    from core.peft.api import method_overrides
     from core.training.loop import seed_everything
     from retrievers.encoders import DenseEncoder
     from retrievers.moe import MoEEncoder
-
-    overrides = {} if config.rank is None else {"rank": config.rank}
+    overrides = method_overrides(config)
     moe_cfg = moe_config_for(config, domains)
     seed_everything(config.seed)  # PEFT/MoE initialisation is part of "same seed, same result"
     st = load_base(config.encoder, device, config.max_seq_length)

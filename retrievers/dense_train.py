@@ -61,9 +61,9 @@ def save_run_weights(model, st, config: DenseTrainConfig, out: Path, base_finger
 
     from core.io import write_json
     from core.peft import peft_config, save_peft
+    from core.peft.api import method_overrides
     from retrievers.moe import MoEEncoder
-
-    overrides = {} if config.rank is None else {"rank": config.rank}
+    overrides = method_overrides(config)
     save_peft(st, out / PEFT_DIR, config.peft, peft_config(config.peft, **overrides))
     moe = None
     if isinstance(model, MoEEncoder):
@@ -123,7 +123,8 @@ def fit_dense(config: DenseTrainConfig, out: str | Path, resume: bool = False, o
 
     if not config.corpus or not config.train:
         raise RagError("--corpus and --train are required")
-    overrides = {} if config.rank is None else {"rank": config.rank}
+    from core.peft.api import method_overrides
+    overrides = method_overrides(config)
     peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before any work
     if worker is None:
         check_scale(config)

@@ -70,6 +70,8 @@ class RerankerTrainConfig(ScaleConfig):
                     check=_check_base)
     peft: str = opt("full", "PEFT method (core/peft registry)", check="peft")
     rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)", min=1)
+    peft_options: str = opt("", "PEFT method options KEY=VALUE,... (e.g. placement=houlsby,init=small,first_c=use "
+                                "for iaa/adapter; docs/peft-backbones.md)")
     loss: str = opt("listnet", "bce (pointwise: gold vs each negative), listnet (listwise: softmax of the scores against "
                            "the softmax of the 0/1 labels) or mnrl (softmax cross-entropy: the gold passage against "
                            "its hard negatives and 4 in-batch negatives)", choices=LOSSES)
@@ -365,8 +367,9 @@ def _apply_method(ce: Any, config: RerankerTrainConfig) -> None:
     if config.peft == "full":
         return
     from core.peft import apply_peft, peft_config
+    from core.peft.api import method_overrides
 
-    options = {"rank": config.rank} if config.rank is not None else {}
+    options = method_overrides(config)
     ce[0].model = apply_peft(ce[0].model, config.peft, peft_config(config.peft, **options))
     for name, p in ce[0].model.named_parameters():
         if _is_head(name):

@@ -38,6 +38,50 @@ def peft_config(name: str, **overrides: Any) -> PeftMethodConfig:
     return _method(name).config_cls.from_dict(overrides)
 
 
+def parse_peft_options(name: str, text: str | None) -> dict[str, Any]:
+    """``--peft-options "placement=houlsby,init=small"``: the method's fields as typed values (int, float, bool,
+    str by the field's default), each name and value checked now, before any model is loaded."""
+    import dataclasses
+
+    if not text or not text.strip():
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(_method(name).config_cls)}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise PeftError(f"--peft-options: {item.strip()!r} is not KEY=VALUE (e.g. placement=houlsby,init=small)")
+        if key not in fields:
+            raise PeftError(f"--peft-options: {name} has no option {key!r}; its options are {sorted(fields)}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("true", "1")
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise PeftError(f"--peft-options: {key}={raw!r} is not a {type(default).__name__}") from None
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise PeftError(f"--peft-options: {key} must be one of {', '.join(map(str, choices))}, not {raw!r}")
+        out[key] = value
+    return out
+
+
+def method_overrides(config: Any) -> dict[str, Any]:
+    """The PEFT overrides a trainer config asks for: ``rank`` and ``peft_options`` (when the config has them)."""
+    out = {} if getattr(config, "rank", None) is None else {"rank": config.rank}
+    out.update(parse_peft_options(config.peft, getattr(config, "peft_options", None)))
+    return out
+
+
 def apply_peft(model: nn.Module, name: str, config: PeftMethodConfig | None = None,
                **overrides: Any) -> nn.Module:
     """Freeze the base model, add the method's parameters and return the model to train and use.

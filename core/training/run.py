@@ -26,7 +26,7 @@ RESUME_FREE_KEYS = {"max_steps", "eval_every", "save_every", "log_every", "devic
                     "mine_workers"}  # mining negatives on more Ray workers gives the same negatives
 # Options added after runs were already saved: the value that reproduces what such a run did, so resuming an
 # older run is compared against that, not refused for a key it could not have.
-ADDED_KEYS = {"positives": "first"}
+ADDED_KEYS = {"positives": "first", "peft_options": ""}
 
 
 def config_dict(config: Any) -> dict[str, Any]:

@@ -65,6 +65,8 @@ class GenerativeTrainConfig(ScaleConfig):
     init: str | None = opt(None, "a generative run folder to start from")
     peft: str = opt("full", "PEFT method (core/peft registry; prefix does not fit seq2seq models)", check="peft")
     rank: int | None = opt(None, "bottleneck / LoRA rank (method default if unset)", min=1)
+    peft_options: str = opt("", "PEFT method options KEY=VALUE,... (e.g. placement=houlsby,init=small,first_c=use "
+                                "for iaa/adapter; docs/peft-backbones.md)")
     tasks: str = opt("iss,lps,hip", "pretrain: tasks, comma-separated (iss, lps, hip)")
     pairs: str | None = opt(None, "pretrain: a pairs JSONL instead of building them")
     max_pairs: int = opt(0, "pretrain: seeded random subset (0 = all)", min=0)
@@ -324,10 +326,10 @@ def training_pairs(config: GenerativeTrainConfig, corpus) -> tuple[list[Any], di
 def build_model(config: GenerativeTrainConfig):
     """(model ready to train, tokenizer, base reference, base fingerprint) seeded by config.seed."""
     from core.peft import apply_peft, peft_config
+    from core.peft.api import method_overrides
     from core.training.loop import seed_everything
     from retrievers.generative.model import base_reference, fingerprint, load_generative, load_run, read_run_meta
-
-    overrides = {} if config.rank is None else {"rank": config.rank}
+    overrides = method_overrides(config)
     peft_config(config.peft, **overrides)  # unknown method / bad rank: fail before loading anything
     seed_everything(config.seed)
     if config.init:

@@ -229,3 +229,17 @@ def test_pseudo_queries_and_hard_negatives(toy, tmp_path):
     # a question whose gold page another example has as positive is dropped from that batch
     dup = [mined[0], mined[0], mined[1]]
     assert dedupe_batch(dup, [0, 1, 2]) in ([0, 2], [0])
+
+
+def test_peft_options_reach_the_method_and_the_saved_run(toy, tmp_path):
+    """--peft-options placement=houlsby gives two adapters a layer, saved in the run's PEFT config and reloaded."""
+    import json
+
+    plain, _, _, _ = build_model(make_config(toy), [], "cpu")
+    houlsby, _, _, _ = build_model(make_config(toy, peft_options="placement=houlsby"), [], "cpu")
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(houlsby) > 1.9 * count(plain)
+    out = tmp_path / "run"
+    train_dense(make_config(toy, max_steps=2, peft_options="placement=houlsby,init=small"), out)
+    saved = json.loads(next(out.rglob("peft_config.json")).read_text())
+    assert "houlsby" in json.dumps(saved) and "small" in json.dumps(saved), saved
