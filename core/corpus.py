@@ -164,7 +164,8 @@ def _parse_row(obj: dict[str, Any], path: Path, line: int) -> Document:
         return Document(doc_id, title, text)
     id_key = "_id" if "_id" in obj and "id" not in obj else "id"  # BEIR uses _id
     doc_id = _require_str(obj, id_key, path, line)
-    title = _require_str(obj, "title", path, line)
+    # BEIR corpora leave many titles empty ("title": ""): accepted there; the toolkit's own rows need one.
+    title = _require_str(obj, "title", path, line, allow_empty=id_key == "_id")
     text = _require_str(obj, "text", path, line)
     domain = obj.get("domain")
     if domain is not None and not isinstance(domain, str):

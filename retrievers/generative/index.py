@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import opt
-from core.errors import RagError
+from core.errors import InputError, RagError
 from core.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ def corpus_trie(corpus, tokenizer, spec, eos_token_id: int | None = None):
     if not isinstance(spec, TitleSpec):
         spec = TitleSpec(SEQ2SEQ, int(spec), int(eos_token_id))  # type: ignore[arg-type]
     titles, docs, dups = unique_titles(corpus.documents)
+    untitled = [i for t, d in zip(titles, docs) if not t.strip() for i in dups.get(t, [d.id])]
+    if untitled:
+        raise InputError(f"{len(untitled)} document(s) have an empty title (ids {', '.join(untitled[:5])}"
+                         f"{', ...' if len(untitled) > 5 else ''}): a generative retriever writes titles, so every "
+                         "document needs one; use a bm25 or dense index for this corpus", getattr(corpus, "path", None))
     trie = TitleTrie.from_titles(titles, tokenizer, spec.start_token_id, spec.eos_token_id,
                                  corpus_checksum=getattr(corpus, "checksum", None), context=spec.context)
     if spec.prompt:

@@ -70,3 +70,22 @@ def test_passages_cover_every_word_and_map_back():
     assert covered == {str(i) for i in range(250)}
     assert passages[-1].text.split()[-1] == "249"
     assert json.loads(json.dumps(docs[0].to_json()))["id"] == "x"
+
+
+def test_beir_rows_may_have_empty_titles_and_every_index_but_the_trie_takes_them(tmp_path):
+    """BEIR corpora leave titles empty; BM25 and passages take them, the title trie refuses them by id."""
+    path = tmp_path / "beir.jsonl"
+    write_jsonl(path, [{"_id": "d1", "title": "", "text": "the first body"},
+                       {"_id": "d2", "title": "Two", "text": "the second body"},
+                       {"_id": "d3", "title": " ", "text": "the third body"}])
+    corpus = Corpus.load(path)
+    assert [d.title for d in corpus] == ["", "Two", " "]
+    assert [p.encode_text for p in corpus.passages()][0] == "the first body"
+    from retrievers.generative.index import corpus_trie
+    from retrievers.generative.model import SEQ2SEQ, TitleSpec
+
+    class Tok:  # never reached: the empty titles are refused first
+        def __call__(self, *a, **k):
+            raise AssertionError("tokenised")
+    with pytest.raises(InputError, match=r"2 document\(s\) have an empty title \(ids d1, d3\)"):
+        corpus_trie(corpus, Tok(), TitleSpec(SEQ2SEQ, 1, 2))
