@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -153,6 +152,7 @@ class TreeRss:
         self.proc = psutil.Process()
         self.peak = 0.0
         self.peak_children = 0.0
+        self.peak_anon = 0.0  # this process's RssAnon (its own memory; RssFile = mapped pages, e.g. bm25s's output)
         self.every = every
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -171,6 +171,7 @@ class TreeRss:
                 pass
         self.peak = max(self.peak, (total + children) / 2**20)
         self.peak_children = max(self.peak_children, children / 2**20)
+        self.peak_anon = max(self.peak_anon, proc_status_mb().get("RssAnon", 0.0))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -231,6 +232,7 @@ def worker_build(backend: str, corpus: str, out: str) -> dict[str, Any]:
         "rss_before_build_mb": before, "peak_rss_mb": C.vmhwm_mb(),
         "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "tree_peak_rss_mb": tree.peak, "tree_children_peak_rss_mb": tree.peak_children,
+        "self_peak_anon_mb": tree.peak_anon,
     }
     if backend == "bm25s":
         folder = outp / "bm25s"
@@ -489,6 +491,7 @@ def measure_size(n: int, args, work: Path, qpath: Path, smallest: bool) -> dict[
             row.update(build_s=b["build_s"], build_cpu_s=b["cpu_s_self"] + b["cpu_s_children"],
                        build_tree_peak_mb=b["tree_peak_rss_mb"], build_peak_mb=b["peak_rss_mb"],
                        build_children_peak_mb=b["children_peak_rss_mb"], index_bytes=b["index_bytes"],
+                       build_self_peak_anon_mb=b.get("self_peak_anon_mb"),
                        backend_bytes=b["backend_bytes"], store_bytes=b["store_bytes"])
         rows.append(row)
     if rank:
@@ -531,53 +534,75 @@ def measure_size(n: int, args, work: Path, qpath: Path, smallest: bool) -> dict[
 
 
 def extrapolate(sizes: list[dict[str, Any]], dim: int = 384) -> dict[str, Any]:
-    """Per-passage constants from the largest size measured, projected to KILT's 27M passages."""
+    """Per-passage (per-term) constants from the largest size measured (two sizes for RAM per term), projected
+    to KILT's 27M passages. Disk rows are bytes on disk; RAM rows what a search process holds."""
     big = sizes[-1]
     st, n = big["structure"], big["passages"]
     N, D = KILT_PASSAGES, KILT_DOCS
     rows: list[dict[str, Any]] = []
 
-    def add(structure: str, formula: str, constant: str, value_bytes: float, note: str = "") -> None:
-        rows.append({"structure": structure, "formula": formula, "measured": constant,
+    def add(kind: str, structure: str, formula: str, constant: str, value_bytes: float, note: str = "") -> None:
+        rows.append({"kind": kind, "structure": structure, "formula": formula, "measured": constant,
                      "at_27M_GB": value_bytes / 1e9, "note": note})
 
-    terms = [(s["passages"], s["structure"].get("bm25s_terms")) for s in sizes if s["structure"].get("bm25s_terms")]
-    heaps = None
-    if len(terms) >= 2 and terms[-1][1] > terms[0][1]:
-        (n0, v0), (n1, v1) = terms[0], terms[-1]
-        beta = math.log(v1 / v0) / math.log(n1 / n0)
-        heaps = {"beta": beta, "V_at_27M": v1 * (N / n1) ** beta, "fit": f"V = {v1:,} x (n / {n1:,})^{beta:.3f}"}
-    if "bm25s_nnz" in st:
-        nnz_pp = st["bm25s_nnz"] / n
-        add("bm25s CSC scores + passage ids", "8 B x nnz, nnz = c x N", f"c = {nnz_pp:.1f} nonzeros / passage",
-            8 * nnz_pp * N, "float32 score + int32 passage id per (term, passage); int32 ids hold up to 2.1e9 passages")
-        add("bm25s build scratch (deleted after)", "8 B x nnz + 8 B x N", f"c = {nnz_pp:.1f}", (8 * nnz_pp + 8) * N,
-            "disk, during the build only")
-        add("bm25s search buffer", "4 B x N per search thread", "-", 4 * N, "RAM, per thread")
+    def row_of(size: dict[str, Any], job: str) -> dict[str, Any] | None:
+        return next((r for r in size["rows"] if r["job"] == job), None)
+
+    vocab = None
+    if "bm25s_terms" in st:
         v = st["bm25s_terms"]
+        mix = big["corpus"]["mix_docs"]
+        per_passage = v / n
+        vocab = {"V": v, "mix_title_numbers": mix, "V_minus_mix_numbers": v - mix, "terms_per_passage": per_passage,
+                 "V_at_27M_as_here": per_passage * N}
+        nnz_pp = st["bm25s_nnz"] / n
+        add("disk", "bm25s CSC (score + passage id per pair)", "8 B x c x N", f"c = {nnz_pp:.1f} (term, passage) "
+            "pairs / passage", 8 * nnz_pp * N, "float32 score + int32 passage id; the page cache holds what searches "
+            "touch")
+        add("disk", "bm25s build scratch (deleted at the end)", "(8 B x c + 8 B) x N", f"c = {nnz_pp:.1f}",
+            (8 * nnz_pp + 8) * N, "during the build only")
         vb = st["bm25s_vocab_files_bytes"] / v
-        add("bm25s vocabulary (files; RAM ~200-300 B/term)", "8 B x V (indptr) + files B/term x V",
-            f"V = {v:,} at {n:,} passages; {vb:.0f} B/term in files",
-            (8 + vb) * (heaps["V_at_27M"] if heaps else v),
-            ("V at 27M from " + heaps["fit"] if heaps else "V as measured (not extrapolated)") +
-            "; the synthetic corpus only recombines vital10k words, so its vocabulary saturates: KILT's is millions")
+        add("disk", "bm25s vocabulary files + indptr", "(f + 8 B) x V", f"f = {vb:.0f} B / term; V = {v:,} at "
+            f"{n:,} passages", (vb + 8) * vocab["V_at_27M_as_here"],
+            f"V at 27M taken as here, {per_passage:.2f} terms / passage (pessimistic, see the vocabulary note)")
+        small = sizes[0]
+        r0, r1 = row_of(small, "bm25s"), row_of(big, "bm25s")
+        if len(sizes) > 1 and r0 and r1 and small["structure"].get("bm25s_terms", v) < v:
+            dv = v - small["structure"]["bm25s_terms"]
+            per_term = (r1["rss_anon_end_mb"] - r0["rss_anon_end_mb"]) * 2**20 / dv
+            vocab["search_ram_bytes_per_term"] = per_term
+            add("RAM", "bm25s search: tokenizer vocabulary (Python dicts)", "t x V",
+                f"t = {per_term:.0f} B / term (RssAnon {r0['rss_anon_end_mb']:.0f} -> {r1['rss_anon_end_mb']:.0f} MB "
+                f"for +{dv:,} terms)", per_term * vocab["V_at_27M_as_here"],
+                "V as in the row above; at V = 5M terms it would be " + f"{per_term * 5e6 / 1e9:.1f} GB")
+        add("RAM", "bm25s search: score buffer", "4 B x N x threads", "-", 4 * N * 2, "2 threads")
     if "lucene_bytes" in st:
         lp = st["lucene_bytes"] / n
-        add("Pyserini Lucene index (with --storeRaw)", "b x N", f"b = {lp:.0f} B / passage", lp * N,
-            "postings, positions, term dictionary and the stored raw passage")
-        add("Pyserini docid map (lucene_doc_keys.npy)", "8 B x documents", "8 B / document", 8 * D, f"{D:,} documents")
+        add("disk", "Pyserini Lucene index (--storeRaw)", "b x N", f"b = {lp:.0f} B / passage", lp * N,
+            "postings, term dictionary, stored raw passage; the page cache holds what searches touch")
+        add("disk", "Pyserini docid map (lucene_doc_keys.npy)", "8 B x documents", "8 B / document", 8 * D,
+            f"{D:,} documents")
+        p1 = row_of(big, "pyserini")
+        if p1:
+            add("RAM", "Pyserini search: JVM (RssAnon of the search process)", "constant",
+                f"{p1['rss_anon_end_mb']:.0f} MB at {n:,} passages" + "".join(
+                    f", {row_of(s, 'pyserini')['rss_anon_end_mb']:.0f} MB at {s['passages']:,}" for s in sizes[:-1]
+                    if row_of(s, "pyserini")), p1["rss_anon_end_mb"] * 2**20,
+                "JVM default max heap = 1/4 of RAM; Lucene maps the index (page cache)")
     if "store_bytes" in st:
         sp = st["store_bytes"] / n
         pj = st.get("passages_jsonl_bytes", 0) / n
         dj = st.get("docs_jsonl_bytes", 0) / max(1, st["documents"])
-        add("passage store (passages.jsonl + offsets + doc rows + docs.jsonl)",
-            "(p + 12 B) x N + (d + 8 B) x documents", f"p = {pj:.0f} B / passage, d = {dj:.0f} B / document",
-            (pj + 12) * N + (dj + 8) * D, f"measured total {sp:.0f} B / passage here (one document per passage)")
-    add(f"Faiss Flat, d = {dim}", "4 B x d x N", "arithmetic", 4 * dim * N, "RAM when read, page cache when mapped")
-    add("Faiss IVF4096,PQ48 (m = 48)", "(m + 8 B id) x N + 4 B x d x 4096", "arithmetic",
-        (48 + 8) * N + 4 * dim * 4096, "codes + 64-bit ids in the inverted lists; recall needs re-ranking (bench_faiss)")
-    add(f"Faiss IVF4096,SQ8, d = {dim}", "(d + 8 B id) x N", "arithmetic", (dim + 8) * N, "")
-    return {"passages": N, "documents": D, "from_size": n, "rows": rows, "heaps": heaps}
+        add("disk", "passage store", "(p + 12 B) x N + (d + 8 B) x documents",
+            f"p = {pj:.0f} B / passage, d = {dj:.0f} B / document", (pj + 12) * N + (dj + 8) * D,
+            f"passages.jsonl + offsets (8 B) + doc rows (4 B) + docs.jsonl + doc offsets; {sp:.0f} B / passage here")
+    add("RAM or page cache", f"Faiss Flat, d = {dim}", "4 B x d x N", "arithmetic", 4 * dim * N,
+        "anonymous RAM when read, page cache when mapped (bench_build_memory.py)")
+    add("RAM or page cache", f"Faiss IVF4096,SQ8, d = {dim}", "(d + 8 B id) x N", "arithmetic", (dim + 8) * N, "")
+    add("RAM or page cache", "Faiss IVF4096,PQ48 (m = 48)", "(m + 8 B id) x N + 4 B x d x 4096", "arithmetic",
+        (48 + 8) * N + 4 * dim * 4096, "codes + 64-bit ids in the inverted lists; needs re-ranking for recall "
+        "(bench_faiss.py)")
+    return {"passages": N, "documents": D, "from_size": n, "rows": rows, "vocabulary": vocab}
 
 
 def tables(res: dict[str, Any]) -> list[str]:
@@ -585,7 +610,8 @@ def tables(res: dict[str, Any]) -> list[str]:
     for s in res["sizes"]:
         c = s["corpus"]
         rows = [[r["backend"], r.get("build_s"), r.get("build_time_vs_bm25s"), r.get("build_cpu_s"),
-                 r.get("build_tree_peak_mb"), r.get("index_bytes", 0) / 2**20 if r.get("index_bytes") else None,
+                 r.get("build_tree_peak_mb"), r.get("build_self_peak_anon_mb"),
+                 r.get("index_bytes", 0) / 2**20 if r.get("index_bytes") else None,
                  r.get("open_s"), r["qps_single"], r.get("single_vs_bm25s"), r["qps_batch"], r.get("batch_vs_bm25s"),
                  r.get("qps_toolkit_batch"), r.get("search_peak_mb"), r.get("rss_anon_end_mb"), r.get("rss_file_end_mb"),
                  r.get("overlap@10_vs_bm25s"), r["Rprec"]] for r in s["rows"]]
@@ -593,7 +619,8 @@ def tables(res: dict[str, Any]) -> list[str]:
         out.append(
             f"### BM25 at {s['passages']:,} passages ({c['vital10k_passages']:,} vital10k + {c['mix_docs']:,} recombined), "
             f"{s['rows'][0]['queries']:,} queries (142 FanOutQA dev x {res['repeat']}), k={res['k']}, {res['threads']} threads batched\n\n"
-            + C.md_table(["backend", "build s", "build / bm25s", "build CPU s", "build peak MB (tree)", "index MB",
+            + C.md_table(["backend", "build s", "build / bm25s", "build CPU s", "build peak MB (tree)",
+                          "build RssAnon peak MB (worker)", "index MB",
                           "open s", "q/s single", "single / bm25s", "q/s batched", "batched / bm25s",
                           "q/s toolkit batched", "search peak MB", "RssAnon MB", "RssFile MB",
                           "top-10 overlap vs bm25s", "dev Rprec"], rows)
@@ -602,8 +629,15 @@ def tables(res: dict[str, Any]) -> list[str]:
     out.append(
         f"### Extrapolation to {ex['passages']:,} passages ({ex['documents']:,} documents), constants from the "
         f"{ex['from_size']:,}-passage run\n\n" +
-        C.md_table(["structure", "formula", "measured constant", "at 27M, GB", "note"],
-                   [[r["structure"], r["formula"], r["measured"], r["at_27M_GB"], r["note"]] for r in ex["rows"]]))
+        C.md_table(["kind", "structure", "formula", "measured constant", "at 27M, GB", "note"],
+                   [[r["kind"], r["structure"], r["formula"], r["measured"], r["at_27M_GB"], r["note"]]
+                    for r in ex["rows"]]) +
+        ("\n\nVocabulary: {V:,} terms at the largest size, {m:,} of them could be the title numbers of the "
+         "recombined documents ('(mix N)': one new token per passage), {r:,} otherwise (vital10k's words: the "
+         "recombined text adds none). KILT's vocabulary is not measured here; real vocabularies grow sublinearly, "
+         "so the 27M vocabulary rows, which keep this corpus's terms per passage, are an upper side."
+         .format(V=ex["vocabulary"]["V"], m=ex["vocabulary"]["mix_title_numbers"],
+                 r=ex["vocabulary"]["V_minus_mix_numbers"]) if ex.get("vocabulary") else ""))
     out.append(
         "Method: each build and each search in a fresh process; searches rotated per round, best round kept "
         f"({res['rounds']} rounds); warm-up {res['warmup']} FanOutQA train questions one at a time + one batch, equal "
