@@ -509,7 +509,7 @@ def measure_size(n: int, args, work: Path, qpath: Path, smallest: bool) -> dict[
         if ref is not None:
             r["single_vs_bm25s"] = r["qps_single"] / ref["qps_single"]
             r["batch_vs_bm25s"] = r["qps_batch"] / ref["qps_batch"]
-            if r.get("build_s") and ref.get("build_s"):
+            if r.get("build_s") and ref.get("build_s") and r["job"] != "rank_bm25":  # rank_bm25: in memory only
                 r["build_time_vs_bm25s"] = r["build_s"] / ref["build_s"]
     structure = {"passages": n, "documents": builds[backends[0]]["documents"], "corpus_bytes": cinfo["bytes"]}
     if "bm25s" in builds:
